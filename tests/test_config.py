@@ -1,0 +1,170 @@
+"""Strict config loading: every problem named by its TOML path, all reported at once."""
+
+from pathlib import Path
+
+import pytest
+
+from trainer import config
+from trainer.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+[model]
+pretrained = "some/model"
+[data]
+path = "data"
+"""
+
+
+def problems_of(tmp_path, text: str, overrides=()) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text), overrides)
+    return err.value.problems
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    assert cfg.model.pretrained == "some/model"
+    assert cfg.train.batch_size == config.TrainConfig().batch_size
+    assert cfg.lr_scheduler.name == "constant"
+
+
+def test_typo_in_key_names_path_and_suggests(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + "[train]\nlearning_rat = 1e-4\n")
+    assert problem.startswith("train.learning_rat:")
+    assert "did you mean 'learning_rate'" in problem
+
+
+def test_wrong_type_names_path_and_types(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + '[train]\nbatch_size = "4"\n')
+    assert problem.startswith("train.batch_size:")
+    assert "expected int" in problem and "str" in problem
+
+
+def test_bool_is_not_an_int_but_int_is_a_float(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + "[train]\nbatch_size = true\n")
+    assert "train.batch_size" in problem
+    cfg = config.load(write(tmp_path, MINIMAL + "[train]\nlearning_rate = 1\n"))
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+
+
+def test_unknown_table_is_named_with_suggestion(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + "[trian]\nseed = 1\n")
+    assert problem.startswith("[trian]") and "did you mean 'train'" in problem
+
+
+def test_bad_choice_suggests_the_closest(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + '[train]\nmixed_precision = "bf61"\n')
+    assert "train.mixed_precision" in problem and "'bf16'" in problem
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    text = """
+[model]
+pretrianed = "x"
+[data]
+path = "d"
+resolution = 100
+[train]
+batch_size = 0
+optimiser = "adamw"
+[lr_scheduler]
+name = "constant"
+[bogus]
+x = 1
+"""
+    problems = problems_of(tmp_path, text)
+    joined = "\n".join(problems)
+    for expected in (
+        "model.pretrianed",
+        "model.pretrained: required",
+        "data.resolution",
+        "train.batch_size",
+        "train.optimiser",
+        "[bogus]",
+    ):
+        assert expected in joined
+    assert len(problems) == 6
+
+
+def test_set_overrides_parse_toml_values_and_bare_strings(tmp_path):
+    cfg = config.load(
+        write(tmp_path, MINIMAL),
+        ["train.max_steps=7", "data.path=/data/cats", 'lora.target_modules=["to_q"]'],
+    )
+    assert cfg.train.max_steps == 7
+    assert cfg.data.path == "/data/cats"
+    assert cfg.lora.target_modules == ["to_q"]
+
+
+def test_set_override_typo_is_reported_like_a_file_typo(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL, ["train.max_stpes=3"])
+    assert "train.max_stpes" in problem and "max_steps" in problem
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    (problem,) = problems_of(tmp_path, "[model\n")
+    assert "run.toml" in problem and "TOML" in problem
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_text_encoder_lr_without_text_encoder_training_is_an_error(tmp_path):
+    (problem,) = problems_of(tmp_path, MINIMAL + "[train]\ntext_encoder_lr = 1e-5\n")
+    assert "train.text_encoder_lr" in problem and "train_text_encoder" in problem
+
+
+def test_to_toml_round_trips_every_default(tmp_path):
+    cfg = config.load(write(tmp_path, MINIMAL))
+    again = config.load(write(tmp_path, config.to_toml(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = config.load(path)
+    assert cfg.model.pretrained and cfg.data.path
+
+
+def test_reference_config_sets_every_key_with_a_comment():
+    """configs/lora.toml is the documented reference: every key present, each commented."""
+    import dataclasses
+
+    import tomllib
+
+    text = (REPO / "configs" / "lora.toml").read_text()
+    data = tomllib.loads(text)
+    for table in dataclasses.fields(config.RunConfig):
+        value = getattr(config.RunConfig(), table.name)
+        if dataclasses.is_dataclass(value) and table.name != "lr_scheduler":
+            for f in dataclasses.fields(value):
+                assert f.name in data[table.name], f"configs/lora.toml lacks {table.name}.{f.name}"
+        elif table.name != "lr_scheduler":
+            assert table.name in data
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line or _previous_is_comment(text, line), f"uncommented: {line}"
+
+
+def _previous_is_comment(text: str, line: str) -> bool:
+    lines = text.splitlines()
+    i = lines.index(line)
+    return i > 0 and lines[i - 1].lstrip().startswith("#")
+
+
+def test_describe_lists_every_key():
+    text = config.describe()
+    for name in ("train.learning_rate", "data.resolution", "lora.rank"):
+        table, key = name.split(".")
+        assert f"[{table}]" in text and f"  {key} (" in text

@@ -1,0 +1,417 @@
+"""Typed, frozen run configuration loaded from strict TOML.
+
+Every table is a frozen dataclass; every field carries a one-line doc (``metadata["doc"]``),
+which is also what ``sdlora config-help`` prints. Loading checks every key against the schema
+and reports **all** problems at once, each naming its TOML path and, for a typo, the closest
+valid key. Nothing is silently ignored.
+
+The ``[lr_scheduler]`` table is validated by the schedule registry (``schedulers.from_table``),
+because each schedule's dataclass is its own schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+import schedulers
+from schedulers import Schedule
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line doc; lists get a factory so instances never share."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text}, **kwargs)
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the base Stable Diffusion checkpoint."""
+
+    pretrained: str = doc(
+        "Diffusers folder, hub id, or a single-file .safetensors checkpoint (required)", ""
+    )
+    revision: str = doc("Hub revision (branch, tag or commit) when `pretrained` is a hub id", "")
+    variant: str = doc("Weight variant to load, e.g. 'fp16'; empty loads the default files", "")
+    single_file_config: str = doc(
+        "For a .safetensors checkpoint: diffusers folder or hub id whose component configs "
+        "describe it (needed offline); empty lets diffusers infer it",
+        "",
+    )
+    prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
+        "Override the noise scheduler's prediction type; empty reads it from the model", ""
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """[lora]: the adapters that are trained."""
+
+    rank: int = doc("LoRA rank (r) of the UNet adapters", 4)
+    alpha: float = doc("LoRA alpha; the update is scaled by alpha / rank", 4.0)
+    dropout: float = doc("Dropout on the LoRA branch, in [0, 1)", 0.0)
+    target_modules: list[str] = doc(
+        "UNet module names that get adapters", ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    train_text_encoder: bool = doc("Also train LoRA adapters on the CLIP text encoder", False)
+    text_encoder_target_modules: list[str] = doc(
+        "Text-encoder module names that get adapters", ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
+        "dtype of the final exported weights (checkpoints always keep fp32)", "fp16"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: the images and captions."""
+
+    path: str = doc("Dataset folder (required)", "")
+    layout: Literal["auto", "kohya", "imagefolder"] = doc(
+        "'kohya' = captions in .txt files beside images; 'imagefolder' = metadata.jsonl/.csv; "
+        "'auto' picks imagefolder when a metadata file exists",
+        "auto",
+    )
+    caption_extension: str = doc("Caption file extension for the kohya layout", ".txt")
+    resolution: int = doc("Training side length in pixels (a multiple of 8)", 512)
+    center_crop: bool = doc(
+        "Center crop after resizing; false crops at a seeded random place", True
+    )
+    random_flip: bool = doc("Flip half of the images horizontally (seeded)", False)
+    caption_dropout: float = doc("Probability of training an image with an empty caption", 0.0)
+    num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """[train]: optimisation settings. Step counts are optimizer updates."""
+
+    seed: int = doc("Seed for data order, noise, timesteps and dropout", 0)
+    batch_size: int = doc("Images per micro-batch on each process", 1)
+    gradient_accumulation_steps: int = doc("Micro-batches summed into one optimizer update", 1)
+    max_steps: int = doc("Optimizer updates to run; 0 derives it from `epochs`", 0)
+    epochs: int = doc("Passes over the dataset when `max_steps` is 0", 1)
+    learning_rate: float = doc("Base LR of the UNet adapters", 1e-4)
+    text_encoder_lr: float = doc("Base LR of the text-encoder adapters; 0 uses learning_rate", 0.0)
+    optimizer: Literal["adamw", "sgd"] = doc("Optimizer", "adamw")
+    adam_beta1: float = doc("AdamW beta1", 0.9)
+    adam_beta2: float = doc("AdamW beta2", 0.999)
+    adam_epsilon: float = doc("AdamW epsilon", 1e-8)
+    weight_decay: float = doc("Decoupled weight decay", 1e-2)
+    max_grad_norm: float = doc("Clip the global gradient norm to this; 0 disables clipping", 1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = doc(
+        "Autocast precision; fp16 needs CUDA, bf16 also runs on CPU", "no"
+    )
+    gradient_checkpointing: bool = doc("Recompute UNet activations to save memory", False)
+    xformers: bool = doc(
+        "Use xformers attention when importable on CUDA, else PyTorch SDPA (logged)", False
+    )
+    noise_offset: float = doc("Noise offset (adds per-channel constant noise); 0 disables", 0.0)
+    snr_gamma: float = doc("Min-SNR-γ loss weighting (5.0 is the paper's); 0 disables", 0.0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """[logging]: where progress goes."""
+
+    tracker: Literal["tensorboard", "wandb", "none"] = doc(
+        "Experiment tracker (metrics.jsonl is always written)", "tensorboard"
+    )
+    project: str = doc("Tracker project / run-group name", "sdlora")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Top-level keys come before the first table in the TOML file."""
+
+    output_dir: str = doc("Where weights, checkpoints, metrics and logs are written", "output")
+    model: ModelConfig = doc("[model] table", ModelConfig())
+    lora: LoraConfig = doc("[lora] table", LoraConfig())
+    data: DataConfig = doc("[data] table", DataConfig())
+    train: TrainConfig = doc("[train] table", TrainConfig())
+    lr_scheduler: Schedule = doc(
+        "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
+    )
+    logging: LoggingConfig = doc("[logging] table", LoggingConfig())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML-able data (the schedule as its table)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Schedule):
+                out[f.name] = {"name": value.name, **value.params()}
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = value
+        return out
+
+
+def tables_hash(config: RunConfig, tables: Sequence[str]) -> str:
+    """A stable hash of the named top-level tables, to detect changes between runs."""
+    data = config.to_dict()
+    blob = json.dumps({t: data[t] for t in tables}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def _closest(key: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, path: str) -> tuple[Any, str | None]:
+    """Return (coerced value, problem or None). TOML ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value, None
+        hint = _closest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+        return value, f"{path}: {value!r} is not one of {_type_name(tp)}{hint}"
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return value, f"{path}: expected {_type_name(tp)}, got {type(value).__name__}"
+        items = []
+        for i, item in enumerate(value):
+            item, problem = _check_value(item, item_tp, f"{path}[{i}]")
+            if problem:
+                return value, problem
+            items.append(item)
+        return items, None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value), None
+    if tp in (int, str, bool, float) and (type(value) is tp):
+        return value, None
+    return value, f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+
+
+def _build_table(cls: type, table: Any, where: str, problems: list[str]) -> Any:
+    """Build one frozen table, appending every problem found instead of raising."""
+    if not isinstance(table, Mapping):
+        problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in table.items():
+        path = f"{where}.{key}"
+        if key not in names:
+            problems.append(f"{path}: unknown key{_closest(key, names)}")
+            continue
+        value, problem = _check_value(value, hints[key], path)
+        if problem:
+            problems.append(problem)
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
+    """Validate raw TOML data; return the frozen config or raise ConfigError with all problems."""
+    problems: list[str] = []
+    hints = typing.get_type_hints(RunConfig)
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            kind = "table" if isinstance(value, Mapping) else "key"
+            shown = f"[{key}]" if kind == "table" else key
+            problems.append(f"{shown}: unknown top-level {kind}{_closest(key, names)}")
+            continue
+        tp = hints[key]
+        if key == "lr_scheduler":
+            values[key] = _build_schedule(value, problems)
+        elif dataclasses.is_dataclass(tp):
+            values[key] = _build_table(tp, value, key, problems)
+        else:
+            value, problem = _check_value(value, tp, key)
+            if problem:
+                problems.append(problem)
+            else:
+                values[key] = value
+    config = RunConfig(**values)
+    problems += cross_checks(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _build_schedule(table: Any, problems: list[str]) -> Schedule:
+    if not isinstance(table, Mapping):
+        problems.append(f"[lr_scheduler]: expected a table, got {type(table).__name__}")
+        return schedulers.get("constant")()
+    try:
+        return schedulers.from_table(table, where="lr_scheduler")
+    except schedulers.ScheduleConfigError as err:
+        problems.extend(err.problems)
+        return schedulers.get("constant")()
+
+
+def cross_checks(config: RunConfig) -> list[str]:
+    """Checks that involve more than one key, or ranges the type alone cannot express."""
+    p: list[str] = []
+    m, lora, data, train = config.model, config.lora, config.data, config.train
+    if not m.pretrained:
+        p.append("model.pretrained: required; a diffusers folder, hub id or .safetensors file")
+    if not data.path:
+        p.append("data.path: required; the folder holding your images and captions")
+    if data.resolution < 8 or data.resolution % 8:
+        p.append(f"data.resolution: {data.resolution} must be a positive multiple of 8")
+    if not 0 <= data.caption_dropout <= 1:
+        p.append(f"data.caption_dropout: {data.caption_dropout} must be in [0, 1]")
+    if data.num_workers < 0:
+        p.append("data.num_workers: must be >= 0")
+    if lora.rank < 1:
+        p.append(f"lora.rank: {lora.rank} must be >= 1")
+    if lora.alpha <= 0:
+        p.append(f"lora.alpha: {lora.alpha} must be > 0")
+    if not 0 <= lora.dropout < 1:
+        p.append(f"lora.dropout: {lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        p.append("lora.target_modules: empty; name at least one module, e.g. 'to_q'")
+    for key in ("batch_size", "gradient_accumulation_steps"):
+        if getattr(train, key) < 1:
+            p.append(f"train.{key}: {getattr(train, key)} must be >= 1")
+    if train.max_steps < 0:
+        p.append(f"train.max_steps: {train.max_steps} must be >= 0 (0 uses train.epochs)")
+    if train.max_steps == 0 and train.epochs < 1:
+        p.append("train.epochs: must be >= 1 when train.max_steps is 0")
+    if train.learning_rate <= 0:
+        p.append(f"train.learning_rate: {train.learning_rate} must be > 0")
+    for key in ("text_encoder_lr", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma"):
+        if getattr(train, key) < 0:
+            p.append(f"train.{key}: {getattr(train, key)} must be >= 0")
+    if train.text_encoder_lr and not lora.train_text_encoder:
+        p.append(
+            "train.text_encoder_lr: set, but lora.train_text_encoder is false; "
+            "enable it or drop the key"
+        )
+    if train.max_steps > 0:
+        p += config.lr_scheduler.check(train.max_steps)
+    return p
+
+
+# ---------------------------------------------------------------- files and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``table.key=value``; the value is TOML (``--set train.max_steps=10``), or a bare
+    string when it is not valid TOML (``--set data.path=/data/cats``)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected table.key=value"], "--set")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of raw TOML data with ``--set`` overrides applied (validated later)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain TOML data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"--set {text!r}: {k} is not a table"], "--set")
+        node[keys[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning a syntax error into a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"], str(path))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError([f"{path}: not valid TOML: {err}"], str(path)) from err
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load, override and validate a config file."""
+    return build(apply_overrides(read_toml(path), overrides), source=str(path))
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Write plain config data as TOML (scalars, lists and one level of tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return str(v)
+
+    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    blocks = ["\n".join(top)] if top else []
+    for name, table in data.items():
+        if isinstance(table, Mapping):
+            body = "\n".join(f"{k} = {value(v)}" for k, v in table.items())
+            blocks.append(f"[{name}]\n{body}")
+    return "\n\n".join(blocks) + "\n"
+
+
+def describe() -> str:
+    """Every table and key with its type, default and doc: the config reference."""
+    lines = []
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{f.name}]")
+            sub_hints = typing.get_type_hints(tp)
+            for sub in dataclasses.fields(tp):
+                default = (
+                    sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+                )
+                lines.append(
+                    f"  {sub.name} ({_type_name(sub_hints[sub.name])}, default {default!r}): "
+                    f"{sub.metadata['doc']}"
+                )
+        elif f.name == "lr_scheduler":
+            lines.append("\n[lr_scheduler]\n  name + fields; see `sdlora lr-plot --help-schedules`")
+        else:
+            lines.append(f"{f.name} ({_type_name(tp)}, default {f.default!r}): {f.metadata['doc']}")
+    return "\n".join(lines).lstrip()
