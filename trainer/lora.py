@@ -1,0 +1,165 @@
+"""Attach peft LoRA adapters, and save / load them in the diffusers LoRA file format.
+
+The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.`` and
+``text_encoder.`` prefixes, plus the adapter config (rank, alpha, targets) in the header under
+diffusers' ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights(folder)`` restores the
+exact scale. Our own training metadata sits beside it in the same header.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trainer.config import LoraConfig
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The header key diffusers reads the adapter config from (diffusers.loaders.lora_base).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+TRAINING_METADATA_KEY = "sdlora_training"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        # Gaussian A and zero B, as the diffusers scripts do: the adapter starts as a no-op.
+        init_lora_weights="gaussian",
+    )
+
+
+def attach(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: LoraConfig) -> None:
+    """Add trainable LoRA adapters in place; trainable params are fp32 whatever the base dtype.
+
+    fp32 adapters matter under fp16 AMP: fp16 master weights lose small updates and the
+    GradScaler refuses to unscale fp16 gradients (diffusers #8871).
+    """
+    unet.add_adapter(_peft_config(config.rank, config.alpha, config.dropout, config.target_modules))
+    modules = [unet]
+    if text_encoder is not None:
+        text_encoder.add_adapter(
+            _peft_config(
+                config.rank, config.alpha, config.dropout, config.text_encoder_target_modules
+            )
+        )
+        modules.append(text_encoder)
+    for module in modules:
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"lora target modules matched nothing in the {type(module).__name__}; "
+                "check lora.target_modules / lora.text_encoder_target_modules"
+            )
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Embeddings are never adapted here, so peft need not look for a vocabulary change.
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
+    """All LoRA tensors, keyed as the diffusers LoRA file keys them."""
+    state = {f"unet.{k}": v for k, v in _lora_tensors(unet).items()}
+    if text_encoder is not None:
+        te = _lora_tensors(text_encoder)
+        state.update({f"text_encoder.{k}": v for k, v in te.items()})
+    return state
+
+
+def _adapter_metadata(model: torch.nn.Module) -> dict:
+    config = model.peft_config["default"].to_dict()
+    # JSON cannot hold sets; diffusers stores target_modules as a list.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def save(
+    folder: str | Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    dtype: str = "fp32",
+    training_metadata: Mapping[str, object] | None = None,
+) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` and return its path.
+
+    Args:
+        folder: Destination folder (created).
+        unet: The UNet with adapters (unwrapped from DDP).
+        text_encoder: The text encoder with adapters, or None when it was not trained.
+        dtype: ``fp16``, ``bf16`` or ``fp32``.
+        training_metadata: JSON-able facts about the run for the header.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
+        for k, v in adapter_state(unet, text_encoder).items()
+    }
+    packed = {f"unet.{k}": v for k, v in _adapter_metadata(unet).items()}
+    if text_encoder is not None:
+        packed.update({f"text_encoder.{k}": v for k, v in _adapter_metadata(text_encoder).items()})
+    header = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(packed, sort_keys=True, default=str),
+        TRAINING_METADATA_KEY: json.dumps(dict(training_metadata or {}), sort_keys=True),
+    }
+    path = folder / WEIGHTS_NAME
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    """The training metadata stored in a LoRA file's header."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    return json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
+
+
+def load_into(
+    path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
+) -> None:
+    """Load a file written by :func:`save` back into models that already have adapters.
+
+    Raises:
+        ValueError: if the file's tensors do not match the adapters exactly.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    parts = {"unet": unet, "text_encoder": text_encoder}
+    for prefix, model in parts.items():
+        sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if model is None:
+            if sub:
+                raise ValueError(
+                    f"{path}: holds text-encoder LoRA but lora.train_text_encoder is false"
+                )
+            continue
+        expected = _lora_tensors(model)
+        if set(sub) != set(expected):
+            missing = sorted(set(expected) - set(sub))[:3]
+            extra = sorted(set(sub) - set(expected))[:3]
+            raise ValueError(
+                f"{path}: {prefix} LoRA keys do not match the configured adapters "
+                f"(missing {missing}, unexpected {extra}); was lora.rank/target_modules changed?"
+            )
+        for key, value in sub.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{path}: {prefix}.{key} has shape {tuple(value.shape)}, "
+                    f"the adapter expects {tuple(expected[key].shape)}"
+                )
+        result = set_peft_model_state_dict(model, sub)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path}: unexpected keys {result.unexpected_keys[:3]}")
