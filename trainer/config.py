@@ -131,6 +131,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """[checkpoint]: when to save, how many to keep, and resuming."""
+
+    every_n_steps: int = doc(
+        "Save every N optimizer updates (also always at the end and on SIGTERM/SIGINT); 0 = "
+        "only those",
+        0,
+    )
+    keep_last: int = doc("Keep the newest N checkpoints; 0 keeps all", 0)
+    resume: str = doc(
+        "'' starts fresh; 'latest' resumes the newest checkpoint in output_dir (or starts "
+        "fresh if there is none); or a path to a checkpoints/step-NNNNNN folder",
+        "",
+    )
+    allow_change: list[str] = doc(
+        "Config keys (train.max_steps), bare names (max_steps) or tables (lr_scheduler) that "
+        "may differ from the checkpoint's config on resume",
+        [],
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """[logging]: where progress goes."""
 
@@ -152,6 +174,7 @@ class RunConfig:
     lr_scheduler: Schedule = doc(
         "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
     )
+    checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,6 +325,8 @@ def cross_checks(config: RunConfig) -> list[str]:
         p.append(f"lora.dropout: {lora.dropout} must be in [0, 1)")
     if not lora.target_modules:
         p.append("lora.target_modules: empty; name at least one module, e.g. 'to_q'")
+    if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last < 0:
+        p.append("checkpoint.every_n_steps / checkpoint.keep_last: must be >= 0")
     for key in ("batch_size", "gradient_accumulation_steps"):
         if getattr(train, key) < 1:
             p.append(f"train.{key}: {getattr(train, key)} must be >= 1")

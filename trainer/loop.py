@@ -6,13 +6,13 @@ Read this file first. The rules it keeps:
   steps it once per process per update, and skips it when fp16 overflows).
 - Micro-batch ``g`` of the run is a pure function of (seed, g): data order, noise, timesteps,
   crops, flips and dropout all derive their seeds from counters (``trainer.order``), so a
-  resumed run continues exactly.
+  run resumed from a checkpoint continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +22,18 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import schedule_state
-from trainer import lora, models, step
-from trainer.config import ConfigError, RunConfig, to_toml
+from trainer import checkpoint as ckpt
+from trainer import lora, models, resume, step
+from trainer.config import ConfigError, RunConfig, tables_hash, to_toml
 from trainer.data import CaptionedImages, collate, find_records
 from trainer.order import ResumableBatchSampler, batches_per_epoch, seed_for
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, flat_hparams, truncate_metrics
 
 log = logging.getLogger("sdlora")
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Tables whose change alters the trained weights; their hashes go in trainer_state.json.
+HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,17 @@ class Plan:
     def position(self, update: int) -> tuple[int, int]:
         """(epoch, micro-batch within the epoch) where optimizer update ``update`` starts."""
         return divmod(update * self.accumulation, self.micro_batches_per_epoch)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves in memory (the files are in ``output_dir``)."""
+
+    output_dir: Path
+    updates: int
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module | None
+    interrupted: bool = False
 
 
 def plan_run(config: RunConfig, groups: list[list[int]], num_processes: int) -> Plan:
@@ -71,13 +85,10 @@ def plan_run(config: RunConfig, groups: list[list[int]], num_processes: int) -> 
                 "raise train.epochs or set train.max_steps"
             ]
         )
-    return Plan(per_epoch, total, train.gradient_accumulation_steps)
-
-
-def _check_runtime(config: RunConfig, plan: Plan) -> None:
-    problems = config.lr_scheduler.check(plan.total_updates)
+    problems = config.lr_scheduler.check(total)
     if problems:
         raise ConfigError(problems, "config (with the run length derived from the dataset)")
+    return Plan(per_epoch, total, train.gradient_accumulation_steps)
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -110,14 +121,11 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """One param group for the UNet adapters and, when trained, one for the text encoder's."""
     train = config.train
-    groups = [
-        {"params": [p for p in unet.parameters() if p.requires_grad], "lr": train.learning_rate}
-    ]
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    groups = [{"params": trainable, "lr": train.learning_rate}]
     if text_encoder is not None:
-        te_lr = train.text_encoder_lr or train.learning_rate
-        groups.append(
-            {"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr}
-        )
+        te_params = [p for p in text_encoder.parameters() if p.requires_grad]
+        groups.append({"params": te_params, "lr": train.text_encoder_lr or train.learning_rate})
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
     return torch.optim.AdamW(
@@ -144,32 +152,156 @@ def training_metadata(config: RunConfig, update: int, base_lrs: list[float]) -> 
     }
 
 
-@dataclass
-class TrainResult:
-    """What a finished run leaves in memory (the files are in ``output_dir``)."""
+def comparable_config(config_data: dict, num_processes: int) -> dict:
+    """The config plus the launch facts that also shape the run (compared on resume)."""
+    return {**config_data, "launch": {"num_processes": num_processes}}
 
-    output_dir: Path
-    updates: int
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module | None
+
+def find_resume_point(config: RunConfig, num_processes: int) -> Path | None:
+    """The checkpoint to resume from, after checking the config may resume it."""
+    output_dir = Path(config.output_dir)
+    if not config.checkpoint.resume:
+        if ckpt.list_checkpoints(output_dir):
+            raise ConfigError(
+                [
+                    f"output_dir = {str(output_dir)!r} already holds checkpoints of a run; "
+                    "resume it with --resume latest, or choose another output_dir"
+                ]
+            )
+        return None
+    folder = ckpt.resolve(output_dir, config.checkpoint.resume)
+    if folder is None:
+        log.info("--resume latest: no checkpoint in %s yet; starting from update 0", output_dir)
+        return None
+    from trainer.config import read_toml
+
+    saved = read_toml(folder / ckpt.CONFIG_NAME)
+    schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
+    saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
+    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    saved = comparable_config(saved, state["num_processes"])
+    current = comparable_config(config.to_dict(), num_processes)
+    allowed = resume.check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
+    for key, old, new in allowed:
+        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
+    return folder
+
+
+def save_checkpoint(
+    config: RunConfig,
+    accelerator: Accelerator,
+    plan: Plan,
+    update: int,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    base_lrs: list[float],
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones."""
+    folder = ckpt.step_dir(config.output_dir, update)
+    if accelerator.is_main_process:
+        train = config.train
+        epoch, position = plan.position(update)
+        micro = update * plan.accumulation
+        trainer_state = {
+            "format": 1,
+            "global_step": update,
+            "total_updates": plan.total_updates,
+            "epoch": epoch,
+            "position_in_epoch": position,
+            "micro_batches": micro,
+            "samples_seen": micro * train.batch_size * accelerator.num_processes,
+            "seed": train.seed,
+            "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
+            "num_processes": accelerator.num_processes,
+            "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+        }
+        last_lrs = [group["lr"] for group in optimizer.param_groups]
+        lr_state = schedule_state(
+            config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
+        )
+        models_to_save = (
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+        )
+
+        def write(tmp: Path) -> None:
+            lora.save(tmp, *models_to_save, dtype="fp32", training_metadata=trainer_state)
+            ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
+            ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
+            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, optimizer.state_dict())
+            if accelerator.scaler is not None:
+                ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
+            (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
+
+        ckpt.save_atomic(folder, write)
+        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect=folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def restore_checkpoint(
+    folder: Path,
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> int:
+    """Load weights, optimizer and scaler state; return the global update to continue from."""
+    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    lora.load_into(
+        folder / lora.WEIGHTS_NAME,
+        accelerator.unwrap_model(unet),
+        accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+    )
+    optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
+    if accelerator.scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
+        accelerator.scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
+    return int(state["global_step"])
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer update."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:  # a second signal: the user insists, stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("got signal %d: finishing this update, saving, then stopping", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run(config: RunConfig) -> TrainResult:
-    """Train LoRA adapters as configured.
+    """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
 
     Args:
         config: A validated run config.
 
     Returns:
-        The output folder, the number of updates made and the unwrapped trained models.
+        The output folder, the updates done, the unwrapped trained models, and whether the
+        run stopped early on a signal.
     """
     accelerator = make_accelerator(config)
     output_dir = Path(config.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     train = config.train
     set_seed(train.seed)  # model init draws (LoRA A matrices) are the same on every process
     weight_dtype = DTYPES[train.mixed_precision]
+    resume_from = find_resume_point(config, accelerator.num_processes)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_tmp(output_dir)
 
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
     parts = models.load_components(config.model, weight_dtype)
@@ -188,7 +320,6 @@ def run(config: RunConfig) -> TrainResult:
     records = find_records(config.data)
     groups = [list(range(len(records)))]
     plan = plan_run(config, groups, accelerator.num_processes)
-    _check_runtime(config, plan)
     dataset = CaptionedImages(records, config.data, parts.tokenizer)
     sampler = ResumableBatchSampler(
         groups, train.batch_size, accelerator.num_processes, accelerator.process_index, train.seed
@@ -207,97 +338,121 @@ def run(config: RunConfig) -> TrainResult:
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if text_encoder is not None else None
+    trained = prepared[:-1]
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
+    # ---- resume: weights, optimizer, scaler; the data position follows from the update
     update = 0
+    if resume_from is not None:
+        update = restore_checkpoint(resume_from, accelerator, unet, text_encoder, optimizer)
+        if update >= plan.total_updates:
+            raise ConfigError(
+                [
+                    f"train.max_steps: the checkpoint {resume_from} already has {update} "
+                    f"updates and this run has {plan.total_updates}; raise train.max_steps "
+                    "and pass --allow-change max_steps to train further"
+                ]
+            )
     if accelerator.is_main_process:
-        (output_dir / "config.toml").write_text(to_toml(config.to_dict()))
-        tracker_name = config.logging.tracker
-        if tracker_name != "none":
-            from trainer.tracking import flat_hparams
-
+        truncate_metrics(output_dir, update)
+        (output_dir / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
+        if config.logging.tracker != "none":
             accelerator.init_trackers(config.logging.project, flat_hparams(config.to_dict()))
     tracker = Tracker(
         accelerator, output_dir, plan.total_updates, update, config.logging.tracker != "none"
     )
     tracker.message(
         f"{len(records)} examples, {plan.micro_batches_per_epoch} micro-batches/epoch, "
-        f"{plan.total_updates} optimizer updates, attention: {attention}, "
-        f"processes: {accelerator.num_processes}, precision: {train.mixed_precision}"
+        f"{plan.total_updates} optimizer updates"
+        + (f" (resuming at {update} from {resume_from})" if resume_from else "")
+        + f", attention: {attention}, processes: {accelerator.num_processes}, "
+        f"precision: {train.mixed_precision}"
     )
 
     # ---- the loop
     schedule = config.lr_scheduler
-    loss_sum = torch.zeros((), device=device)
+    every = config.checkpoint.every_n_steps
+    stats = torch.zeros(2, device=device)  # [sum of micro-batch losses, stop requested]
     micro = update * plan.accumulation
-    while update < plan.total_updates:
-        sampler.epoch, sampler.start = plan.position(update)
-        for batch in loader:
-            with accelerator.accumulate(*trained):
-                seed = seed_for(train.seed, "micro", micro, accelerator.process_index)
-                generator = torch.Generator(device).manual_seed(seed)
-                torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-                pixels = batch["pixel_values"].to(device, weight_dtype, non_blocking=True)
-                input_ids = batch["input_ids"].to(device, non_blocking=True)
-                with torch.no_grad():
-                    mean, std = step.posterior(parts.vae, pixels)
-                    latents = step.sample_latents(mean.float(), std.float(), generator)
-                with torch.set_grad_enabled(text_encoder is not None):
-                    hidden = (text_encoder or parts.text_encoder)(input_ids, return_dict=False)[0]
-                loss = step.diffusion_loss(
-                    unet, parts.noise_scheduler, latents, hidden, generator,
-                    train.noise_offset, train.snr_gamma,
-                )  # fmt: skip
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-                if accelerator.sync_gradients:
-                    lrs = schedule.lrs(update, plan.total_updates, base_lrs)
-                    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-                        group["lr"] = lr
-                    if train.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            update += 1
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean") / plan.accumulation
-            loss_sum.zero_()
-            epoch, _ = divmod(micro - 1, plan.micro_batches_per_epoch)
-            tracker.update(
-                {
-                    "step": update,
-                    "loss": mean_loss.item(),
-                    "lr": lrs,
-                    "epoch": epoch,
-                    "samples": micro * train.batch_size * accelerator.num_processes,
-                }
-            )
-            if update >= plan.total_updates:
-                break
+    interrupted = False
+    with StopRequest() as stop:
+        while update < plan.total_updates and not interrupted:
+            # Continue the micro-batch stream where it is (an epoch may end mid-update).
+            sampler.epoch, sampler.start = divmod(micro, plan.micro_batches_per_epoch)
+            for batch in loader:
+                with accelerator.accumulate(*trained):
+                    seed = seed_for(train.seed, "micro", micro, accelerator.process_index)
+                    generator = torch.Generator(device).manual_seed(seed)
+                    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+                    pixels = batch["pixel_values"].to(device, weight_dtype, non_blocking=True)
+                    input_ids = batch["input_ids"].to(device, non_blocking=True)
+                    with torch.no_grad():
+                        mean, std = step.posterior(parts.vae, pixels)
+                        latents = step.sample_latents(mean.float(), std.float(), generator)
+                    with torch.set_grad_enabled(text_encoder is not None):
+                        encoder = text_encoder or parts.text_encoder
+                        hidden = encoder(input_ids, return_dict=False)[0]
+                    loss = step.diffusion_loss(
+                        unet, parts.noise_scheduler, latents, hidden, generator,
+                        train.noise_offset, train.snr_gamma,
+                    )  # fmt: skip
+                    accelerator.backward(loss)
+                    stats[0] += loss.detach()
+                    if accelerator.sync_gradients:
+                        lrs = schedule.lrs(update, plan.total_updates, base_lrs)
+                        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                            group["lr"] = lr
+                        if train.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if not accelerator.sync_gradients:
+                    continue
+                update += 1
+                # One collective per update: the mean loss, and whether any process was
+                # signalled, so all processes stop (and save) at the same update.
+                stats[1] = float(stop.requested)
+                totals = accelerator.reduce(stats, reduction="sum")
+                stats.zero_()
+                tracker.update(
+                    {
+                        "step": update,
+                        "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
+                        "lr": lrs,
+                        "epoch": (micro - 1) // plan.micro_batches_per_epoch,
+                        "samples": micro * train.batch_size * accelerator.num_processes,
+                    }
+                )
+                interrupted = bool(totals[1].item()) and update < plan.total_updates
+                due = every and update % every == 0 and update < plan.total_updates
+                if due or interrupted:
+                    args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
+                    folder = save_checkpoint(*args, base_lrs)
+                    tracker.message(f"checkpoint: {folder}")
+                if interrupted or update >= plan.total_updates:
+                    break
 
-    # ---- final weights, the schedule's state beside them, and the resolved config
-    accelerator.wait_for_everyone()
+    # ---- the last checkpoint, the final weights with the schedule's state beside them
     final_unet = accelerator.unwrap_model(unet)
     final_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
-    if accelerator.is_main_process:
-        path = lora.save(
-            output_dir,
-            final_unet,
-            final_te,
-            dtype=config.lora.save_dtype,
-            training_metadata=training_metadata(config, update, base_lrs),
-        )
-        state = schedule_state(
-            schedule,
-            plan.total_updates,
-            update,
-            base_lrs,
-            [g["lr"] for g in optimizer.param_groups],
-        )
-        (output_dir / "lr_scheduler.json").write_text(json.dumps(state, indent=2))
-        tracker.message(f"saved {path}")
+    if interrupted:
+        tracker.message(f"stopped at update {update}/{plan.total_updates} (checkpoint saved)")
+    else:
+        save_checkpoint(config, accelerator, plan, update, unet, text_encoder, optimizer, base_lrs)
+        if accelerator.is_main_process:
+            path = lora.save(
+                output_dir,
+                final_unet,
+                final_te,
+                dtype=config.lora.save_dtype,
+                training_metadata=training_metadata(config, update, base_lrs),
+            )
+            last_lrs = [group["lr"] for group in optimizer.param_groups]
+            state = schedule_state(schedule, plan.total_updates, update, base_lrs, last_lrs)
+            ckpt.write_json(output_dir / ckpt.LR_SCHEDULER_STATE, state)
+            tracker.message(f"saved {path}")
     tracker.close()
-    return TrainResult(output_dir, update, final_unet, final_te)
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir, update, final_unet, final_te, interrupted)

@@ -1,0 +1,43 @@
+# The two commands a new user needs are `make quickstart` and `make test` (see README.md).
+# Both create the virtual environment first if it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install quickstart test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+tiny/model/model_index.json: $(VENV)/.installed scripts/make_tiny_sd.py
+	$(PY) scripts/make_tiny_sd.py tiny/model
+
+tiny/data/img_000.png: $(VENV)/.installed scripts/make_tiny_dataset.py
+	$(PY) scripts/make_tiny_dataset.py tiny/data
+
+quickstart: tiny/model/model_index.json tiny/data/img_000.png
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no --num_cpu_threads_per_process 2 \
+		train.py --config configs/tiny.toml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf output tiny .pytest_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""Exact resume: a run stopped anywhere and resumed ends with the same LoRA, bit for bit.
+
+The reference is always another run: the same config trained without interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer import checkpoint as ckpt
+from trainer import loop
+from trainer.config import ConfigError
+from trainer.lora import WEIGHTS_NAME
+from trainer.tracking import read_metrics
+
+# Every source of randomness on: random crops, flips, caption dropout, LoRA dropout, noise
+# offset. 16 images / batch 2 = 8 micro-batches per epoch; accumulation 3 makes updates
+# straddle epochs, so checkpoints land mid-epoch and mid-way through an accumulation cycle.
+EXACT = (
+    "train.max_steps=8",
+    "train.batch_size=2",
+    "train.gradient_accumulation_steps=3",
+    "train.noise_offset=0.05",
+    "data.center_crop=false",
+    "data.random_flip=true",
+    "data.caption_dropout=0.2",
+    "lora.dropout=0.1",
+    'lora.save_dtype="fp32"',
+    "checkpoint.every_n_steps=3",
+)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / WEIGHTS_NAME)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tiny_data, tmp_path_factory):
+    """The uninterrupted run: 8 updates with checkpoints at 3 and 6 (and 8 at the end)."""
+    from trainer import config
+
+    out = tmp_path_factory.mktemp("reference")
+    base = [f'model.pretrained="{tiny_model}"', f'data.path="{tiny_data}"', f'output_dir="{out}"']
+    cfg = config.load("configs/tiny.toml", [*base, 'logging.tracker="none"', *EXACT])
+    loop.run(cfg)
+    return out
+
+
+def test_checkpoints_hold_the_documented_files(reference):
+    folders = ckpt.list_checkpoints(reference)
+    assert [f.name for f in folders] == ["step-000003", "step-000006", "step-000008"]
+    names = {p.name for p in folders[0].iterdir()}
+    assert {
+        WEIGHTS_NAME,
+        "lr_scheduler.json",
+        "trainer_state.json",
+        "optimizer.pt",
+        "config.toml",
+    } <= names
+    state = json.loads((folders[0] / "trainer_state.json").read_text())
+    # update 3 ends after micro-batch 9 = epoch 1, position 1 (8 micro-batches per epoch)
+    assert (state["global_step"], state["epoch"], state["position_in_epoch"]) == (3, 1, 1)
+    assert state["samples_seen"] == 18
+    lr_state = json.loads((folders[0] / "lr_scheduler.json").read_text())
+    assert lr_state["step"] == 3 and lr_state["total_steps"] == 8
+    metrics = read_metrics(reference)
+    assert lr_state["last_lrs"] == metrics[2]["lr"]
+    assert (reference / "lr_scheduler.json").is_file()
+
+
+def test_resume_mid_epoch_with_accumulation_is_bitwise_exact(reference, make_config, tmp_path):
+    out = tmp_path / "resumed"
+    start = ckpt.step_dir(reference, 3)
+    loop.run(make_config(*EXACT, f'checkpoint.resume="{start}"', output=out))
+    assert_bitwise_equal(weights(out), weights(reference))
+    ours, theirs = read_metrics(out), read_metrics(reference)
+    assert [r["step"] for r in ours] == [4, 5, 6, 7, 8]
+    assert ours == theirs[3:]  # same losses and LRs at every update, to the bit
+
+
+def test_resuming_a_resumed_run_counts_from_the_true_global_step(reference, make_config, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    loop.run(
+        make_config(*EXACT, f'checkpoint.resume="{ckpt.step_dir(reference, 3)}"', output=first)
+    )
+    # `first` wrote its own step-6 checkpoint; resume from it in a third output folder.
+    state = json.loads((ckpt.step_dir(first, 6) / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    loop.run(make_config(*EXACT, f'checkpoint.resume="{ckpt.step_dir(first, 6)}"', output=second))
+    assert_bitwise_equal(weights(second), weights(reference))
+    assert read_metrics(second) == read_metrics(reference)[6:]
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(
+    reference, make_config, tmp_path, monkeypatch
+):
+    out = tmp_path / "crashy"
+    real_save = ckpt.save_tensors_state
+    calls = []
+
+    def dies_on_second_save(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while writing the step-6 checkpoint")
+        real_save(path, state)
+
+    monkeypatch.setattr(ckpt, "save_tensors_state", dies_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(make_config(*EXACT, output=out))
+    monkeypatch.setattr(ckpt, "save_tensors_state", real_save)
+    assert (out / "checkpoints" / "step-000006.tmp").is_dir()
+    assert ckpt.find_latest(out) == ckpt.step_dir(out, 3)
+
+    loop.run(make_config(*EXACT, 'checkpoint.resume="latest"', output=out))
+    assert not (out / "checkpoints" / "step-000006.tmp").exists()
+    assert_bitwise_equal(weights(out), weights(reference))
+    assert read_metrics(out) == read_metrics(reference)
+
+
+def test_changed_schedule_is_refused_with_a_diff(reference, make_config, tmp_path):
+    start = ckpt.step_dir(reference, 3)
+    cfg = make_config(
+        *EXACT, 'lr_scheduler.name="linear"', f'checkpoint.resume="{start}"', output=tmp_path / "x"
+    )
+    with pytest.raises(ConfigError) as err:
+        loop.run(cfg)
+    text = str(err.value)
+    assert "lr_scheduler.name: 'cosine' (checkpoint) → 'linear' (now)" in text
+    assert "--allow-change" in text
+
+
+def test_allowed_schedule_change_continues_on_the_new_curve_at_the_true_step(
+    reference, make_config, tmp_path
+):
+    out = tmp_path / "changed"
+    start = ckpt.step_dir(reference, 3)
+    cfg = make_config(
+        *EXACT,
+        'lr_scheduler.name="linear"',
+        f'checkpoint.resume="{start}"',
+        'checkpoint.allow_change=["lr_scheduler"]',
+        output=out,
+    )
+    loop.run(cfg)
+    lrs = [r["lr"][0] for r in read_metrics(out)]
+    # Update k (1-based) applies schedule index k-1: the curve is not restarted from 0.
+    expected = [cfg.lr_scheduler.lr(k - 1, 8, cfg.train.learning_rate) for k in range(4, 9)]
+    assert lrs == expected
+
+
+def test_raising_max_steps_continues_without_restarting_warmup(reference, make_config, tmp_path):
+    out = tmp_path / "longer"
+    done = ckpt.step_dir(reference, 8)
+    with pytest.raises(ConfigError, match="max_steps"):
+        loop.run(make_config(*EXACT, f'checkpoint.resume="{done}"', output=out))
+    more = [*EXACT[1:], "train.max_steps=12", f'checkpoint.resume="{done}"']
+    cfg = make_config(*more, 'checkpoint.allow_change=["max_steps"]', output=out)
+    loop.run(cfg)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [9, 10, 11, 12]
+    expected = [cfg.lr_scheduler.lr(k - 1, 12, cfg.train.learning_rate) for k in range(9, 13)]
+    assert [r["lr"][0] for r in records] == expected
+    assert all(lr > 0 for lr in expected[:-1])
+
+
+def test_fresh_start_into_a_folder_with_checkpoints_is_refused(reference, make_config):
+    with pytest.raises(ConfigError, match="--resume latest"):
+        loop.run(make_config(*EXACT, output=reference))
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused(reference, make_config, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would have run arbitrary code",))
+
+    bad = tmp_path / "bad" / "step-000003"
+    shutil.copytree(ckpt.step_dir(reference, 3), bad)
+    torch.save({"state": {}, "param_groups": [], "evil": Payload()}, bad / "optimizer.pt")
+    cfg = make_config(*EXACT, f'checkpoint.resume="{bad}"', output=tmp_path / "out")
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        loop.run(cfg)
+
+
+def test_keep_last_prunes_but_never_the_checkpoint_being_resumed(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_atomic(
+            ckpt.step_dir(tmp_path, step), lambda d: (d / "trainer_state.json").write_text("{}")
+        )
+    protect = ckpt.step_dir(tmp_path, 1)
+    removed = ckpt.prune(tmp_path, keep_last=2, protect=protect)
+    assert [p.name for p in removed] == ["step-000002"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+        "step-000001",
+        "step-000003",
+        "step-000004",
+    ]
