@@ -93,14 +93,14 @@ def test_sigkill_mid_training_then_resume_latest_matches(
 ):
     out = tmp_path / "killed"
     cmd = command(tiny_model, tiny_data, out)
-    code, output = start_and_signal(cmd, out, signal.SIGKILL, after_checkpoint=6)
+    code, _ = start_and_signal(cmd, out, signal.SIGKILL, after_checkpoint=6)
     if code == 0:
         pytest.skip("the run finished before the kill landed (machine too fast)")
     assert code == -signal.SIGKILL
     assert not (out / WEIGHTS_NAME).exists()
     killed_at = find_latest(out)
     assert killed_at is not None
-    run_to_end(cmd + ["--resume", "latest"])
+    run_to_end([*cmd, "--resume", "latest"])
     assert_same_run(out, reference)
 
 
@@ -116,6 +116,6 @@ def test_sigterm_saves_prints_the_resume_command_and_resumes_exactly(
     assert "--resume latest" in output and "train.py" in output
     stopped = int(find_latest(out).name.split("-")[1])
     assert stopped < 30 and read_metrics(out)[-1]["step"] == stopped
-    run_to_end(cmd + ["--resume", "latest"])
+    run_to_end([*cmd, "--resume", "latest"])
     assert_same_run(out, reference)
     assert list_checkpoints(out)[-1].name == "step-000030"
