@@ -99,7 +99,32 @@ class DataConfig:
     )
     random_flip: bool = doc("Flip half of the images horizontally (seeded)", False)
     caption_dropout: float = doc("Probability of training an image with an empty caption", 0.0)
+    shuffle_tags: bool = doc("Shuffle comma-separated tags in each caption (seeded)", False)
+    keep_tokens: int = doc("With shuffle_tags: leading tags that stay in place", 0)
+    buckets: bool = doc("Aspect-ratio buckets instead of square crops", False)
+    bucket_step: int = doc("Bucket sides are multiples of this (a multiple of 8)", 64)
+    bucket_min_side: int = doc("Smallest bucket side; 0 = resolution / 2", 0)
+    bucket_max_side: int = doc("Largest bucket side; 0 = resolution × 2", 0)
+    max_upscale: float = doc(
+        "Largest upscaling an image may get to fill its bucket; smaller images are bad input",
+        1.0,
+    )
+    on_bad_image: Literal["error", "skip"] = doc(
+        "Unusable image or caption: 'error' stops listing them all; 'skip' trains without "
+        "them and writes output_dir/skipped_images.txt",
+        "error",
+    )
+    cache_latents: Literal["auto", "memory", "disk", "off"] = doc(
+        "Cache VAE posteriors: 'auto' = memory where valid (center crop), else off",
+        "auto",
+    )
+    cache_text: Literal["auto", "on", "off"] = doc(
+        "Cache text-encoder outputs: 'auto' = on where valid (frozen encoder, no tag shuffling)",
+        "auto",
+    )
+    cache_dir: str = doc("Folder of the disk latent cache; empty = output_dir/cache", "")
     num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
+    persistent_workers: bool = doc("Keep DataLoader workers alive between epochs", True)
 
 
 @dataclass(frozen=True)
@@ -317,6 +342,22 @@ def cross_checks(config: RunConfig) -> list[str]:
         p.append(f"data.caption_dropout: {data.caption_dropout} must be in [0, 1]")
     if data.num_workers < 0:
         p.append("data.num_workers: must be >= 0")
+    if data.bucket_step < 8 or data.bucket_step % 8:
+        p.append(f"data.bucket_step: {data.bucket_step} must be a positive multiple of 8")
+    if data.max_upscale < 1:
+        p.append(f"data.max_upscale: {data.max_upscale} must be >= 1 (1 = never upscale)")
+    if data.keep_tokens < 0:
+        p.append("data.keep_tokens: must be >= 0")
+    if data.cache_latents in ("memory", "disk") and not data.center_crop:
+        p.append(
+            f"data.cache_latents: {data.cache_latents!r} with data.center_crop = false would "
+            "train every epoch on the first random crop; use 'auto' or 'off'"
+        )
+    if data.cache_text == "on" and (data.shuffle_tags or lora.train_text_encoder):
+        why = "the text encoder is trained" if lora.train_text_encoder else "tags are shuffled"
+        p.append(
+            f"data.cache_text: 'on' while {why} would serve stale outputs; use 'auto' or 'off'"
+        )
     if lora.rank < 1:
         p.append(f"lora.rank: {lora.rank} must be >= 1")
     if lora.alpha <= 0:

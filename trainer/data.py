@@ -1,74 +1,120 @@
-"""Image-caption datasets: discover records, load and transform images, tokenize captions.
+"""Image-caption datasets: find the examples, check every file once, and serve batches.
 
 Two layouts are read:
 - kohya: images with a caption file beside them (``a.png`` + ``a.txt``); a subfolder named
   ``N_name`` repeats its images N times per epoch.
 - imagefolder: images plus ``metadata.jsonl`` or ``metadata.csv`` with ``file_name`` and
   ``text`` columns (the Hugging Face ``datasets`` convention).
+
+Every image is decoded once before training (:func:`prepare`), so a corrupt file, a missing
+caption or an image too small for its bucket is reported up front, naming the file, instead
+of crashing the run hours in. ``data.on_bad_image`` says whether that stops the run ("error",
+listing every bad file) or leaves the files out ("skip").
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
+from trainer import buckets, images
 from trainer.config import DataConfig
+
+log = logging.getLogger("sdlora")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 class DataError(ValueError):
-    """A problem with the dataset; the message names the file and the fix."""
+    """A problem with the dataset; the message names the file(s) and the fix."""
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example: an image file and its caption."""
+    """One example as found on disk; ``problem`` is set when its caption is unusable."""
 
     path: Path
     caption: str
+    problem: str = ""
 
 
-def _read_caption(image: Path, extension: str) -> str:
-    for ext in (extension, ".caption", ".txt"):
+@dataclass(frozen=True)
+class Example:
+    """One checked training example: image, caption, and the size it trains at."""
+
+    path: Path
+    caption: str
+    size: tuple[int, int]
+
+
+@dataclass
+class Prepared:
+    """The checked dataset: examples, their bucket groups, and what was left out."""
+
+    examples: list[Example]
+    groups: list[list[int]]
+    sizes: list[tuple[int, int]]
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- finding examples
+
+
+def _read_caption(image: Path, extension: str) -> Record:
+    for ext in dict.fromkeys((extension, ".caption", ".txt")):
         caption_file = image.with_suffix(ext)
         if caption_file.is_file():
             try:
-                return caption_file.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise DataError(f"{caption_file}: caption is not UTF-8 text ({err})") from err
-    raise DataError(
-        f"{image}: no caption file ({image.with_suffix(extension).name}); write one beside the "
-        "image, or set data.caption_extension to the extension your captions use"
+                text = caption_file.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                return Record(
+                    image, "", f"{caption_file}: caption is not UTF-8 text; re-save it as UTF-8"
+                )
+            if not text:
+                return Record(
+                    image,
+                    "",
+                    f"{caption_file}: empty caption; write one (use data.caption_dropout "
+                    "for unconditional training)",
+                )
+            return Record(image, text)
+    return Record(
+        image,
+        "",
+        f"{image}: no caption file ({image.with_suffix(extension).name}); write one beside "
+        "the image, or set data.caption_extension to the extension your captions use",
     )
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def find_kohya(root: Path, caption_extension: str) -> list[Record]:
     """Records of a kohya-style folder, with ``N_name`` subfolders repeated N times."""
-    records = [Record(p, _read_caption(p, caption_extension)) for p in _images_in(root)]
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    records = [_read_caption(p, caption_extension) for p in _images_in(root)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = _REPEAT_FOLDER.match(sub.name)
         repeats = int(match.group(1)) if match else 1
-        found = [Record(p, _read_caption(p, caption_extension)) for p in _images_in(sub)]
-        records += found * repeats
+        records += [_read_caption(p, caption_extension) for p in _images_in(sub)] * repeats
     return records
 
 
-def find_imagefolder(root: Path) -> list[Record]:
-    """Records of an imagefolder with ``metadata.jsonl`` or ``metadata.csv``."""
+def _metadata_rows(root: Path) -> tuple[Path, list[tuple[int, dict]]]:
     jsonl, csv_file = root / "metadata.jsonl", root / "metadata.csv"
     if jsonl.is_file():
         rows = []
@@ -78,29 +124,36 @@ def find_imagefolder(root: Path) -> list[Record]:
                     rows.append((n, json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise DataError(f"{jsonl}:{n}: not valid JSON ({err})") from err
-        source = jsonl
-    elif csv_file.is_file():
+        return jsonl, rows
+    if csv_file.is_file():
         with csv_file.open(encoding="utf-8", newline="") as f:
-            rows = list(enumerate(csv.DictReader(f), 2))
-        source = csv_file
-    else:
-        raise DataError(f"{root}: no metadata.jsonl or metadata.csv for the imagefolder layout")
+            return csv_file, list(enumerate(csv.DictReader(f), 2))
+    raise DataError(f"{root}: no metadata.jsonl or metadata.csv for the imagefolder layout")
+
+
+def find_imagefolder(root: Path) -> list[Record]:
+    """Records of an imagefolder with ``metadata.jsonl`` or ``metadata.csv``."""
+    source, rows = _metadata_rows(root)
     records = []
     for n, row in rows:
-        if "file_name" not in row or "text" not in row:
-            raise DataError(f"{source}:{n}: needs 'file_name' and 'text' fields, got {sorted(row)}")
+        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+            raise DataError(f"{source}:{n}: needs 'file_name' and 'text' fields")
         path = root / row["file_name"]
+        text = str(row["text"] or "").strip()
         if not path.is_file():
-            raise DataError(f"{source}:{n}: image {path} does not exist")
-        records.append(Record(path, str(row["text"]).strip()))
+            records.append(Record(path, text, f"{source}:{n}: image {path} does not exist"))
+        elif not text:
+            records.append(Record(path, "", f"{source}:{n}: empty caption for {path}"))
+        else:
+            records.append(Record(path, text))
     return records
 
 
-def find_records(config: DataConfig) -> list[Record]:
-    """All records of the configured dataset, in a stable order."""
-    root = Path(config.path)
+def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
+    """All records of the configured dataset (or of ``path``), in a stable order."""
+    root = Path(path or config.path)
     if not root.is_dir():
-        raise DataError(f"data.path = {config.path!r}: not a folder")
+        raise DataError(f"data.path = {str(root)!r}: not a folder")
     layout = config.layout
     if layout == "auto":
         has_metadata = any((root / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
@@ -110,57 +163,123 @@ def find_records(config: DataConfig) -> list[Record]:
     else:
         records = find_kohya(root, config.caption_extension)
     if not records:
+        what = "is empty" if not any(root.iterdir()) else "holds no images"
         raise DataError(
-            f"data.path = {config.path!r}: no images found ({', '.join(IMAGE_EXTENSIONS)}), "
-            f"layout {layout!r}"
+            f"data.path = {str(root)!r}: the folder {what} ({layout} layout; image types: "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
         )
     return records
 
 
-def load_image(
-    path: Path, size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """Load an image as a (3, H, W) float tensor in [-1, 1]: resize to cover, crop, flip.
+# ---------------------------------------------------------------- checking every file once
 
-    Args:
-        path: Image file.
-        size: Target (width, height).
-        center_crop: Crop the center; otherwise at a place drawn from ``rng``.
-        flip: Mirror horizontally.
-        rng: Source of the crop position.
+
+def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
+    res = config.resolution
+    if not config.buckets:
+        return [(res, res)]
+    step = config.bucket_step
+    low = config.bucket_min_side or max(step, (res // 2) // step * step)
+    high = config.bucket_max_side or res * 2
+    return buckets.bucket_sizes(res, step, low, high)
+
+
+def prepare(records: list[Record], config: DataConfig, show_progress: bool = True) -> Prepared:
+    """Decode every distinct image once, assign buckets, and apply ``data.on_bad_image``.
+
+    Raises:
+        DataError: listing every bad file, when the policy is "error" or nothing usable is left.
     """
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read the image ({err})") from err
-    width, height = size
-    scale = max(width / image.width, height / image.height)
-    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(resized, Image.Resampling.BICUBIC)
-    dx, dy = resized[0] - width, resized[1] - height
-    left, top = (dx // 2, dy // 2) if center_crop else (rng.randint(0, dx), rng.randint(0, dy))
-    image = image.crop((left, top, left + width, top + height))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    grid = _bucket_grid(config)
+    unique = list(dict.fromkeys(r.path for r in records if not r.problem))
+    infos: dict[Path, images.ImageInfo | str] = {}
+
+    def check(path: Path) -> tuple[Path, images.ImageInfo | str]:
+        try:
+            return path, images.inspect(path)
+        except images.ImageProblem as err:
+            return path, str(err)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes outside the GIL
+        results = pool.map(check, unique)
+        for path, info in tqdm(
+            results,
+            total=len(unique),
+            desc="checking images",
+            unit="img",
+            disable=not show_progress,
+        ):
+            infos[path] = info
+    examples, problems, notes = [], [], []
+    for record in records:
+        info = infos.get(record.path, record.problem)
+        if record.problem or isinstance(info, str):
+            problems.append(record.problem or info)
+            continue
+        size = buckets.assign((info.width, info.height), grid, config.max_upscale)
+        if size is None:
+            smallest = min(grid, key=lambda b: buckets.upscale_needed((info.width, info.height), b))
+            problems.append(
+                f"{record.path}: {info.width}×{info.height} is smaller than the training size "
+                f"{smallest[0]}×{smallest[1]} (would need ×"
+                f"{buckets.upscale_needed((info.width, info.height), smallest):.2f} upscaling); "
+                "raise data.max_upscale, lower data.resolution, or remove the image"
+            )
+            continue
+        if info.note:
+            notes.append(f"{record.path}: {info.note}")
+        examples.append(Example(record.path, record.caption, size))
+    problems = list(dict.fromkeys(problems))  # a repeated image is reported once
+    notes = list(dict.fromkeys(notes))
+    if problems and config.on_bad_image == "error":
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(
+            f"{len(problems)} unusable file(s) in {config.path}:\n  {shown}{more}\n"
+            'fix them, or set data.on_bad_image = "skip" to train without them'
+        )
+    if not examples:
+        raise DataError(f"data.path = {config.path!r}: no usable images left after checking")
+    sizes, groups = buckets.group_by_bucket([e.size for e in examples])
+    return Prepared(examples, groups, sizes, problems, notes)
+
+
+# ---------------------------------------------------------------- serving examples
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """Shuffle comma-separated tags, keeping the first ``keep_tokens`` in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(t for t in head + tail if t)
 
 
 class CaptionedImages(torch.utils.data.Dataset):
     """Map-style dataset indexed by ``(example_index, draw_seed)`` pairs.
 
-    The draw seed makes the random crop, flip and caption dropout of an example a function of
-    where it sits in the run, so they are reproduced exactly on resume.
+    The draw seed makes the crop, flip, tag order and caption dropout of an example a function
+    of where it sits in the run, so they are reproduced exactly on resume. With a latent cache
+    the example's VAE posterior is served instead of its pixels; with a text cache, the
+    hidden states instead of re-encoding the caption.
     """
 
-    def __init__(self, records: list[Record], config: DataConfig, tokenizer) -> None:
-        self.records = records
+    def __init__(
+        self,
+        examples: list[Example],
+        config: DataConfig,
+        tokenizer,
+        latents: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        text: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.examples = examples
         self.config = config
         self.tokenizer = tokenizer
+        self.latents = latents
+        self.text = text
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.examples)
 
     def tokenize(self, caption: str) -> torch.Tensor:
         """Token ids padded/truncated to the tokenizer's length (77 for CLIP)."""
@@ -172,15 +291,31 @@ class CaptionedImages(torch.utils.data.Dataset):
             return_tensors="pt",
         ).input_ids[0]
 
+    def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
+        """The random choices for one example: flip, caption, and the rng for the crop."""
+        config, rng = self.config, random.Random(draw_seed)
+        flip = config.random_flip and rng.random() < 0.5
+        caption = self.examples[index].caption
+        if config.shuffle_tags:
+            caption = shuffle_tags(caption, config.keep_tokens, rng)
+        if rng.random() < config.caption_dropout:
+            caption = ""
+        return flip, caption, rng
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, draw_seed = key
-        record = self.records[index]
-        rng = random.Random(draw_seed)
-        flip = self.config.random_flip and rng.random() < 0.5
-        caption = "" if rng.random() < self.config.caption_dropout else record.caption
-        size = (self.config.resolution, self.config.resolution)
-        pixels = load_image(record.path, size, self.config.center_crop, flip, rng)
-        return {"pixel_values": pixels, "input_ids": self.tokenize(caption)}
+        flip, caption, rng = self.draw(index, draw_seed)
+        item = {"input_ids": self.tokenize(caption)}
+        if self.text is not None:
+            item["encoder_hidden_states"] = self.text(item["input_ids"])
+        if self.latents is not None:
+            item["latent_mean"], item["latent_std"] = self.latents(index, flip)
+        else:
+            example = self.examples[index]
+            item["pixel_values"] = images.to_tensor(
+                example.path, example.size, self.config.center_crop, flip, rng
+            )
+        return item
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -25,8 +25,8 @@ from schedulers import schedule_state
 from trainer import checkpoint as ckpt
 from trainer import lora, models, resume, step
 from trainer.config import ConfigError, RunConfig, tables_hash, to_toml
-from trainer.data import CaptionedImages, collate, find_records
-from trainer.order import ResumableBatchSampler, batches_per_epoch, seed_for
+from trainer.feed import build_feed
+from trainer.order import batches_per_epoch, seed_for
 from trainer.tracking import Tracker, flat_hparams, truncate_metrics
 
 log = logging.getLogger("sdlora")
@@ -260,6 +260,21 @@ def restore_checkpoint(
     return int(state["global_step"])
 
 
+def encode_latents(
+    batch: dict[str, torch.Tensor],
+    vae: torch.nn.Module,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        with torch.no_grad():
+            mean, std = step.posterior(vae, batch["pixel_values"].to(dtype))
+    return step.sample_latents(mean.float(), std.float(), generator)
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer update."""
 
@@ -316,21 +331,11 @@ def run(config: RunConfig) -> TrainResult:
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
 
-    # ---- data: the order is planned here, not by a prepared DataLoader, so it can resume
-    records = find_records(config.data)
-    groups = [list(range(len(records)))]
-    plan = plan_run(config, groups, accelerator.num_processes)
-    dataset = CaptionedImages(records, config.data, parts.tokenizer)
-    sampler = ResumableBatchSampler(
-        groups, train.batch_size, accelerator.num_processes, accelerator.process_index, train.seed
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    # ---- data: checked up front; the order is planned by counters so it can resume
+    feed = build_feed(config, accelerator, parts, text_encoder is not None)
+    plan = plan_run(config, feed.prepared.groups, accelerator.num_processes)
+    if feed.cached_latents != "off":
+        parts.vae.to("cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
     optimizer = build_optimizer(config, parts.unet, text_encoder)
@@ -363,11 +368,13 @@ def run(config: RunConfig) -> TrainResult:
         accelerator, output_dir, plan.total_updates, update, config.logging.tracker != "none"
     )
     tracker.message(
-        f"{len(records)} examples, {plan.micro_batches_per_epoch} micro-batches/epoch, "
+        f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
+        f"{plan.micro_batches_per_epoch} micro-batches/epoch, "
         f"{plan.total_updates} optimizer updates"
         + (f" (resuming at {update} from {resume_from})" if resume_from else "")
         + f", attention: {attention}, processes: {accelerator.num_processes}, "
-        f"precision: {train.mixed_precision}"
+        f"precision: {train.mixed_precision}, latent cache: {feed.cached_latents}, "
+        f"text cache: {'on' if feed.cached_text else 'off'}"
     )
 
     # ---- the loop
@@ -379,20 +386,20 @@ def run(config: RunConfig) -> TrainResult:
     with StopRequest() as stop:
         while update < plan.total_updates and not interrupted:
             # Continue the micro-batch stream where it is (an epoch may end mid-update).
-            sampler.epoch, sampler.start = divmod(micro, plan.micro_batches_per_epoch)
-            for batch in loader:
+            feed.sampler.epoch, feed.sampler.start = divmod(micro, plan.micro_batches_per_epoch)
+            for batch in feed.loader:
                 with accelerator.accumulate(*trained):
                     seed = seed_for(train.seed, "micro", micro, accelerator.process_index)
                     generator = torch.Generator(device).manual_seed(seed)
                     torch.manual_seed(seed)  # LoRA dropout draws from the global generator
-                    pixels = batch["pixel_values"].to(device, weight_dtype, non_blocking=True)
-                    input_ids = batch["input_ids"].to(device, non_blocking=True)
-                    with torch.no_grad():
-                        mean, std = step.posterior(parts.vae, pixels)
-                        latents = step.sample_latents(mean.float(), std.float(), generator)
-                    with torch.set_grad_enabled(text_encoder is not None):
-                        encoder = text_encoder or parts.text_encoder
-                        hidden = encoder(input_ids, return_dict=False)[0]
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    latents = encode_latents(batch, parts.vae, weight_dtype, generator)
+                    if "encoder_hidden_states" in batch:
+                        hidden = batch["encoder_hidden_states"]
+                    else:
+                        with torch.set_grad_enabled(text_encoder is not None):
+                            encoder = text_encoder or parts.text_encoder
+                            hidden = encoder(batch["input_ids"], return_dict=False)[0]
                     loss = step.diffusion_loss(
                         unet, parts.noise_scheduler, latents, hidden, generator,
                         train.noise_offset, train.snr_gamma,

@@ -1,0 +1,141 @@
+"""Assemble what feeds the loop: checked examples, caches, the resumable sampler, the loader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import cache, data
+from trainer.config import RunConfig
+from trainer.order import ResumableBatchSampler
+
+log = logging.getLogger("sdlora")
+SKIPPED_NAME = "skipped_images.txt"
+
+
+@dataclass
+class Feed:
+    """The data side of a run."""
+
+    prepared: data.Prepared
+    dataset: data.CaptionedImages
+    sampler: ResumableBatchSampler
+    loader: torch.utils.data.DataLoader
+    cached_latents: str  # "memory", "disk" or "off"
+    cached_text: bool
+
+
+def latent_cache_mode(config: RunConfig) -> str:
+    """Where latents are cached; 'auto' turns caching off for random crops, where it is wrong."""
+    mode = config.data.cache_latents
+    if mode == "auto":
+        mode = "memory" if config.data.center_crop else "off"
+        if mode == "off":
+            log.info("latent cache off: data.center_crop = false draws a new crop every epoch")
+    return mode
+
+
+def text_cache_enabled(config: RunConfig) -> bool:
+    """Whether text-encoder outputs are cached (only valid for a frozen encoder, fixed captions)."""
+    setting = config.data.cache_text
+    if setting != "auto":
+        return setting == "on"
+    valid = not config.lora.train_text_encoder and not config.data.shuffle_tags
+    if not valid:
+        log.info("text cache off: the text encoder is trained or tags are shuffled")
+    return valid
+
+
+def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    if prepared.skipped:
+        path = output_dir / SKIPPED_NAME
+        path.write_text("".join(line + "\n" for line in prepared.skipped))
+        log.warning("skipped %d unusable file(s); the list is in %s", len(prepared.skipped), path)
+    for note in prepared.notes[:5]:
+        log.info("converted %s", note)
+    if len(prepared.notes) > 5:
+        log.info("... and %d more images converted the same ways", len(prepared.notes) - 5)
+
+
+def _fill_latent_cache(
+    config: RunConfig, prepared: data.Prepared, vae: torch.nn.Module, accelerator, mode: str
+):
+    folder = None
+    if mode == "disk":
+        folder = Path(config.data.cache_dir or Path(config.output_dir) / "cache")
+    store = cache.LatentCache(folder)
+    vae_id = cache.module_fingerprint(vae)
+    digests = {p: cache.file_digest(p) for p in dict.fromkeys(e.path for e in prepared.examples)}
+    flips = (False, True) if config.data.random_flip else (False,)
+    keys = {
+        (i, flip): cache.latent_key(digests[e.path], vae_id, e.size, "center", flip)
+        for i, e in enumerate(prepared.examples)
+        for flip in flips
+    }
+    jobs = list(
+        {
+            keys[(i, flip)]: (keys[(i, flip)], e.path, e.size, flip)
+            for i, e in enumerate(prepared.examples)
+            for flip in flips
+        }.values()
+    )
+    # Disk: the main process fills the shared folder; memory: every process fills its own.
+    if mode == "memory" or accelerator.is_main_process:
+        encoded = cache.fill_latents(
+            store, vae, jobs, vae.dtype, show_progress=accelerator.is_main_process
+        )
+        log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
+    accelerator.wait_for_everyone()
+    return lambda index, flip: store.get(keys[(index, flip)])
+
+
+def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool) -> Feed:
+    """Check the dataset, fill the caches, and build the resumable loader.
+
+    Args:
+        config: The run config.
+        accelerator: For process index/count and the device.
+        parts: The loaded models (the VAE and text encoder fill the caches).
+        text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
+    """
+    records = data.find_records(config.data)
+    prepared = data.prepare(records, config.data, show_progress=accelerator.is_main_process)
+    _report(prepared, Path(config.output_dir), accelerator.is_main_process)
+
+    dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)
+    mode = latent_cache_mode(config)
+    if mode != "off":
+        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+    use_text_cache = text_cache_enabled(config) and not text_encoder_trained
+    if use_text_cache:
+        store = cache.TextCache()
+        captions = {e.caption for e in prepared.examples}
+        if config.data.caption_dropout > 0:
+            captions.add("")
+        rows = [dataset.tokenize(c) for c in sorted(captions)]
+        store.fill(parts.text_encoder, rows, show_progress=accelerator.is_main_process)
+        dataset.text = store.get
+
+    train = config.train
+    sampler = ResumableBatchSampler(
+        prepared.groups,
+        train.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        train.seed,
+    )
+    workers = config.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=workers,
+        persistent_workers=workers > 0 and config.data.persistent_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    return Feed(prepared, dataset, sampler, loader, mode, use_text_cache)

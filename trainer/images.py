@@ -1,0 +1,133 @@
+"""Reading images correctly, whatever the file holds, and turning them into training tensors.
+
+Everything a camera or an editor can produce is normalised to 8-bit RGB here: EXIF orientation
+is applied, alpha is composited onto white (not black, which PIL's plain ``convert`` gives),
+palettes are expanded, 16-bit and float images are scaled rather than clipped, and CMYK is
+converted. Files that cannot be decoded raise :class:`ImageProblem` naming the file.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+WHITE = (255, 255, 255)
+
+
+class ImageProblem(ValueError):
+    """An image file that cannot be used; ``str()`` names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the data pre-pass learns about one image file."""
+
+    width: int
+    height: int
+    note: str = ""  # a conversion that was applied, e.g. "RGBA: alpha composited onto white"
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    """Convert any PIL mode to RGB; return the image and a note when it was not plain RGB."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, ""
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode == "RGB":
+            return image, "palette image expanded to RGB"
+        mode = "P+transparency"
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/32-bit grey: scale the real range to 0..255 (a plain convert clips at 255).
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB"), f"{mode} image scaled to 8-bit RGB"
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
+        composed = Image.alpha_composite(background, rgba).convert("RGB")
+        return composed, f"{mode} image: alpha composited onto white"
+    return image.convert("RGB"), f"{mode} image converted to RGB"
+
+
+def open_rgb(path: Path) -> tuple[Image.Image, str]:
+    """Decode an image fully as upright 8-bit RGB; return it and a note on any conversion.
+
+    Raises:
+        ImageProblem: for an empty, truncated, corrupt or non-image file.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageProblem(f"{path}: cannot read ({err.strerror})") from err
+    if size == 0:
+        raise ImageProblem(f"{path}: empty file (0 bytes)")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not mid-training
+            rotated = _has_orientation(opened)
+            image, note = _to_rgb(ImageOps.exif_transpose(opened))
+            image.load()
+    except UnidentifiedImageError as err:
+        raise ImageProblem(f"{path}: not an image file, though named like one") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageProblem(f"{path}: corrupt or truncated image ({err})") from err
+    if rotated:
+        note = "; ".join(filter(None, [note, "EXIF rotation applied"]))
+    return image, note
+
+
+def _has_orientation(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) != 1
+    except Exception:  # a broken EXIF block must not make the image unusable
+        return False
+
+
+def inspect(path: Path) -> ImageInfo:
+    """Decode an image once to check it and learn its upright size."""
+    image, note = open_rgb(path)
+    return ImageInfo(image.width, image.height, note)
+
+
+def crop_box(
+    size: tuple[int, int], target: tuple[int, int], center: bool, rng: random.Random
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resize-to-cover size and crop box that turn an image of ``size`` into ``target``.
+
+    Returns:
+        ((resized width, resized height), (left, top, right, bottom)).
+    """
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    dx, dy = rw - tw, rh - th
+    left, top = (dx // 2, dy // 2) if center else (rng.randint(0, dx), rng.randint(0, dy))
+    return (rw, rh), (left, top, left + tw, top + th)
+
+
+def to_tensor(
+    path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+) -> torch.Tensor:
+    """Load an image as a (3, H, W) float tensor in [-1, 1]: resize to cover, crop, flip.
+
+    Args:
+        path: Image file.
+        target: (width, height) to produce.
+        center_crop: Crop the center; otherwise at a place drawn from ``rng``.
+        flip: Mirror horizontally.
+        rng: Source of the crop position.
+    """
+    image, _ = open_rgb(path)
+    resized, box = crop_box(image.size, target, center_crop, rng)
+    image = image.resize(resized, Image.Resampling.BICUBIC).crop(box)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
