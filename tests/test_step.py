@@ -52,29 +52,37 @@ def test_unknown_prediction_type_is_a_clear_error(noise_scheduler):
 
 def test_noise_offset_adds_a_per_channel_constant():
     latents = torch.zeros(2, 4, 8, 8)
-    plain = step.sample_noise(latents, torch.Generator().manual_seed(1))
-    offset = step.sample_noise(latents, torch.Generator().manual_seed(1), noise_offset=0.1)
+    plain = step.sample_noise(latents, step.ExampleRandom([1, 2]))
+    offset = step.sample_noise(latents, step.ExampleRandom([1, 2]), noise_offset=0.1)
     shift = offset - plain
     # Identical first draw, then a constant per (sample, channel) of scale 0.1 · N(0, 1).
     torch.testing.assert_close(shift, shift[:, :, :1, :1].expand_as(shift))
-    g = torch.Generator().manual_seed(1)
-    torch.randn(latents.shape, generator=g)
-    torch.testing.assert_close(
-        shift[:, :, 0, 0], 0.1 * torch.randn(2, 4, 1, 1, generator=g)[..., 0, 0]
-    )
+    for i, seed in enumerate([1, 2]):
+        g = torch.Generator().manual_seed(seed)
+        torch.randn((4, 8, 8), generator=g)
+        expected = 0.1 * torch.randn((4, 1, 1), generator=g)
+        torch.testing.assert_close(shift[i, :, :1, :1], expected)
+
+
+def test_each_example_draws_from_its_own_seed_whatever_the_batch():
+    """Splitting a batch across processes or micro-batches gives every example the same draws."""
+    whole = step.ExampleRandom([11, 22, 33, 44])
+    halves = [step.ExampleRandom([11, 22]), step.ExampleRandom([33, 44])]
+    assert torch.equal(whole.randn((4, 8, 8)), torch.cat([h.randn((4, 8, 8)) for h in halves]))
+    assert torch.equal(whole.randint(1000), torch.cat([h.randint(1000) for h in halves]))
 
 
 def test_sample_latents_matches_diffusers_posterior_sampling():
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    params = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    params = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     dist = DiagonalGaussianDistribution(params)
-    ours = step.sample_latents(dist.mean, dist.std, torch.Generator().manual_seed(5))
+    ours = step.sample_latents(dist.mean, dist.std, step.ExampleRandom([5]))
     theirs = dist.sample(torch.Generator().manual_seed(5))
     torch.testing.assert_close(ours, theirs)
 
 
-def test_diffusion_loss_is_reproducible_from_the_generator(tiny_model):
+def test_diffusion_loss_is_reproducible_from_the_seeds(tiny_model):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
@@ -83,10 +91,12 @@ def test_diffusion_loss_is_reproducible_from_the_generator(tiny_model):
     hidden = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
 
     def loss(seed: int, gamma: float = 0.0):
-        g = torch.Generator().manual_seed(seed)
+        rand = step.ExampleRandom([seed, seed + 1])
         with torch.no_grad():
-            return step.diffusion_loss(unet, noise_scheduler, latents, hidden, g, snr_gamma=gamma)
+            return step.diffusion_loss(
+                unet, noise_scheduler, latents, hidden, rand, snr_gamma=gamma
+            )
 
     assert torch.equal(loss(7), loss(7))
-    assert not torch.equal(loss(7), loss(8))
+    assert not torch.equal(loss(7), loss(9))
     assert torch.isfinite(loss(7, gamma=5.0))

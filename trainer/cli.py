@@ -65,6 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
     result = loop.run(cfg)
+    if not result.is_main_process:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         command = " ".join(shlex.quote(a) for a in [*_launcher(), "--config", args.config])
         print(f"stopped after {result.updates} updates; resume with:\n  {command} --resume latest")

@@ -305,7 +305,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, draw_seed = key
         flip, caption, rng = self.draw(index, draw_seed)
-        item = {"input_ids": self.tokenize(caption)}
+        # The example's own seed also drives its latent sample, noise and timestep (step.py).
+        item = {"input_ids": self.tokenize(caption), "seed": torch.tensor(draw_seed)}
         if self.text is not None:
             item["encoder_hidden_states"] = self.text(item["input_ids"])
         if self.latents is not None:

@@ -12,6 +12,7 @@ Read this file first. The rules it keeps:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class TrainResult:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module | None
     interrupted: bool = False
+    is_main_process: bool = True
 
 
 def plan_run(config: RunConfig, groups: list[list[int]], num_processes: int) -> Plan:
@@ -106,7 +108,10 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # sweeps) may use another precision. The distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(
+    # accelerate only starts gloo for several CPU processes when asked for the CPU explicitly.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=world > 1 and not torch.cuda.is_available(),
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=None if tracker == "none" else tracker,
@@ -114,6 +119,13 @@ def make_accelerator(config: RunConfig) -> Accelerator:
             project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
         ),
     )
+    if accelerator.num_processes != world:
+        # Each process would train alone and all would write the same files.
+        raise RuntimeError(
+            f"launched {world} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); check the accelerate launch settings"
+        )
+    return accelerator
 
 
 def build_optimizer(
@@ -264,7 +276,7 @@ def encode_latents(
     batch: dict[str, torch.Tensor],
     vae: torch.nn.Module,
     dtype: torch.dtype,
-    generator: torch.Generator,
+    rand: step.ExampleRandom,
 ) -> torch.Tensor:
     """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode."""
     if "latent_mean" in batch:
@@ -272,7 +284,7 @@ def encode_latents(
     else:
         with torch.no_grad():
             mean, std = step.posterior(vae, batch["pixel_values"].to(dtype))
-    return step.sample_latents(mean.float(), std.float(), generator)
+    return step.sample_latents(mean.float(), std.float(), rand)
 
 
 class StopRequest:
@@ -389,11 +401,13 @@ def run(config: RunConfig) -> TrainResult:
             feed.sampler.epoch, feed.sampler.start = divmod(micro, plan.micro_batches_per_epoch)
             for batch in feed.loader:
                 with accelerator.accumulate(*trained):
-                    seed = seed_for(train.seed, "micro", micro, accelerator.process_index)
-                    generator = torch.Generator(device).manual_seed(seed)
-                    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+                    # LoRA dropout draws from the global generator: seed it per micro-batch.
+                    torch.manual_seed(
+                        seed_for(train.seed, "micro", micro, accelerator.process_index)
+                    )
+                    rand = step.ExampleRandom(batch.pop("seed").tolist(), device)
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    latents = encode_latents(batch, parts.vae, weight_dtype, generator)
+                    latents = encode_latents(batch, parts.vae, weight_dtype, rand)
                     if "encoder_hidden_states" in batch:
                         hidden = batch["encoder_hidden_states"]
                     else:
@@ -401,7 +415,7 @@ def run(config: RunConfig) -> TrainResult:
                             encoder = text_encoder or parts.text_encoder
                             hidden = encoder(batch["input_ids"], return_dict=False)[0]
                     loss = step.diffusion_loss(
-                        unet, parts.noise_scheduler, latents, hidden, generator,
+                        unet, parts.noise_scheduler, latents, hidden, rand,
                         train.noise_offset, train.snr_gamma,
                     )  # fmt: skip
                     accelerator.backward(loss)
@@ -462,4 +476,6 @@ def run(config: RunConfig) -> TrainResult:
             tracker.message(f"saved {path}")
     tracker.close()
     accelerator.wait_for_everyone()
-    return TrainResult(output_dir, update, final_unet, final_te, interrupted)
+    return TrainResult(
+        output_dir, update, final_unet, final_te, interrupted, accelerator.is_main_process
+    )

@@ -1,26 +1,50 @@
 """The latent-diffusion loss for one batch, as pure functions of their inputs.
 
-Every random draw takes an explicit ``torch.Generator``: the loop seeds one per micro-batch
-from (seed, micro-batch index, process), so a resumed run draws exactly the noise and
-timesteps the uninterrupted run would have drawn, with no RNG state to save.
+Every random draw comes from :class:`ExampleRandom`: one generator per example, seeded from the
+example's draw seed (which depends only on the run seed and where the example sits in the
+run). So a resumed run draws exactly the noise and timesteps the uninterrupted run drew, with
+no RNG state to save, and the draws do not depend on how a global batch is split across
+processes: two processes of batch 2 see the same noise as one process of batch 4.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+class ExampleRandom:
+    """One ``torch.Generator`` per example; draws are stacked along the batch dimension."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal draws of ``shape`` per example: a (batch, *shape) tensor."""
+        return torch.stack(
+            [
+                torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+                for g in self.generators
+            ]
+        )
+
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in [0, high) per example."""
+        return torch.cat(
+            [torch.randint(0, high, (1,), generator=g, device=self.device) for g in self.generators]
+        )
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, rand: ExampleRandom) -> torch.Tensor:
     """Draw from the VAE's diagonal Gaussian posterior (what ``latent_dist.sample`` does).
 
     Kept here, not in diffusers, so cached (mean, std) and freshly encoded images draw the same
-    sample from the same generator.
+    sample from the same generators.
     """
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + std * noise
+    return mean + std * rand.randn(mean.shape[1:], mean.dtype)
 
 
 def posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,14 +55,13 @@ def posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def sample_noise(
-    latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0
+    latents: torch.Tensor, rand: ExampleRandom, noise_offset: float = 0.0
 ) -> torch.Tensor:
     """Gaussian noise like ``latents``; ``noise_offset`` adds a per-(sample, channel) constant,
     which lets the model learn to shift mean brightness (Guttenberg, 2023)."""
-    shape, device, dtype = latents.shape, latents.device, latents.dtype
-    noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    noise = rand.randn(latents.shape[1:], latents.dtype)
     if noise_offset:
-        offset = torch.randn((*shape[:2], 1, 1), generator=generator, device=device, dtype=dtype)
+        offset = rand.randn((latents.shape[1], 1, 1), latents.dtype)
         noise = noise + noise_offset * offset
     return noise
 
@@ -79,7 +102,7 @@ def diffusion_loss(
     noise_scheduler,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    generator: torch.Generator,
+    rand: ExampleRandom,
     noise_offset: float = 0.0,
     snr_gamma: float = 0.0,
 ) -> torch.Tensor:
@@ -90,15 +113,12 @@ def diffusion_loss(
         noise_scheduler: A diffusers noise scheduler with ``add_noise`` and ``alphas_cumprod``.
         latents: Clean latents x₀ in latent units, shape (B, 4, h, w).
         encoder_hidden_states: Text-encoder output, shape (B, 77, D).
-        generator: Source of the noise and timesteps.
+        rand: Per-example source of the noise and timesteps.
         noise_offset: See :func:`sample_noise`.
         snr_gamma: Min-SNR-γ; 0 gives the plain mean squared error.
     """
-    noise = sample_noise(latents, generator, noise_offset)
-    steps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(
-        0, steps, (latents.shape[0],), generator=generator, device=latents.device
-    )
+    noise = sample_noise(latents, rand, noise_offset)
+    timesteps = rand.randint(noise_scheduler.config.num_train_timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
