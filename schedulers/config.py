@@ -1,0 +1,144 @@
+"""Build a schedule from its ``[lr_scheduler]`` TOML table, and describe a schedule's keys.
+
+The table is ``{"name": ..., <the schedule's fields>}``. Loading checks every key against the
+schedule's dataclass and reports **all** problems at once (unknown name or key, wrong type,
+out-of-range value, conflicting keys), each naming its TOML path and suggesting the closest
+valid key. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from schedulers import registry
+from schedulers.base import Schedule
+from schedulers.errors import ScheduleConfigError, ScheduleRegistryError, UnknownScheduleError
+from schedulers.fields import check_value, field_types, type_name
+
+# Names other trainers use for our keys, so a ported config gets a precise hint.
+PEER_NAMES = {
+    "num_warmup_steps": "warmup_steps",
+    "lr_warmup_steps": "warmup_steps",
+    "warmup_ratio": "warmup_steps",
+    "warmup_type": "warmup_shape",
+    "warmup_lr_rate": "warmup_start_factor",
+    "start_factor": "warmup_start_factor",
+    "lr_end": "min_lr",
+    "eta_min": "min_lr",
+    "min_lr_rate": "min_lr_ratio",
+    "lr_num_cycles": "num_cycles",
+    "lr_power": "power",
+    "T_0": "first_cycle_steps",
+    "T_mult": "cycle_mult",
+    "decay_type": "decay_shape",
+    "num_decay_steps": "decay_ratio",
+    "T_max": "period",
+}
+RUN_LENGTH_KEYS = ("num_training_steps", "total_steps", "max_train_steps", "max_steps")
+
+
+def from_table(table: Mapping[str, Any], where: str = "lr_scheduler") -> Schedule:
+    """Build and validate a schedule from a TOML table.
+
+    Args:
+        table: ``{"name": "cosine", "warmup_steps": 100, ...}``.
+        where: The table's TOML path, used to name keys in messages.
+
+    Returns:
+        The schedule, valid apart from run-length checks (see ``Schedule.check``).
+
+    Raises:
+        ScheduleConfigError: With every problem found, each naming ``<where>.<key>``.
+    """
+    if not isinstance(table, Mapping):
+        raise ScheduleConfigError([f"[{where}]: expected a table, got {type(table).__name__}"])
+    name = table.get("name")
+    if name is None:
+        raise ScheduleConfigError(
+            [f"{where}.name: required; one of {', '.join(registry.available())}"]
+        )
+    if not isinstance(name, str):
+        raise ScheduleConfigError(
+            [f"{where}.name: expected a schedule name (str), got {type(name).__name__} {name!r}"]
+        )
+    try:
+        cls = registry.get(name)
+    except (UnknownScheduleError, ScheduleRegistryError) as err:
+        # Without the class there is no schema to check the other keys against.
+        raise ScheduleConfigError([f"{where}.name: {err}"]) from err
+
+    problems: list[str] = []
+    types = field_types(cls)
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key == "name":
+            continue
+        if key not in types:
+            problems.append(unknown_key(cls, key, where))
+            continue
+        value, problem = check_value(raw, types[key])
+        if problem:
+            problems.append(f"{where}.{key}: {problem}")
+        else:
+            values[key] = value
+    # Ill-typed keys were left out, so the range checks below see only well-typed values.
+    schedule = cls(**values)
+    problems += schedule.problems(where)
+    if problems:
+        raise ScheduleConfigError(problems)
+    return schedule
+
+
+def unknown_key(cls: type[Schedule], key: str, where: str) -> str:
+    """The message for a key ``cls`` does not have, with the most useful hint found."""
+    keys = list(field_types(cls))
+    message = f"{where}.{key}: unknown key for the {cls.name!r} schedule"
+    peer = PEER_NAMES.get(key)
+    if peer in keys:
+        return f"{message}; sdlora calls it {where}.{peer}"
+    if key in RUN_LENGTH_KEYS:
+        return f"{message}; the run length comes from train.max_steps (or train.epochs)"
+    close = difflib.get_close_matches(key, keys, n=1)
+    if close:
+        return f"{message}; did you mean {where}.{close[0]}?"
+    owners = [n for n in _registered() if key in field_types(registry.get(n))]
+    if owners:
+        return f"{message}; it is a key of: {', '.join(owners)}"
+    return f"{message}; its keys are: name, {', '.join(keys)}"
+
+
+def _registered() -> list[str]:
+    # Only names already loaded: a hint must not import every plug-in.
+    return sorted(registry._schedules)
+
+
+def describe(name: str) -> str:
+    """Help text for one schedule: its description and formula, then every key.
+
+    Args:
+        name: A schedule name or ``"package.module:Class"`` path.
+
+    Returns:
+        Multi-line text: ``name``, the class docstring, then one line per key with its type,
+        default and doc.
+    """
+    cls = registry.get(name)
+    lines = [f"{cls.name}", ""]
+    text = inspect.getdoc(cls) or ""
+    lines += [f"  {line}".rstrip() for line in text.splitlines()]
+    lines += ["", f"  keys of [lr_scheduler] with name = {cls.name!r}:"]
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        lines.append(
+            f"    {f.name} ({type_name(types[f.name])}, default {_shown(f.default)}): "
+            f"{f.metadata['doc']}"
+        )
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)

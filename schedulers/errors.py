@@ -1,0 +1,50 @@
+"""The errors the LR schedule package raises, each with a message a user can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ScheduleConfigError(ValueError):
+    """Every problem found in an ``[lr_scheduler]`` table, reported together.
+
+    Attributes:
+        problems: One human message per problem, each naming its key (``lr_scheduler.<key>``).
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{len(self.problems)} problem(s) in the LR schedule:\n{lines}"
+
+
+class UnknownScheduleError(KeyError):
+    """No LR schedule is registered under the name asked for.
+
+    It is a ``KeyError`` (a failed lookup) whose ``str()`` is the plain message, not its repr.
+
+    Attributes:
+        name: The name that was asked for.
+        available: The names that exist.
+        suggestion: The closest existing name, or ``None``.
+    """
+
+    def __init__(self, name: str, available: Sequence[str], suggestion: str | None) -> None:
+        self.name = name
+        self.available = list(available)
+        self.suggestion = suggestion
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        hint = f"; did you mean {self.suggestion!r}?" if self.suggestion else ""
+        return (
+            f"unknown LR schedule {self.name!r}{hint} Available: {', '.join(self.available)} "
+            '(or a plug-in class written as "package.module:ClassName")'
+        )
+
+
+class ScheduleRegistryError(ValueError):
+    """A schedule cannot be registered or loaded: a duplicate name or a broken plug-in."""
