@@ -156,6 +156,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """[validation]: a held-out set scored with a fixed-seed loss."""
+
+    fraction: float = doc("Hold out this fraction of the distinct images (seeded); 0 = none", 0.0)
+    path: str = doc("A separate validation folder (same layouts as data.path); empty = none", "")
+    every_n_steps: int = doc(
+        "Score every N updates (and always at the end); 0 = only at the end", 0
+    )
+    timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
+    batch_size: int = doc("Examples per validation forward pass", 4)
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """[checkpoint]: when to save, how many to keep, and resuming."""
 
@@ -199,6 +212,7 @@ class RunConfig:
     lr_scheduler: Schedule = doc(
         "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
     )
+    validation: ValidationConfig = doc("[validation] table", ValidationConfig())
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
@@ -366,6 +380,13 @@ def cross_checks(config: RunConfig) -> list[str]:
         p.append(f"lora.dropout: {lora.dropout} must be in [0, 1)")
     if not lora.target_modules:
         p.append("lora.target_modules: empty; name at least one module, e.g. 'to_q'")
+    val = config.validation
+    if not 0 <= val.fraction < 1:
+        p.append(f"validation.fraction: {val.fraction} must be in [0, 1)")
+    if val.fraction and val.path:
+        p.append("validation.fraction / validation.path: set one, not both")
+    if val.every_n_steps < 0 or val.timesteps < 1 or val.batch_size < 1:
+        p.append("validation.every_n_steps must be >= 0; timesteps and batch_size >= 1")
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last < 0:
         p.append("checkpoint.every_n_steps / checkpoint.keep_last: must be >= 0")
     for key in ("batch_size", "gradient_accumulation_steps"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import cache, data
+from trainer import cache, data, validation
 from trainer.config import RunConfig
 from trainer.order import ResumableBatchSampler
 
@@ -26,6 +26,7 @@ class Feed:
     loader: torch.utils.data.DataLoader
     cached_latents: str  # "memory", "disk" or "off"
     cached_text: bool
+    validation: list[data.Example]
 
 
 def latent_cache_mode(config: RunConfig) -> str:
@@ -104,7 +105,20 @@ def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool
         text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
     """
     records = data.find_records(config.data)
-    prepared = data.prepare(records, config.data, show_progress=accelerator.is_main_process)
+    val = config.validation
+    if val.path:
+        held_out = data.find_records(config.data, val.path)
+    else:
+        try:
+            records, held_out = validation.split(records, val.fraction, config.train.seed)
+        except ValueError as err:
+            raise data.DataError(str(err)) from err
+    show = accelerator.is_main_process
+    prepared = data.prepare(records, config.data, show_progress=show)
+    if held_out:
+        checked = data.prepare(held_out, config.data, show_progress=show)
+        prepared.skipped += checked.skipped
+        prepared.notes += checked.notes
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
 
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)
@@ -138,4 +152,5 @@ def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool
         persistent_workers=workers > 0 and config.data.persistent_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    return Feed(prepared, dataset, sampler, loader, mode, use_text_cache)
+    val_examples = checked.examples if held_out else []
+    return Feed(prepared, dataset, sampler, loader, mode, use_text_cache, val_examples)

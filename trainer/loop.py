@@ -29,6 +29,7 @@ from trainer.config import ConfigError, RunConfig, tables_hash, to_toml
 from trainer.feed import build_feed
 from trainer.order import batches_per_epoch, seed_for
 from trainer.tracking import Tracker, flat_hparams, truncate_metrics
+from trainer.validation import Validator
 
 log = logging.getLogger("sdlora")
 
@@ -346,6 +347,12 @@ def run(config: RunConfig) -> TrainResult:
     # ---- data: checked up front; the order is planned by counters so it can resume
     feed = build_feed(config, accelerator, parts, text_encoder is not None)
     plan = plan_run(config, feed.prepared.groups, accelerator.num_processes)
+    validator = None
+    if feed.validation:
+        val = config.validation
+        validator = Validator(
+            feed.validation, parts.tokenizer, parts.vae, val.timesteps, train.seed, val.batch_size
+        )
     if feed.cached_latents != "off":
         parts.vae.to("cpu")  # not needed on the device while training from cached latents
 
@@ -437,15 +444,25 @@ def run(config: RunConfig) -> TrainResult:
                 stats[1] = float(stop.requested)
                 totals = accelerator.reduce(stats, reduction="sum")
                 stats.zero_()
-                tracker.update(
-                    {
-                        "step": update,
-                        "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
-                        "lr": lrs,
-                        "epoch": (micro - 1) // plan.micro_batches_per_epoch,
-                        "samples": micro * train.batch_size * accelerator.num_processes,
-                    }
-                )
+                record = {
+                    "step": update,
+                    "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
+                    "lr": lrs,
+                    "epoch": (micro - 1) // plan.micro_batches_per_epoch,
+                    "samples": micro * train.batch_size * accelerator.num_processes,
+                }
+                val_every = config.validation.every_n_steps
+                if validator and (
+                    update == plan.total_updates or (val_every and update % val_every == 0)
+                ):
+                    with accelerator.autocast():
+                        record["val_loss"] = validator.loss(
+                            accelerator.unwrap_model(unet),
+                            accelerator.unwrap_model(text_encoder or parts.text_encoder),
+                            parts.noise_scheduler,
+                            device,
+                        )
+                tracker.update(record)
                 interrupted = bool(totals[1].item()) and update < plan.total_updates
                 due = every and update % every == 0 and update < plan.total_updates
                 if due or interrupted:

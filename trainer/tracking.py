@@ -1,7 +1,8 @@
 """Progress and metrics: the tqdm bar, the tracker (tensorboard/wandb), and metrics.jsonl.
 
 ``metrics.jsonl`` holds one JSON object per optimizer update, written by the main process:
-``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...}``.
+``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...}``,
+plus ``"val_loss"`` on the updates where the validation set was scored.
 ``step`` N is the N-th optimizer update (1-based), and ``lr`` is the LR that update applied,
 the same numbering as ``checkpoints/step-NNNNNN`` and ``sdlora lr-plot --csv``.
 """
@@ -80,6 +81,8 @@ class Tracker:
         self.metrics.flush()
         if self.enabled_tracker:
             values = {"train/loss": record["loss"]}
+            if "val_loss" in record:
+                values["val/loss"] = record["val_loss"]
             values.update({f"train/lr_group{i}": lr for i, lr in enumerate(lrs)})
             self.accelerator.log(values, step=record["step"])
 
