@@ -100,6 +100,8 @@ class Schedule:
             raise ValueError(f"step must be >= 0, got {step}")
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        # Past the end the LR holds at its value for step = total_steps.
+        step = min(step, total_steps)
         warmup = self.warmup_updates(total_steps)
         n = max(1, total_steps - warmup)
         if step < warmup:
