@@ -1,6 +1,8 @@
 """The ``sdlora`` command line: one entry point, one subcommand per job.
 
     sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
+    sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
+    sdlora schedules [NAME]
     sdlora config-help
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
@@ -49,6 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated config keys or tables that may differ from the checkpoint's, "
         "e.g. max_steps,lr_scheduler (same as checkpoint.allow_change)",
     )
+    plot = sub.add_parser(
+        "lr-plot", help="preview the LR of every param group at every update (no model needed)"
+    )
+    _add_config_args(plot)
+    plot.add_argument("--csv", help="write step,lr_0,lr_1,... for every update to this file")
+    plot.add_argument("--png", help="plot the curve (and --compare curves) to this PNG")
+    plot.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="other schedules to overlay in the PNG, e.g. linear cosine_with_restarts:num_cycles=3",
+    )
+    plot.add_argument(
+        "--processes", type=int, help="processes the run will use (default: WORLD_SIZE or 1)"
+    )
+    plot.add_argument(
+        "--examples", type=int, help="assume this many examples instead of reading data.path"
+    )
+    schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
+    schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
 
@@ -81,6 +104,34 @@ def _launcher() -> list[str]:
     return ["accelerate", "launch", "train.py"] if script == "train.py" else ["sdlora", "train"]
 
 
+def cmd_lr_plot(args: argparse.Namespace) -> int:
+    """Print the LR table; write the CSV / PNG asked for."""
+    from trainer import config, lr_plot
+
+    cfg = config.load(args.config, args.overrides)
+    print(lr_plot.run(cfg, args.csv, args.png, args.compare, args.processes, args.examples))
+    for label, path in (("csv", args.csv), ("png", args.png)):
+        if path:
+            print(f"wrote {label}: {path}")
+    return 0
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    """List the registered schedules, or describe one with its fields."""
+    import schedulers
+
+    if args.name:
+        try:
+            print(schedulers.describe(args.name))
+        except schedulers.UnknownScheduleError as err:
+            raise ConfigError([str(err)], "sdlora schedules") from err
+        return 0
+    for name in schedulers.available():
+        doc = (schedulers.get(name).__doc__ or "").strip().splitlines()
+        print(f"{name:24} {doc[0] if doc else ''}")
+    return 0
+
+
 def cmd_config_help(args: argparse.Namespace) -> int:
     """Print the config reference."""
     from trainer import config
@@ -89,7 +140,12 @@ def cmd_config_help(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config-help": cmd_config_help}
+COMMANDS = {
+    "train": cmd_train,
+    "lr-plot": cmd_lr_plot,
+    "schedules": cmd_schedules,
+    "config-help": cmd_config_help,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -498,7 +498,8 @@ def describe() -> str:
                     f"{sub.metadata['doc']}"
                 )
         elif f.name == "lr_scheduler":
-            lines.append("\n[lr_scheduler]\n  name + fields; see `sdlora lr-plot --help-schedules`")
+            lines.append("\n[lr_scheduler]")
+            lines.append("  name + that schedule's fields; `sdlora schedules [NAME]` lists them")
         else:
             lines.append(f"{f.name} ({_type_name(tp)}, default {f.default!r}): {f.metadata['doc']}")
     return "\n".join(lines).lstrip()

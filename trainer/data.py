@@ -184,8 +184,12 @@ def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
     return buckets.bucket_sizes(res, step, low, high)
 
 
-def prepare(records: list[Record], config: DataConfig, show_progress: bool = True) -> Prepared:
+def prepare(
+    records: list[Record], config: DataConfig, show_progress: bool = True, decode: bool = True
+) -> Prepared:
     """Decode every distinct image once, assign buckets, and apply ``data.on_bad_image``.
+
+    ``decode=False`` reads only image headers (sizes), for previews such as ``lr-plot``.
 
     Raises:
         DataError: listing every bad file, when the policy is "error" or nothing usable is left.
@@ -196,7 +200,7 @@ def prepare(records: list[Record], config: DataConfig, show_progress: bool = Tru
 
     def check(path: Path) -> tuple[Path, images.ImageInfo | str]:
         try:
-            return path, images.inspect(path)
+            return path, images.inspect(path, decode)
         except images.ImageProblem as err:
             return path, str(err)
 

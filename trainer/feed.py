@@ -95,15 +95,10 @@ def _fill_latent_cache(
     return lambda index, flip: store.get(keys[(index, flip)])
 
 
-def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool) -> Feed:
-    """Check the dataset, fill the caches, and build the resumable loader.
-
-    Args:
-        config: The run config.
-        accelerator: For process index/count and the device.
-        parts: The loaded models (the VAE and text encoder fill the caches).
-        text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
-    """
+def checked_examples(
+    config: RunConfig, show_progress: bool = True, decode: bool = True
+) -> tuple[data.Prepared, list[data.Example]]:
+    """Training examples (checked, bucketed) and the held-out validation examples."""
     records = data.find_records(config.data)
     val = config.validation
     if val.path:
@@ -113,12 +108,25 @@ def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool
             records, held_out = validation.split(records, val.fraction, config.train.seed)
         except ValueError as err:
             raise data.DataError(str(err)) from err
-    show = accelerator.is_main_process
-    prepared = data.prepare(records, config.data, show_progress=show)
-    if held_out:
-        checked = data.prepare(held_out, config.data, show_progress=show)
-        prepared.skipped += checked.skipped
-        prepared.notes += checked.notes
+    prepared = data.prepare(records, config.data, show_progress, decode)
+    if not held_out:
+        return prepared, []
+    checked = data.prepare(held_out, config.data, show_progress, decode)
+    prepared.skipped += checked.skipped
+    prepared.notes += checked.notes
+    return prepared, checked.examples
+
+
+def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool) -> Feed:
+    """Check the dataset, fill the caches, and build the resumable loader.
+
+    Args:
+        config: The run config.
+        accelerator: For process index/count and the device.
+        parts: The loaded models (the VAE and text encoder fill the caches).
+        text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
+    """
+    prepared, val_examples = checked_examples(config, accelerator.is_main_process)
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
 
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)
@@ -152,5 +160,4 @@ def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool
         persistent_workers=workers > 0 and config.data.persistent_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    val_examples = checked.examples if held_out else []
     return Feed(prepared, dataset, sampler, loader, mode, use_text_cache, val_examples)

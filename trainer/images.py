@@ -90,10 +90,25 @@ def _has_orientation(image: Image.Image) -> bool:
         return False
 
 
-def inspect(path: Path) -> ImageInfo:
-    """Decode an image once to check it and learn its upright size."""
-    image, note = open_rgb(path)
-    return ImageInfo(image.width, image.height, note)
+def inspect(path: Path, decode: bool = True) -> ImageInfo:
+    """Check an image and learn its upright size.
+
+    Args:
+        path: Image file.
+        decode: Decode every pixel (catches truncation); False reads only the header, for
+            previews that need sizes but not a full check.
+    """
+    if decode:
+        image, note = open_rgb(path)
+        return ImageInfo(image.width, image.height, note)
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+            if _has_orientation(opened) and opened.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width  # rotated by 90° when displayed
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageProblem(f"{path}: not a readable image ({err})") from err
+    return ImageInfo(width, height)
 
 
 def crop_box(

@@ -1,0 +1,113 @@
+"""``sdlora lr-plot``: see the LR of every param group at every update before training.
+
+The run length comes from the same ``plan_run`` that training uses (dataset size, batch,
+accumulation, epochs or max_steps, processes), and the LRs from the same ``Schedule.lrs``
+call the loop makes, so the CSV is exactly what training will apply. It needs no model; it
+reads the dataset folder (image headers only) only when the run length is given in epochs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import schedulers
+from schedulers import preview
+from trainer.config import ConfigError, RunConfig
+
+
+def base_lrs(config: RunConfig) -> list[float]:
+    """One base LR per optimizer param group, in the loop's order (UNet, then text encoder)."""
+    train = config.train
+    lrs = [train.learning_rate]
+    if config.lora.train_text_encoder:
+        lrs.append(train.text_encoder_lr or train.learning_rate)
+    return lrs
+
+
+def total_updates(config: RunConfig, processes: int, examples: int | None = None) -> int:
+    """Optimizer updates of the configured run, derived as training derives them.
+
+    Args:
+        config: The run config.
+        processes: Processes the run will be launched with.
+        examples: Dataset size to assume instead of reading data.path (one bucket).
+    """
+    from trainer.loop import plan_run
+
+    if config.train.max_steps:
+        return config.train.max_steps
+    if examples is not None:
+        groups = [list(range(examples))]
+    else:
+        from trainer.feed import checked_examples
+
+        prepared, _ = checked_examples(config, show_progress=False, decode=False)
+        groups = prepared.groups
+    return plan_run(config, groups, processes).total_updates
+
+
+def compare_schedule(spec: str, config: RunConfig) -> tuple[str, schedulers.Schedule]:
+    """Build a ``--compare`` schedule: ``name`` or ``name:key=value,key=value``.
+
+    Warmup and floor settings of the configured schedule carry over when the other schedule
+    has those fields, so the curves differ only in their shape.
+    """
+    import tomllib
+
+    name, _, extra = spec.partition(":")
+    table = {"name": name}
+    configured = config.lr_scheduler.params()
+    try:
+        fields = schedulers.get(name).__dataclass_fields__
+    except schedulers.UnknownScheduleError as err:
+        raise ConfigError([f"--compare {spec}: {err}"], "--compare") from err
+    shared = ("warmup_steps", "warmup_shape", "warmup_start_factor", "min_lr_ratio", "min_lr")
+    table.update({k: configured[k] for k in shared if k in configured and k in fields})
+    for item in filter(None, extra.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            table[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            table[key.strip()] = raw
+    try:
+        return spec, schedulers.from_table(table, where=f"--compare {name}")
+    except schedulers.ScheduleConfigError as err:
+        raise ConfigError(err.problems, "--compare") from err
+
+
+def run(
+    config: RunConfig,
+    csv_path: str | None,
+    png_path: str | None,
+    compare: Sequence[str] = (),
+    processes: int | None = None,
+    examples: int | None = None,
+) -> str:
+    """Write the requested files and return the text table to print."""
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    total = total_updates(config, processes, examples)
+    problems = config.lr_scheduler.check(total)
+    if problems:
+        raise ConfigError(problems, "config (with the derived run length)")
+    lrs = base_lrs(config)
+    rows = preview.lr_curve(config.lr_scheduler, total, lrs)
+    if csv_path:
+        preview.write_csv(csv_path, rows)
+    if png_path:
+        name = config.lr_scheduler.name
+        curves = {name: [r[0] for r in rows]}
+        for spec in compare:
+            label, other = compare_schedule(spec, config)
+            problems = other.check(total)
+            if problems:
+                raise ConfigError(problems, f"--compare {spec}")
+            curves[label] = [r[0] for r in preview.lr_curve(other, total, lrs[:1])]
+        Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+        preview.write_png(png_path, curves, f"{total} optimizer updates, base LR {lrs[0]:g}")
+    header = (
+        f"{config.lr_scheduler.name}: {total} optimizer updates on {processes} process(es), "
+        f"base LRs {lrs}"
+    )
+    return header + "\n" + preview.format_table(rows)
