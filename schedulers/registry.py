@@ -90,9 +90,10 @@ def check_class(obj: object, what: str) -> None:
     itself, implementing ``after_warmup`` (or ``decay``), every field documented.
     """
     if not (isinstance(obj, type) and issubclass(obj, Schedule)):
-        kind = "a class" if isinstance(obj, type) else f"a {type(obj).__name__}"
+        shown = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
+        kind = "class" if isinstance(obj, type) else type(obj).__name__
         raise ScheduleRegistryError(
-            f"{what}: {obj!r} is {kind}, not a subclass of schedulers.Schedule"
+            f"{what}: {shown!r} is a {kind}, not a subclass of schedulers.Schedule"
         )
     # An undecorated subclass inherits __dataclass_params__, so look at the class itself.
     params = vars(obj).get("__dataclass_params__")
