@@ -38,6 +38,10 @@ class UnknownScheduleError(KeyError):
         self.suggestion = suggestion
         super().__init__(name)
 
+    def __reduce__(self) -> tuple:
+        # Rebuild from all three arguments, so the error survives pickling across processes.
+        return type(self), (self.name, self.available, self.suggestion)
+
     def __str__(self) -> str:
         hint = f"; did you mean {self.suggestion!r}?" if self.suggestion else ""
         return (

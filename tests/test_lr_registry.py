@@ -96,6 +96,18 @@ def test_unknown_name_lists_what_exists_and_suggests_the_closest():
     assert err.value.suggestion == "cosine" and err.value.available == BUILTINS
 
 
+def test_errors_survive_pickling():
+    import pickle
+
+    for err in (
+        UnknownScheduleError("cosin", ["cosine"], "cosine"),
+        ScheduleRegistryError("broken"),
+        schedulers.ScheduleConfigError(["lr_scheduler.x: bad"]),
+    ):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+
+
 def test_unknown_name_without_a_close_match():
     with pytest.raises(UnknownScheduleError) as err:
         schedulers.get("zzzz")

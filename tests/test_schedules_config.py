@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -282,3 +283,29 @@ def test_describe_shows_lists_and_choices():
     assert "restart ('hard' | 'soft', default 'hard')" in schedulers.describe(
         "cosine_with_restarts"
     )
+
+
+# ---------------------------------------------------------------- docs/schedules.md
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def toml_default(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+@pytest.mark.parametrize("name", schedulers.available())
+def test_docs_table_lists_every_schedule_with_its_keys_and_defaults(name):
+    assert (DOCS / "lr_schedules.png").is_file()
+    lines = (DOCS / "schedules.md").read_text().splitlines()
+    (row,) = [line for line in lines if line.startswith(f"| `{name}` |")]
+    cls = schedulers.get(name)
+    keys = row.split(" | ")[1]
+    shared = {f.name for f in dataclasses.fields(schedulers.DecaySchedule)}
+    assert ("*floor*" in keys) == issubclass(cls, schedulers.DecaySchedule)
+    for f in dataclasses.fields(cls):
+        if f.name not in shared:
+            assert f"`{f.name} = {toml_default(f.default)}`" in keys

@@ -1,0 +1,47 @@
+"""Preview helpers behind ``sdlora lr-plot``: rows, CSV, PNG and a text table."""
+
+from __future__ import annotations
+
+import csv
+
+import schedulers
+from schedulers.preview import format_table, lr_curve, write_csv, write_png
+
+
+def test_lr_curve_is_the_schedule_at_every_update():
+    schedule = schedulers.get("cosine")(warmup_steps=3)
+    rows = lr_curve(schedule, 20, [1e-4, 2e-5])
+    assert len(rows) == 20 and all(len(r) == 2 for r in rows)
+    assert rows == [schedule.lrs(i, 20, [1e-4, 2e-5]) for i in range(20)]
+
+
+def test_csv_reads_back_to_the_same_floats(tmp_path):
+    rows = lr_curve(schedulers.get("rex")(warmup_steps=0.1), 50, [1e-4, 3.3e-5])
+    path = tmp_path / "lr.csv"
+    write_csv(path, rows)
+    with path.open() as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["step", "lr_0", "lr_1"]
+    assert [int(r[0]) for r in table[1:]] == list(range(50))
+    assert [[float(x) for x in r[1:]] for r in table[1:]] == rows  # exact, via repr
+
+
+def test_png_overlays_curves(tmp_path):
+    curves = {
+        name: [r[0] for r in lr_curve(schedulers.get(name)(warmup_steps=10), 100, [1e-4])]
+        for name in ("cosine", "linear", "rex")
+    }
+    path = tmp_path / "lr.png"
+    write_png(path, curves, "three schedules")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_table_shows_first_last_and_peak():
+    rows = lr_curve(schedulers.get("cosine")(warmup_steps=37), 1000, [1e-4])
+    text = format_table(rows, max_rows=8)
+    lines = text.splitlines()
+    assert lines[0].split() == ["update", "lr_0"]
+    shown = [int(line.split()[0]) for line in lines[1:]]
+    assert shown[0] == 0 and shown[-1] == 999 and 37 in shown and len(shown) <= 8
+    assert shown == sorted(shown)
+    assert format_table([]) == "(no updates)"
