@@ -29,11 +29,13 @@ def lr_curve(schedule: Schedule, total_steps: int, base_lrs: Sequence[float]) ->
 def write_csv(path: str | Path, rows: Sequence[Sequence[float]]) -> None:
     """Write rows as CSV with the header ``step,lr_0,lr_1,...``.
 
-    Floats are written with ``repr``, the shortest text that reads back as the same float.
+    ``step`` N is the N-th optimizer update (row N - 1), the numbering of the trainer's
+    ``metrics.jsonl`` and ``checkpoints/step-NNNNNN``. Floats are written with ``repr``, the
+    shortest text that reads back as the same float.
     """
     width = len(rows[0]) if rows else 0
     lines = [",".join(["step", *(f"lr_{i}" for i in range(width))])]
-    lines += [",".join([str(i), *(repr(float(x)) for x in row)]) for i, row in enumerate(rows)]
+    lines += [",".join([str(i), *(repr(float(x)) for x in row)]) for i, row in enumerate(rows, 1)]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -69,7 +71,7 @@ def format_table(rows: Sequence[Sequence[float]], max_rows: int = 12) -> str:
     """A short text table of a few representative updates.
 
     Shows the first and last updates, the peak of the first param group, and evenly spaced
-    updates between, at most ``max_rows`` of them.
+    updates between, at most ``max_rows`` of them, numbered from 1 as in :func:`write_csv`.
     """
     if not rows:
         return "(no updates)"
@@ -80,8 +82,8 @@ def format_table(rows: Sequence[Sequence[float]], max_rows: int = 12) -> str:
         picks.add(round(k * last / (slots + 1)))
     shown = sorted(picks)[:max_rows] if len(picks) > max_rows else sorted(picks)
     width = len(rows[0])
-    header = f"{'update':>8}" + "".join(f"{f'lr_{i}':>14}" for i in range(width))
+    header = f"{'step':>8}" + "".join(f"{f'lr_{i}':>14}" for i in range(width))
     lines = [header]
     for i in shown:
-        lines.append(f"{i:>8}" + "".join(f"{x:>14.6g}" for x in rows[i]))
+        lines.append(f"{i + 1:>8}" + "".join(f"{x:>14.6g}" for x in rows[i]))
     return "\n".join(lines)

@@ -102,7 +102,7 @@ def test_set_overrides_parse_toml_values_and_bare_strings(tmp_path):
     )
     assert cfg.train.max_steps == 7
     assert cfg.data.path == "/data/cats"
-    assert cfg.lora.target_modules == ["to_q"]
+    assert cfg.lora.target_modules == ("to_q",)
 
 
 def test_set_override_typo_is_reported_like_a_file_typo(tmp_path):
@@ -168,3 +168,21 @@ def test_describe_lists_every_key():
     for name in ("train.learning_rate", "data.resolution", "lora.rank"):
         table, key = name.split(".")
         assert f"[{table}]" in text and f"  {key} (" in text
+
+
+def test_schedule_problems_are_config_problems(tmp_path):
+    text = MINIMAL + (
+        "[train]\nmax_steps = 100\nlearning_rate = 1e-4\n"
+        '[lr_scheduler]\nname = "cosine"\nwarmup_steps = 100\nmin_lr = 1e-3\nwarmup_stpes = 3\n'
+    )
+    joined = "\n".join(problems_of(tmp_path, text))
+    assert "lr_scheduler.warmup_stpes" in joined and "warmup_steps" in joined
+    (problem,) = problems_of(tmp_path, MINIMAL + '[lr_scheduler]\nname = "cosin"\n')
+    assert "cosine" in problem
+    problems = problems_of(
+        tmp_path,
+        MINIMAL + "[train]\nmax_steps = 100\nlearning_rate = 1e-4\n"
+        '[lr_scheduler]\nname = "cosine"\nwarmup_steps = 100\nmin_lr = 1e-3\n',
+    )
+    joined = "\n".join(problems)
+    assert "warmup" in joined and "min_lr" in joined  # warmup >= run, floor above the base LR

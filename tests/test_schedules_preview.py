@@ -22,7 +22,7 @@ def test_csv_reads_back_to_the_same_floats(tmp_path):
     with path.open() as f:
         table = list(csv.reader(f))
     assert table[0] == ["step", "lr_0", "lr_1"]
-    assert [int(r[0]) for r in table[1:]] == list(range(50))
+    assert [int(r[0]) for r in table[1:]] == list(range(1, 51))  # step N = N-th update
     assert [[float(x) for x in r[1:]] for r in table[1:]] == rows  # exact, via repr
 
 
@@ -40,8 +40,9 @@ def test_format_table_shows_first_last_and_peak():
     rows = lr_curve(schedulers.get("cosine")(warmup_steps=37), 1000, [1e-4])
     text = format_table(rows, max_rows=8)
     lines = text.splitlines()
-    assert lines[0].split() == ["update", "lr_0"]
+    assert lines[0].split() == ["step", "lr_0"]
     shown = [int(line.split()[0]) for line in lines[1:]]
-    assert shown[0] == 0 and shown[-1] == 999 and 37 in shown and len(shown) <= 8
+    # numbered from 1; the peak is update index 37, the 38th update
+    assert shown[0] == 1 and shown[-1] == 1000 and 38 in shown and len(shown) <= 8
     assert shown == sorted(shown)
     assert format_table([]) == "(no updates)"

@@ -123,7 +123,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     if args.name:
         try:
             print(schedulers.describe(args.name))
-        except schedulers.UnknownScheduleError as err:
+        except (schedulers.UnknownScheduleError, schedulers.ScheduleRegistryError) as err:
             raise ConfigError([str(err)], "sdlora schedules") from err
         return 0
     for name in schedulers.available():

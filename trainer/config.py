@@ -1,9 +1,10 @@
 """Typed, frozen run configuration loaded from strict TOML.
 
 Every table is a frozen dataclass; every field carries a one-line doc (``metadata["doc"]``),
-which is also what ``sdlora config-help`` prints. Loading checks every key against the schema
-and reports **all** problems at once, each naming its TOML path and, for a typo, the closest
-valid key. Nothing is silently ignored.
+which is also what ``sdlora config-help`` prints. Fields are declared and type-checked with the
+same helpers as the LR schedules' fields (``schedulers.fields``). Loading checks every key
+against the schema and reports **all** problems at once, each naming its TOML path and, for a
+typo, the closest valid key. Nothing is silently ignored.
 
 The ``[lr_scheduler]`` table is validated by the schedule registry (``schedulers.from_table``),
 because each schedule's dataclass is its own schema.
@@ -17,7 +18,7 @@ import hashlib
 import json
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +26,7 @@ import tomllib
 
 import schedulers
 from schedulers import Schedule
-
-
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with a one-line doc; lists get a factory so instances never share."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": text}, **kwargs)
-    return field(default=default, metadata={"doc": text}, **kwargs)
+from schedulers.fields import check_value, doc, type_name
 
 
 class ConfigError(ValueError):
@@ -70,11 +65,11 @@ class LoraConfig:
     rank: int = doc("LoRA rank (r) of the UNet adapters", 4)
     alpha: float = doc("LoRA alpha; the update is scaled by alpha / rank", 4.0)
     dropout: float = doc("Dropout on the LoRA branch, in [0, 1)", 0.0)
-    target_modules: list[str] = doc(
+    target_modules: tuple[str, ...] = doc(
         "UNet module names that get adapters", ["to_q", "to_k", "to_v", "to_out.0"]
     )
     train_text_encoder: bool = doc("Also train LoRA adapters on the CLIP text encoder", False)
-    text_encoder_target_modules: list[str] = doc(
+    text_encoder_target_modules: tuple[str, ...] = doc(
         "Text-encoder module names that get adapters", ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
     save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
@@ -147,6 +142,14 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = doc(
         "Autocast precision; fp16 needs CUDA, bf16 also runs on CPU", "no"
     )
+    optimizer_impl: Literal["default", "foreach", "fused"] = doc(
+        "Optimizer kernel: 'default' lets torch choose, 'foreach' batches the per-tensor "
+        "updates, 'fused' runs one kernel (CUDA and CPU)",
+        "default",
+    )
+    compile: bool = doc(
+        "torch.compile the UNet (the first updates are slow while it compiles)", False
+    )
     gradient_checkpointing: bool = doc("Recompute UNet activations to save memory", False)
     xformers: bool = doc(
         "Use xformers attention when importable on CUDA, else PyTorch SDPA (logged)", False
@@ -183,7 +186,7 @@ class CheckpointConfig:
         "fresh if there is none); or a path to a checkpoints/step-NNNNNN folder",
         "",
     )
-    allow_change: list[str] = doc(
+    allow_change: tuple[str, ...] = doc(
         "Config keys (train.max_steps), bare names (max_steps) or tables (lr_scheduler) that "
         "may differ from the checkpoint's config on resume",
         [],
@@ -216,18 +219,32 @@ class RunConfig:
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
+    def base_lrs(self) -> list[float]:
+        """One base LR per optimizer param group, in order: UNet, then text encoder."""
+        lrs = [self.train.learning_rate]
+        if self.lora.train_text_encoder:
+            lrs.append(self.train.text_encoder_lr or self.train.learning_rate)
+        return lrs
+
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain TOML-able data (the schedule as its table)."""
+        """The config as plain TOML/JSON data: tables as dicts, tuples as lists."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Schedule):
-                out[f.name] = {"name": value.name, **value.params()}
+                value = {"name": value.name, **value.params()}
             elif dataclasses.is_dataclass(value):
-                out[f.name] = dataclasses.asdict(value)
-            else:
-                out[f.name] = value
+                value = dataclasses.asdict(value)
+            out[f.name] = _plain(value)
         return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def tables_hash(config: RunConfig, tables: Sequence[str]) -> str:
@@ -245,39 +262,9 @@ def _closest(key: str, options: Sequence[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"list of {typing.get_args(tp)[0].__name__}"
-    return getattr(tp, "__name__", str(tp))
-
-
 def _check_value(value: Any, tp: Any, path: str) -> tuple[Any, str | None]:
-    """Return (coerced value, problem or None). TOML ints are accepted where floats are."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value, None
-        hint = _closest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
-        return value, f"{path}: {value!r} is not one of {_type_name(tp)}{hint}"
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return value, f"{path}: expected {_type_name(tp)}, got {type(value).__name__}"
-        items = []
-        for i, item in enumerate(value):
-            item, problem = _check_value(item, item_tp, f"{path}[{i}]")
-            if problem:
-                return value, problem
-            items.append(item)
-        return items, None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value), None
-    if tp in (int, str, bool, float) and (type(value) is tp):
-        return value, None
-    return value, f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    value, problem = check_value(value, tp)
+    return value, (f"{path}: {problem}" if problem else None)
 
 
 def _build_table(cls: type, table: Any, where: str, problems: list[str]) -> Any:
@@ -401,13 +388,15 @@ def cross_checks(config: RunConfig) -> list[str]:
     for key in ("text_encoder_lr", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma"):
         if getattr(train, key) < 0:
             p.append(f"train.{key}: {getattr(train, key)} must be >= 0")
+    if train.optimizer == "sgd" and train.optimizer_impl == "fused":
+        p.append("train.optimizer_impl: 'fused' SGD is not offered; use 'default' or 'foreach'")
     if train.text_encoder_lr and not lora.train_text_encoder:
         p.append(
             "train.text_encoder_lr: set, but lora.train_text_encoder is false; "
             "enable it or drop the key"
         )
     if train.max_steps > 0:
-        p += config.lr_scheduler.check(train.max_steps)
+        p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     return p
 
 
@@ -490,16 +479,14 @@ def describe() -> str:
             lines.append(f"\n[{f.name}]")
             sub_hints = typing.get_type_hints(tp)
             for sub in dataclasses.fields(tp):
-                default = (
-                    sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
-                )
+                default = sub.default
                 lines.append(
-                    f"  {sub.name} ({_type_name(sub_hints[sub.name])}, default {default!r}): "
+                    f"  {sub.name} ({type_name(sub_hints[sub.name])}, default {default!r}): "
                     f"{sub.metadata['doc']}"
                 )
         elif f.name == "lr_scheduler":
             lines.append("\n[lr_scheduler]")
             lines.append("  name + that schedule's fields; `sdlora schedules [NAME]` lists them")
         else:
-            lines.append(f"{f.name} ({_type_name(tp)}, default {f.default!r}): {f.metadata['doc']}")
+            lines.append(f"{f.name} ({type_name(tp)}, default {f.default!r}): {f.metadata['doc']}")
     return "\n".join(lines).lstrip()

@@ -88,7 +88,7 @@ def plan_run(config: RunConfig, groups: list[list[int]], num_processes: int) -> 
                 "raise train.epochs or set train.max_steps"
             ]
         )
-    problems = config.lr_scheduler.check(total)
+    problems = config.lr_scheduler.check(total, base_lrs=config.base_lrs())
     if problems:
         raise ConfigError(problems, "config (with the run length derived from the dataset)")
     return Plan(per_epoch, total, train.gradient_accumulation_steps)
@@ -134,19 +134,24 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """One param group for the UNet adapters and, when trained, one for the text encoder's."""
     train = config.train
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    groups = [{"params": trainable, "lr": train.learning_rate}]
-    if text_encoder is not None:
-        te_params = [p for p in text_encoder.parameters() if p.requires_grad]
-        groups.append({"params": te_params, "lr": train.text_encoder_lr or train.learning_rate})
+    trained = [unet] if text_encoder is None else [unet, text_encoder]
+    groups = [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
+        for model, lr in zip(trained, config.base_lrs(), strict=True)
+    ]
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    kernel = impl[train.optimizer_impl]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.learning_rate, weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=train.learning_rate, weight_decay=train.weight_decay, **kernel
+        )
     return torch.optim.AdamW(
         groups,
         lr=train.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         eps=train.adam_epsilon,
         weight_decay=train.weight_decay,
+        **kernel,
     )
 
 
@@ -339,6 +344,8 @@ def run(config: RunConfig) -> TrainResult:
     text_encoder = parts.text_encoder if config.lora.train_text_encoder else None
     lora.attach(parts.unet, text_encoder, config.lora)
     attention = models.enable_attention_backend(parts.unet, train.xformers)
+    if train.compile:
+        parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
     if train.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if text_encoder is not None:

@@ -17,15 +17,6 @@ from schedulers import preview
 from trainer.config import ConfigError, RunConfig
 
 
-def base_lrs(config: RunConfig) -> list[float]:
-    """One base LR per optimizer param group, in the loop's order (UNet, then text encoder)."""
-    train = config.train
-    lrs = [train.learning_rate]
-    if config.lora.train_text_encoder:
-        lrs.append(train.text_encoder_lr or train.learning_rate)
-    return lrs
-
-
 def total_updates(config: RunConfig, processes: int, examples: int | None = None) -> int:
     """Optimizer updates of the configured run, derived as training derives them.
 
@@ -61,7 +52,7 @@ def compare_schedule(spec: str, config: RunConfig) -> tuple[str, schedulers.Sche
     configured = config.lr_scheduler.params()
     try:
         fields = schedulers.get(name).__dataclass_fields__
-    except schedulers.UnknownScheduleError as err:
+    except (schedulers.UnknownScheduleError, schedulers.ScheduleRegistryError) as err:
         raise ConfigError([f"--compare {spec}: {err}"], "--compare") from err
     shared = ("warmup_steps", "warmup_shape", "warmup_start_factor", "min_lr_ratio", "min_lr")
     table.update({k: configured[k] for k in shared if k in configured and k in fields})
@@ -88,10 +79,10 @@ def run(
     """Write the requested files and return the text table to print."""
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     total = total_updates(config, processes, examples)
-    problems = config.lr_scheduler.check(total)
+    lrs = config.base_lrs()
+    problems = config.lr_scheduler.check(total, base_lrs=lrs)
     if problems:
         raise ConfigError(problems, "config (with the derived run length)")
-    lrs = base_lrs(config)
     rows = preview.lr_curve(config.lr_scheduler, total, lrs)
     if csv_path:
         preview.write_csv(csv_path, rows)
