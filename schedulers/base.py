@@ -284,3 +284,34 @@ class DecaySchedule(Schedule):
                     "min_lr_ratio"
                 )
         return p
+
+
+@dataclass(frozen=True)
+class EndLRSchedule(DecaySchedule):
+    """A decay whose floor may also be given as ``lr_end``, the name transformers, diffusers
+    and SimpleTuner use for ``polynomial`` and ``sine``; it is an absolute LR like ``min_lr``."""
+
+    lr_end: float = doc(
+        "Floor as an absolute LR (the peers' name; exclusive with min_lr and min_lr_ratio)", 0.0
+    )
+
+    def floor(self, base_lr: float) -> float:
+        return self.lr_end if self.lr_end else super().floor(base_lr)
+
+    def range_problems(self, where: str) -> list[str]:
+        p = super().range_problems(where)
+        if self.lr_end < 0:
+            p.append(f"{where}.lr_end: {self.lr_end} must be >= 0")
+        if self.lr_end and (self.min_lr or self.min_lr_ratio):
+            p.append(f"{where}.lr_end: set together with min_lr / min_lr_ratio; keep one floor")
+        return p
+
+    def lr_problems(self, base_lrs: Sequence[float], where: str) -> list[str]:
+        p = super().lr_problems(base_lrs, where)
+        for i, base in enumerate(base_lrs):
+            if self.lr_end > base:
+                p.append(
+                    f"{where}.lr_end: {self.lr_end!r} is above the base LR {base!r} of param "
+                    f"group {i}, so its LR would rise instead of decay"
+                )
+        return p

@@ -8,9 +8,9 @@ Formula (``t`` updates after warmup; ``P = period``, or the ``n`` post-warmup up
 It is a sinusoid shifted to start at its peak, where warmup leaves off: base LR at ``t = 0``,
 the floor at ``t = P/2``, the base LR again at ``t = P``. Compared with SimpleTuner's ``sine``
 (which this replaces): one full wave takes exactly ``period`` updates, not twice that; the
-floor is ``min_lr`` / ``min_lr_ratio`` (SimpleTuner ignored ``lr_end`` and bottomed out at half
-the base LR); and being a pure function of the update index it cannot drift on resume or
-under gradient accumulation.
+floor is ``lr_end`` (or ``min_lr`` / ``min_lr_ratio``; SimpleTuner ignored ``lr_end`` and
+bottomed out at half the base LR); and being a pure function of the update index it cannot
+drift on resume or under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from schedulers.base import DecaySchedule
+from schedulers.base import EndLRSchedule
 from schedulers.fields import doc
 from schedulers.registry import register
 
 
 @register("sine")
 @dataclass(frozen=True)
-class Sine(DecaySchedule):
+class Sine(EndLRSchedule):
     """A wave between the base LR and the floor, starting at the peak.
 
     d = (1 + cos(2 * pi * t / period)) / 2;  lr = base_lr * d + floor * (1 - d)

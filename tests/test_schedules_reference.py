@@ -282,3 +282,22 @@ def test_linear_warmup_matches_torch_linear_lr(start, warmup, total):
     make = functools.partial(torch_lr.LinearLR, start_factor=start, total_iters=warmup)
     for want in both_forms(make, base, total):
         assert_same(ours(schedule, base, total), want, base)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_polynomial_lr_end_is_the_transformers_key(power):
+    """`lr_end` (the key the peers use) gives exactly transformers' curve, like `min_lr`."""
+    base, total, warmup, lr_end = 1e-4, 50, 5, 1e-6
+    by_end = schedulers.get("polynomial")(warmup_steps=warmup, power=power, lr_end=lr_end)
+    by_min = schedulers.get("polynomial")(warmup_steps=warmup, power=power, min_lr=lr_end)
+    assert ours(by_end, base, total) == ours(by_min, base, total)
+    want = reference_lrs(hf("polynomial", warmup, total, lr_end=lr_end, power=power), base, total)
+    assert_same(ours(by_end, base, total), want, base)
+
+
+def test_sine_floor_is_lr_end_and_both_floors_are_refused():
+    sine = schedulers.get("sine")(period=10, lr_end=1e-6)
+    assert sine.lr(5, 100, 1e-4) == pytest.approx(1e-6, abs=1e-18)  # mid-wave: the floor
+    both = schedulers.get("sine")(period=10, lr_end=1e-6, min_lr_ratio=0.1)
+    assert any("lr_end" in p for p in both.problems())
+    assert any("lr_end" in p for p in sine.check(100, base_lrs=[1e-7]))
