@@ -174,6 +174,16 @@ def test_raising_max_steps_continues_without_restarting_warmup(reference, make_c
     assert all(lr > 0 for lr in expected[:-1])
 
 
+def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(reference, make_config, tmp_path):
+    out = tmp_path / "pruned"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    shutil.rmtree(ckpt.step_dir(out, 6))
+    shutil.rmtree(ckpt.step_dir(out, 8))
+    cfg = make_config(*EXACT, "checkpoint.keep_last=1", 'checkpoint.resume="latest"', output=out)
+    loop.run(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000003", "step-000008"]
+
+
 def test_fresh_start_into_a_folder_with_checkpoints_is_refused(reference, make_config):
     with pytest.raises(ConfigError, match="--resume latest"):
         loop.run(make_config(*EXACT, output=reference))
@@ -197,7 +207,7 @@ def test_keep_last_prunes_but_never_the_checkpoint_being_resumed(tmp_path):
         ckpt.save_atomic(
             ckpt.step_dir(tmp_path, step), lambda d: (d / "trainer_state.json").write_text("{}")
         )
-    protect = ckpt.step_dir(tmp_path, 1)
+    protect = [ckpt.step_dir(tmp_path, 1)]
     removed = ckpt.prune(tmp_path, keep_last=2, protect=protect)
     assert [p.name for p in removed] == ["step-000002"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [

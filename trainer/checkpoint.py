@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +117,13 @@ def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
     return stale
 
 
-def prune(output_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints, never ``protect``; return removed."""
+def prune(output_dir: str | Path, keep_last: int, protect: Sequence[Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, never one in ``protect``; return
+    what was removed."""
     if keep_last <= 0:
         return []
-    found = list_checkpoints(output_dir)
-    doomed = [p for p in found[:-keep_last] if protect is None or p.resolve() != protect.resolve()]
+    kept = {p.resolve() for p in protect}
+    doomed = [p for p in list_checkpoints(output_dir)[:-keep_last] if p.resolve() not in kept]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

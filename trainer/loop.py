@@ -214,8 +214,10 @@ def save_checkpoint(
     text_encoder: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     base_lrs: list[float],
+    resumed_from: Path | None,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones."""
+    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones, never
+    the checkpoint this run resumed from."""
     folder = ckpt.step_dir(config.output_dir, update)
     if accelerator.is_main_process:
         train = config.train
@@ -253,7 +255,8 @@ def save_checkpoint(
             (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
 
         ckpt.save_atomic(folder, write)
-        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect=folder)
+        protect = [folder] + ([resumed_from] if resumed_from else [])
+        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
     accelerator.wait_for_everyone()
     return folder
 
@@ -474,7 +477,7 @@ def run(config: RunConfig) -> TrainResult:
                 due = every and update % every == 0 and update < plan.total_updates
                 if due or interrupted:
                     args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
-                    folder = save_checkpoint(*args, base_lrs)
+                    folder = save_checkpoint(*args, base_lrs, resume_from)
                     tracker.message(f"checkpoint: {folder}")
                 if interrupted or update >= plan.total_updates:
                     break
@@ -485,7 +488,8 @@ def run(config: RunConfig) -> TrainResult:
     if interrupted:
         tracker.message(f"stopped at update {update}/{plan.total_updates} (checkpoint saved)")
     else:
-        save_checkpoint(config, accelerator, plan, update, unet, text_encoder, optimizer, base_lrs)
+        args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
+        save_checkpoint(*args, base_lrs, resume_from)
         if accelerator.is_main_process:
             path = lora.save(
                 output_dir,
