@@ -14,7 +14,7 @@ a resumed run sees exactly the values the original run saw.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -119,32 +119,36 @@ def fill_latents(
 
 
 class TextCache:
-    """Text-encoder hidden states by token ids, for a frozen encoder and fixed captions."""
+    """Text-encoder hidden states by caption, for a frozen encoder and fixed captions.
+
+    Keyed by the caption text, so serving a cached example needs no tokenizer call.
+    """
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[int, ...], torch.Tensor] = {}
+        self.entries: dict[str, torch.Tensor] = {}
 
-    def get(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states of one caption's token ids."""
-        return self.entries[tuple(input_ids.tolist())]
+    def get(self, caption: str) -> torch.Tensor:
+        """Hidden states of one caption."""
+        return self.entries[caption]
 
     def fill(
         self,
         text_encoder: torch.nn.Module,
-        token_rows: Iterable[torch.Tensor],
+        tokenize: Callable[[str], torch.Tensor],
+        captions: Iterable[str],
         show_progress: bool = True,
     ) -> int:
-        """Encode every distinct row of token ids not cached yet; return how many were encoded."""
-        rows = {tuple(r.tolist()): r for r in token_rows}
-        missing = [r for key, r in rows.items() if key not in self.entries]
+        """Encode every caption not cached yet, in sorted order; return how many were encoded."""
+        missing = sorted(set(captions) - set(self.entries))
         device = next(text_encoder.parameters()).device
         bar = tqdm(total=len(missing), desc="caching text", unit="cap", disable=not show_progress)
         for start in range(0, len(missing), CHUNK):
-            chunk = torch.stack(missing[start : start + CHUNK])
+            chunk = missing[start : start + CHUNK]
+            ids = torch.stack([tokenize(c) for c in chunk]).to(device)
             with torch.no_grad():
-                hidden = text_encoder(chunk.to(device), return_dict=False)[0]
-            for row, h in zip(chunk, hidden, strict=True):
-                self.entries[tuple(row.tolist())] = h.cpu()
+                hidden = text_encoder(ids, return_dict=False)[0]
+            for caption, h in zip(chunk, hidden, strict=True):
+                self.entries[caption] = h.cpu()
             bar.update(len(chunk))
         bar.close()
         return len(missing)

@@ -274,7 +274,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         config: DataConfig,
         tokenizer,
         latents: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        text: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        text: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         self.examples = examples
         self.config = config
@@ -310,9 +310,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         index, draw_seed = key
         flip, caption, rng = self.draw(index, draw_seed)
         # The example's own seed also drives its latent sample, noise and timestep (step.py).
-        item = {"input_ids": self.tokenize(caption), "seed": torch.tensor(draw_seed)}
+        item = {"seed": torch.tensor(draw_seed)}
         if self.text is not None:
-            item["encoder_hidden_states"] = self.text(item["input_ids"])
+            item["encoder_hidden_states"] = self.text(caption)
+        else:
+            item["input_ids"] = self.tokenize(caption)
         if self.latents is not None:
             item["latent_mean"], item["latent_std"] = self.latents(index, flip)
         else:

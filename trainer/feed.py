@@ -139,8 +139,7 @@ def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool
         captions = {e.caption for e in prepared.examples}
         if config.data.caption_dropout > 0:
             captions.add("")
-        rows = [dataset.tokenize(c) for c in sorted(captions)]
-        store.fill(parts.text_encoder, rows, show_progress=accelerator.is_main_process)
+        store.fill(parts.text_encoder, dataset.tokenize, captions, accelerator.is_main_process)
         dataset.text = store.get
 
     train = config.train
