@@ -39,13 +39,14 @@ def launch(model, data, out, processes: int, batch: int, *extra: str) -> None:
         "checkpoint.every_n_steps=3",
         *extra,
     ]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    launcher = [*accelerate, "--num_machines", "1", "--mixed_precision", "no"]
-    launcher += ["--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
-    if processes > 1:
-        launcher += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:  # the example config shipped in docker/ (MULTI_CPU over gloo)
+        launcher += ["--config_file", str(REPO / "docker" / "accelerate-cpu2.yaml")]
+        launcher += ["--num_processes", str(processes), "--main_process_port", "0"]
     else:
-        launcher += ["--num_processes", "1"]
+        launcher += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+        launcher += ["--dynamo_backend", "no"]
+    launcher += ["--num_cpu_threads_per_process", "1"]
     cmd = [*launcher, "train.py", "--config", "configs/tiny.toml"]
     cmd += [x for s in sets for x in ("--set", s)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
