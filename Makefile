@@ -37,6 +37,15 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Our loop against a bare PyTorch loop; and, given DIFFUSERS_SCRIPT=path/to/
+# train_text_to_image_lora.py (it needs torchvision and datasets in the venv), against the
+# diffusers example script. Results go in BENCHMARKS.md by hand, with the machine named.
+bench: $(VENV)/.installed
+	$(PY) scripts/bench_overhead.py --json bench_overhead.json
+	if [ -n "$(DIFFUSERS_SCRIPT)" ]; then \
+		$(PY) scripts/bench_vs_diffusers.py --diffusers-script $(DIFFUSERS_SCRIPT) --json bench_vs_diffusers.json; \
+	fi
+
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .

@@ -297,10 +297,13 @@ def toml_default(value) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
+@pytest.mark.parametrize(
+    "doc_file", [DOCS / "schedules.md", DOCS.parent / "README.md"], ids=["docs", "readme"]
+)
 @pytest.mark.parametrize("name", schedulers.available())
-def test_docs_table_lists_every_schedule_with_its_keys_and_defaults(name):
+def test_docs_table_lists_every_schedule_with_its_keys_and_defaults(name, doc_file):
     assert (DOCS / "lr_schedules.png").is_file()
-    lines = (DOCS / "schedules.md").read_text().splitlines()
+    lines = doc_file.read_text().splitlines()
     (row,) = [line for line in lines if line.startswith(f"| `{name}` |")]
     cls = schedulers.get(name)
     keys = row.split(" | ")[1]

@@ -153,3 +153,43 @@ def test_fp16_without_cuda_is_a_clear_error(make_config):
     cfg = make_config('train.mixed_precision="fp16"')
     with pytest.raises(ConfigError, match="bf16"):
         loop.run(cfg)
+
+
+def test_xformers_request_without_cuda_falls_back_to_sdpa_with_one_log_line(tiny_model, caplog):
+    from trainer.models import enable_attention_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    with caplog.at_level("WARNING"):
+        assert enable_attention_backend(unet, want_xformers=True) == "sdpa"
+    (record,) = caplog.records
+    assert "train.xformers" in record.message and "SDPA" in record.message
+    caplog.clear()
+    assert enable_attention_backend(unet, want_xformers=False) == "sdpa"
+    assert not caplog.records
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(make_config, tmp_path):
+    """Checkpointing recomputes activations; with frozen base weights the LoRA must still get
+    its gradients (a reentrant checkpoint would silently drop them)."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        loop.run(
+            make_config("train.max_steps=2", f"train.gradient_checkpointing={flag}", output=out)
+        )
+        runs[flag] = load_file(out / WEIGHTS_NAME)
+    assert any(v.abs().sum() > 0 for k, v in runs["true"].items() if "lora_B" in k)
+    for key, value in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_dataloader_workers_feed_the_same_batches(make_config, tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / str(workers)
+        cfg = make_config("train.max_steps=3", f"data.num_workers={workers}", output=out)
+        loop.run(cfg)
+        runs[workers] = read_metrics(out)
+    assert runs[0] == runs[2]
