@@ -274,15 +274,20 @@ class DecaySchedule(Schedule):
             )
         return p
 
+    def absolute_floors(self) -> dict[str, float]:
+        """The floor keys that hold an absolute LR, by name (checked against base LRs)."""
+        return {"min_lr": self.min_lr}
+
     def lr_problems(self, base_lrs: Sequence[float], where: str) -> list[str]:
         p = super().lr_problems(base_lrs, where)
-        for i, base in enumerate(base_lrs):
-            if self.min_lr > base:
-                p.append(
-                    f"{where}.min_lr: {self.min_lr!r} is above the base LR {base!r} of param "
-                    f"group {i}, so its LR would rise instead of decay; lower it or use "
-                    "min_lr_ratio"
-                )
+        for key, floor in self.absolute_floors().items():
+            for i, base in enumerate(base_lrs):
+                if floor > base:
+                    p.append(
+                        f"{where}.{key}: {floor!r} is above the base LR {base!r} of param "
+                        f"group {i}, so its LR would rise instead of decay; lower it or use "
+                        "min_lr_ratio"
+                    )
         return p
 
 
@@ -306,12 +311,5 @@ class EndLRSchedule(DecaySchedule):
             p.append(f"{where}.lr_end: set together with min_lr / min_lr_ratio; keep one floor")
         return p
 
-    def lr_problems(self, base_lrs: Sequence[float], where: str) -> list[str]:
-        p = super().lr_problems(base_lrs, where)
-        for i, base in enumerate(base_lrs):
-            if self.lr_end > base:
-                p.append(
-                    f"{where}.lr_end: {self.lr_end!r} is above the base LR {base!r} of param "
-                    f"group {i}, so its LR would rise instead of decay"
-                )
-        return p
+    def absolute_floors(self) -> dict[str, float]:
+        return {**super().absolute_floors(), "lr_end": self.lr_end}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,31 +23,19 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import schedule_state
 from trainer import checkpoint as ckpt
-from trainer import lora, models, resume, step
-from trainer.config import ConfigError, RunConfig, tables_hash, to_toml
+from trainer import lora, models, step
+from trainer.config import ConfigError, RunConfig, to_toml
 from trainer.feed import build_feed
-from trainer.order import batches_per_epoch, seed_for
+from trainer.order import seed_for
+from trainer.plan import plan_run
+from trainer.resume import find_resume_point, restore_checkpoint, save_checkpoint
+from trainer.signals import StopRequest
 from trainer.tracking import Tracker, flat_hparams, truncate_metrics
 from trainer.validation import Validator
 
 log = logging.getLogger("sdlora")
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Tables whose change alters the trained weights; their hashes go in trainer_state.json.
-HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How long the run is, in the units the schedule and the checkpoints use."""
-
-    micro_batches_per_epoch: int
-    total_updates: int
-    accumulation: int
-
-    def position(self, update: int) -> tuple[int, int]:
-        """(epoch, micro-batch within the epoch) where optimizer update ``update`` starts."""
-        return divmod(update * self.accumulation, self.micro_batches_per_epoch)
 
 
 @dataclass
@@ -61,37 +48,6 @@ class TrainResult:
     text_encoder: torch.nn.Module | None
     interrupted: bool = False
     is_main_process: bool = True
-
-
-def plan_run(config: RunConfig, groups: list[list[int]], num_processes: int) -> Plan:
-    """Count micro-batches per epoch and total optimizer updates, as training will run them.
-
-    Accumulation windows run across epoch boundaries (micro-batches form one stream), so an
-    epoch whose length is not a multiple of the accumulation never makes a short update.
-    """
-    train = config.train
-    per_epoch = batches_per_epoch(groups, train.batch_size * num_processes)
-    examples = sum(len(g) for g in groups)
-    if per_epoch == 0:
-        raise ConfigError(
-            [
-                f"train.batch_size: {examples} examples cannot fill one batch of "
-                f"{train.batch_size} × {num_processes} process(es); lower the batch size"
-            ]
-        )
-    total = train.max_steps or (train.epochs * per_epoch) // train.gradient_accumulation_steps
-    if total < 1:
-        raise ConfigError(
-            [
-                f"train.epochs: {train.epochs} epoch(s) of {per_epoch} micro-batches make no "
-                f"update with gradient_accumulation_steps = {train.gradient_accumulation_steps}; "
-                "raise train.epochs or set train.max_steps"
-            ]
-        )
-    problems = config.lr_scheduler.check(total, base_lrs=config.base_lrs())
-    if problems:
-        raise ConfigError(problems, "config (with the run length derived from the dataset)")
-    return Plan(per_epoch, total, train.gradient_accumulation_steps)
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -170,117 +126,6 @@ def training_metadata(config: RunConfig, update: int, base_lrs: list[float]) -> 
     }
 
 
-def comparable_config(config_data: dict, num_processes: int) -> dict:
-    """The config plus the launch facts that also shape the run (compared on resume)."""
-    return {**config_data, "launch": {"num_processes": num_processes}}
-
-
-def find_resume_point(config: RunConfig, num_processes: int) -> Path | None:
-    """The checkpoint to resume from, after checking the config may resume it."""
-    output_dir = Path(config.output_dir)
-    if not config.checkpoint.resume:
-        if ckpt.list_checkpoints(output_dir):
-            raise ConfigError(
-                [
-                    f"output_dir = {str(output_dir)!r} already holds checkpoints of a run; "
-                    "resume it with --resume latest, or choose another output_dir"
-                ]
-            )
-        return None
-    folder = ckpt.resolve(output_dir, config.checkpoint.resume)
-    if folder is None:
-        log.info("--resume latest: no checkpoint in %s yet; starting from update 0", output_dir)
-        return None
-    from trainer.config import read_toml
-
-    saved = read_toml(folder / ckpt.CONFIG_NAME)
-    schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
-    saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
-    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
-    saved = comparable_config(saved, state["num_processes"])
-    current = comparable_config(config.to_dict(), num_processes)
-    allowed = resume.check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
-    for key, old, new in allowed:
-        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
-    return folder
-
-
-def save_checkpoint(
-    config: RunConfig,
-    accelerator: Accelerator,
-    plan: Plan,
-    update: int,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    base_lrs: list[float],
-    resumed_from: Path | None,
-) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones, never
-    the checkpoint this run resumed from."""
-    folder = ckpt.step_dir(config.output_dir, update)
-    if accelerator.is_main_process:
-        train = config.train
-        epoch, position = plan.position(update)
-        micro = update * plan.accumulation
-        trainer_state = {
-            "format": 1,
-            "global_step": update,
-            "total_updates": plan.total_updates,
-            "epoch": epoch,
-            "position_in_epoch": position,
-            "micro_batches": micro,
-            "samples_seen": micro * train.batch_size * accelerator.num_processes,
-            "seed": train.seed,
-            "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
-            "num_processes": accelerator.num_processes,
-            "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
-        }
-        last_lrs = [group["lr"] for group in optimizer.param_groups]
-        lr_state = schedule_state(
-            config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
-        )
-        models_to_save = (
-            accelerator.unwrap_model(unet),
-            accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-        )
-
-        def write(tmp: Path) -> None:
-            lora.save(tmp, *models_to_save, dtype="fp32", training_metadata=trainer_state)
-            ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
-            ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
-            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, optimizer.state_dict())
-            if accelerator.scaler is not None:
-                ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
-            (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
-
-        ckpt.save_atomic(folder, write)
-        protect = [folder] + ([resumed_from] if resumed_from else [])
-        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-def restore_checkpoint(
-    folder: Path,
-    accelerator: Accelerator,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-) -> int:
-    """Load weights, optimizer and scaler state; return the global update to continue from."""
-    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
-    lora.load_into(
-        folder / lora.WEIGHTS_NAME,
-        accelerator.unwrap_model(unet),
-        accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-    )
-    optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
-    if accelerator.scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
-        accelerator.scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
-    return int(state["global_step"])
-
-
 def encode_latents(
     batch: dict[str, torch.Tensor],
     vae: torch.nn.Module,
@@ -294,29 +139,6 @@ def encode_latents(
         with torch.no_grad():
             mean, std = step.posterior(vae, batch["pixel_values"].to(dtype))
     return step.sample_latents(mean.float(), std.float(), rand)
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each optimizer update."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.requested:  # a second signal: the user insists, stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("got signal %d: finishing this update, saving, then stopping", signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run(config: RunConfig) -> TrainResult:

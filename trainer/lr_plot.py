@@ -15,6 +15,7 @@ from pathlib import Path
 import schedulers
 from schedulers import preview
 from trainer.config import ConfigError, RunConfig
+from trainer.plan import plan_run
 
 
 def total_updates(config: RunConfig, processes: int, examples: int | None = None) -> int:
@@ -25,8 +26,6 @@ def total_updates(config: RunConfig, processes: int, examples: int | None = None
         processes: Processes the run will be launched with.
         examples: Dataset size to assume instead of reading data.path (one bucket).
     """
-    from trainer.loop import plan_run
-
     if config.train.max_steps:
         return config.train.max_steps
     if examples is not None:

@@ -1,4 +1,9 @@
-"""Deciding whether a checkpoint may be resumed under the current config.
+"""Writing a run's checkpoint, and resuming from one.
+
+What a checkpoint holds is listed in ``trainer/checkpoint.py``; this module fills it from a
+live run and restores a run from it.
+
+Whether a checkpoint may be resumed under the current config:
 
 A checkpoint stores the resolved config it was trained with. On resume the two are compared
 key by key. Keys that cannot change the trained weights (where logs go, worker counts,
@@ -18,11 +23,24 @@ What an allowed change does, since the schedule is a pure function of (update, t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError
+import torch
+from accelerate import Accelerator
 
+from schedulers import schedule_state
+from trainer import checkpoint as ckpt
+from trainer import lora
+from trainer.config import ConfigError, RunConfig, read_toml, tables_hash, to_toml
+from trainer.plan import Plan
+
+log = logging.getLogger("sdlora")
+
+# Tables whose change alters the trained weights; their hashes go in trainer_state.json.
+HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
 FREE_KEYS = ("output_dir", "logging.", "checkpoint.", "data.num_workers")
 
@@ -82,3 +100,112 @@ def check_resumable(
         )
         raise ConfigError(lines, f"resume from {source}")
     return diff
+
+
+def comparable_config(config_data: dict, num_processes: int) -> dict:
+    """The config plus the launch facts that also shape the run (compared on resume)."""
+    return {**config_data, "launch": {"num_processes": num_processes}}
+
+
+def find_resume_point(config: RunConfig, num_processes: int) -> Path | None:
+    """The checkpoint to resume from, after checking the config may resume it."""
+    output_dir = Path(config.output_dir)
+    if not config.checkpoint.resume:
+        if ckpt.list_checkpoints(output_dir):
+            raise ConfigError(
+                [
+                    f"output_dir = {str(output_dir)!r} already holds checkpoints of a run; "
+                    "resume it with --resume latest, or choose another output_dir"
+                ]
+            )
+        return None
+    folder = ckpt.resolve(output_dir, config.checkpoint.resume)
+    if folder is None:
+        log.info("--resume latest: no checkpoint in %s yet; starting from update 0", output_dir)
+        return None
+    saved = read_toml(folder / ckpt.CONFIG_NAME)
+    schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
+    saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
+    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    saved = comparable_config(saved, state["num_processes"])
+    current = comparable_config(config.to_dict(), num_processes)
+    allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
+    for key, old, new in allowed:
+        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
+    return folder
+
+
+def save_checkpoint(
+    config: RunConfig,
+    accelerator: Accelerator,
+    plan: Plan,
+    update: int,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    base_lrs: list[float],
+    resumed_from: Path | None,
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones, never
+    the checkpoint this run resumed from."""
+    folder = ckpt.step_dir(config.output_dir, update)
+    if accelerator.is_main_process:
+        train = config.train
+        epoch, position = plan.position(update)
+        micro = update * plan.accumulation
+        trainer_state = {
+            "format": 1,
+            "global_step": update,
+            "total_updates": plan.total_updates,
+            "epoch": epoch,
+            "position_in_epoch": position,
+            "micro_batches": micro,
+            "samples_seen": micro * train.batch_size * accelerator.num_processes,
+            "seed": train.seed,
+            "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
+            "num_processes": accelerator.num_processes,
+            "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+        }
+        last_lrs = [group["lr"] for group in optimizer.param_groups]
+        lr_state = schedule_state(
+            config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
+        )
+        models_to_save = (
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+        )
+
+        def write(tmp: Path) -> None:
+            lora.save(tmp, *models_to_save, dtype="fp32", training_metadata=trainer_state)
+            ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
+            ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
+            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, optimizer.state_dict())
+            if accelerator.scaler is not None:
+                ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
+            (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
+
+        ckpt.save_atomic(folder, write)
+        protect = [folder] + ([resumed_from] if resumed_from else [])
+        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def restore_checkpoint(
+    folder: Path,
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> int:
+    """Load weights, optimizer and scaler state; return the global update to continue from."""
+    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    lora.load_into(
+        folder / lora.WEIGHTS_NAME,
+        accelerator.unwrap_model(unet),
+        accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+    )
+    optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
+    if accelerator.scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
+        accelerator.scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
+    return int(state["global_step"])

@@ -1,0 +1,234 @@
+"""The run config's schema: one frozen dataclass per TOML table, every field documented.
+
+Each field's one-line doc (``metadata["doc"]``) is what ``sdlora config-help`` prints and what
+``configs/lora.toml`` explains; a test keeps the two in step. Loading and validation live in
+``trainer/config.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import schedulers
+from schedulers import Schedule
+from schedulers.fields import doc
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the base Stable Diffusion checkpoint."""
+
+    pretrained: str = doc(
+        "Diffusers folder, hub id, or a single-file .safetensors checkpoint (required)", ""
+    )
+    revision: str = doc("Hub revision (branch, tag or commit) when `pretrained` is a hub id", "")
+    variant: str = doc("Weight variant to load, e.g. 'fp16'; empty loads the default files", "")
+    single_file_config: str = doc(
+        "For a .safetensors checkpoint: diffusers folder or hub id whose component configs "
+        "describe it (needed offline); empty lets diffusers infer it",
+        "",
+    )
+    prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
+        "Override the noise scheduler's prediction type; empty reads it from the model", ""
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """[lora]: the adapters that are trained."""
+
+    rank: int = doc("LoRA rank (r) of the UNet adapters", 4)
+    alpha: float = doc("LoRA alpha; the update is scaled by alpha / rank", 4.0)
+    dropout: float = doc("Dropout on the LoRA branch, in [0, 1)", 0.0)
+    target_modules: tuple[str, ...] = doc(
+        "UNet module names that get adapters", ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    train_text_encoder: bool = doc("Also train LoRA adapters on the CLIP text encoder", False)
+    text_encoder_target_modules: tuple[str, ...] = doc(
+        "Text-encoder module names that get adapters", ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
+        "dtype of the final exported weights (checkpoints always keep fp32)", "fp16"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: the images and captions."""
+
+    path: str = doc("Dataset folder (required)", "")
+    layout: Literal["auto", "kohya", "imagefolder"] = doc(
+        "'kohya' = captions in .txt files beside images; 'imagefolder' = metadata.jsonl/.csv; "
+        "'auto' picks imagefolder when a metadata file exists",
+        "auto",
+    )
+    caption_extension: str = doc("Caption file extension for the kohya layout", ".txt")
+    resolution: int = doc("Training side length in pixels (a multiple of 8)", 512)
+    center_crop: bool = doc(
+        "Center crop after resizing; false crops at a seeded random place", True
+    )
+    random_flip: bool = doc("Flip half of the images horizontally (seeded)", False)
+    caption_dropout: float = doc("Probability of training an image with an empty caption", 0.0)
+    shuffle_tags: bool = doc("Shuffle comma-separated tags in each caption (seeded)", False)
+    keep_tokens: int = doc("With shuffle_tags: leading tags that stay in place", 0)
+    buckets: bool = doc("Aspect-ratio buckets instead of square crops", False)
+    bucket_step: int = doc("Bucket sides are multiples of this (a multiple of 8)", 64)
+    bucket_min_side: int = doc("Smallest bucket side; 0 = resolution / 2", 0)
+    bucket_max_side: int = doc("Largest bucket side; 0 = resolution × 2", 0)
+    max_upscale: float = doc(
+        "Largest upscaling an image may get to fill its bucket; smaller images are bad input",
+        1.0,
+    )
+    on_bad_image: Literal["error", "skip"] = doc(
+        "Unusable image or caption: 'error' stops listing them all; 'skip' trains without "
+        "them and writes output_dir/skipped_images.txt",
+        "error",
+    )
+    cache_latents: Literal["auto", "memory", "disk", "off"] = doc(
+        "Cache VAE posteriors: 'auto' = memory where valid (center crop), else off",
+        "auto",
+    )
+    cache_text: Literal["auto", "on", "off"] = doc(
+        "Cache text-encoder outputs: 'auto' = on where valid (frozen encoder, no tag shuffling)",
+        "auto",
+    )
+    cache_dir: str = doc("Folder of the disk latent cache; empty = output_dir/cache", "")
+    num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
+    persistent_workers: bool = doc("Keep DataLoader workers alive between epochs", True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """[train]: optimisation settings. Step counts are optimizer updates."""
+
+    seed: int = doc("Seed for data order, noise, timesteps and dropout", 0)
+    batch_size: int = doc("Images per micro-batch on each process", 1)
+    gradient_accumulation_steps: int = doc("Micro-batches summed into one optimizer update", 1)
+    max_steps: int = doc("Optimizer updates to run; 0 derives it from `epochs`", 0)
+    epochs: int = doc("Passes over the dataset when `max_steps` is 0", 1)
+    learning_rate: float = doc("Base LR of the UNet adapters", 1e-4)
+    text_encoder_lr: float = doc("Base LR of the text-encoder adapters; 0 uses learning_rate", 0.0)
+    optimizer: Literal["adamw", "sgd"] = doc("Optimizer", "adamw")
+    adam_beta1: float = doc("AdamW beta1", 0.9)
+    adam_beta2: float = doc("AdamW beta2", 0.999)
+    adam_epsilon: float = doc("AdamW epsilon", 1e-8)
+    weight_decay: float = doc("Decoupled weight decay", 1e-2)
+    max_grad_norm: float = doc("Clip the global gradient norm to this; 0 disables clipping", 1.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = doc(
+        "Autocast precision; fp16 needs CUDA, bf16 also runs on CPU", "no"
+    )
+    optimizer_impl: Literal["default", "foreach", "fused"] = doc(
+        "Optimizer kernel: 'default' lets torch choose, 'foreach' batches the per-tensor "
+        "updates, 'fused' runs one kernel (CUDA and CPU)",
+        "default",
+    )
+    compile: bool = doc(
+        "torch.compile the UNet (the first updates are slow while it compiles)", False
+    )
+    gradient_checkpointing: bool = doc("Recompute UNet activations to save memory", False)
+    xformers: bool = doc(
+        "Use xformers attention when importable on CUDA, else PyTorch SDPA (logged)", False
+    )
+    noise_offset: float = doc("Noise offset (adds per-channel constant noise); 0 disables", 0.0)
+    snr_gamma: float = doc("Min-SNR-γ loss weighting (5.0 is the paper's); 0 disables", 0.0)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """[validation]: a held-out set scored with a fixed-seed loss."""
+
+    fraction: float = doc("Hold out this fraction of the distinct images (seeded); 0 = none", 0.0)
+    path: str = doc("A separate validation folder (same layouts as data.path); empty = none", "")
+    every_n_steps: int = doc(
+        "Score every N updates (and always at the end); 0 = only at the end", 0
+    )
+    timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
+    batch_size: int = doc("Examples per validation forward pass", 4)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """[checkpoint]: when to save, how many to keep, and resuming."""
+
+    every_n_steps: int = doc(
+        "Save every N optimizer updates (also always at the end and on SIGTERM/SIGINT); 0 = "
+        "only those",
+        0,
+    )
+    keep_last: int = doc("Keep the newest N checkpoints; 0 keeps all", 0)
+    resume: str = doc(
+        "'' starts fresh; 'latest' resumes the newest checkpoint in output_dir (or starts "
+        "fresh if there is none); or a path to a checkpoints/step-NNNNNN folder",
+        "",
+    )
+    allow_change: tuple[str, ...] = doc(
+        "Config keys (train.max_steps), bare names (max_steps) or tables (lr_scheduler) that "
+        "may differ from the checkpoint's config on resume",
+        [],
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """[logging]: where progress goes."""
+
+    tracker: Literal["tensorboard", "wandb", "none"] = doc(
+        "Experiment tracker (metrics.jsonl is always written)", "tensorboard"
+    )
+    project: str = doc("Tracker project / run-group name", "sdlora")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Top-level keys come before the first table in the TOML file."""
+
+    output_dir: str = doc("Where weights, checkpoints, metrics and logs are written", "output")
+    model: ModelConfig = doc("[model] table", ModelConfig())
+    lora: LoraConfig = doc("[lora] table", LoraConfig())
+    data: DataConfig = doc("[data] table", DataConfig())
+    train: TrainConfig = doc("[train] table", TrainConfig())
+    lr_scheduler: Schedule = doc(
+        "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
+    )
+    validation: ValidationConfig = doc("[validation] table", ValidationConfig())
+    checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
+    logging: LoggingConfig = doc("[logging] table", LoggingConfig())
+
+    def base_lrs(self) -> list[float]:
+        """One base LR per optimizer param group, in order: UNet, then text encoder."""
+        lrs = [self.train.learning_rate]
+        if self.lora.train_text_encoder:
+            lrs.append(self.train.text_encoder_lr or self.train.learning_rate)
+        return lrs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain TOML/JSON data: tables as dicts, tuples as lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Schedule):
+                value = {"name": value.name, **value.params()}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tables_hash(config: RunConfig, tables: Sequence[str]) -> str:
+    """A stable hash of the named top-level tables, to detect changes between runs."""
+    data = config.to_dict()
+    blob = json.dumps({t: data[t] for t in tables}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
