@@ -3,6 +3,7 @@
     sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
     sdlora schedules [NAME]
+    sdlora export OUTPUT_DIR [--format kohya] [--out FILE] [--dtype fp16]
     sdlora config-help
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
+    export = sub.add_parser(
+        "export", help="write a trained LoRA in the kohya format (A1111, ComfyUI, SD.Next)"
+    )
+    export.add_argument("source", help="an output_dir or checkpoint folder, or its weights file")
+    export.add_argument("--format", choices=["kohya"], default="kohya")
+    export.add_argument("--out", help="destination file (default: beside the source)")
+    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
@@ -116,6 +124,18 @@ def cmd_lr_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Convert a saved LoRA to another key format."""
+    from trainer.export import to_kohya
+
+    try:
+        path = to_kohya(args.source, args.out, args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError([str(err)], "sdlora export") from err
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     """List the registered schedules, or describe one with its fields."""
     import schedulers
@@ -144,6 +164,7 @@ COMMANDS = {
     "train": cmd_train,
     "lr-plot": cmd_lr_plot,
     "schedules": cmd_schedules,
+    "export": cmd_export,
     "config-help": cmd_config_help,
 }
 
