@@ -193,3 +193,17 @@ def test_dataloader_workers_feed_the_same_batches(make_config, tmp_path):
         loop.run(cfg)
         runs[workers] = read_metrics(out)
     assert runs[0] == runs[2]
+
+
+def test_model_source_errors_name_the_source(tmp_path):
+    from trainer.config import ModelConfig
+    from trainer.models import ModelLoadError, load_components
+
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not really")
+    with pytest.raises(ModelLoadError, match=r"only \.safetensors checkpoints"):
+        load_components(ModelConfig(pretrained=str(pickled)))
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_components(ModelConfig(pretrained=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(ModelLoadError, match="could not load it"):
+        load_components(ModelConfig(pretrained=str(tmp_path)))
