@@ -69,11 +69,16 @@ def open_rgb(path: Path) -> tuple[Image.Image, str]:
     if size == 0:
         raise ImageProblem(f"{path}: empty file (0 bytes)")
     try:
-        with Image.open(path) as opened:
+        # No context manager: load() reads the whole file and releases it, and the decoded
+        # image stays usable without the full-size copy a `with` block would force.
+        opened = Image.open(path)
+        try:
             opened.load()  # decode now: a truncated file fails here, not mid-training
-            rotated = _has_orientation(opened)
-            image, note = _to_rgb(ImageOps.exif_transpose(opened))
-            image.load()
+        except BaseException:
+            opened.close()
+            raise
+        rotated = _has_orientation(opened)
+        image, note = _to_rgb(ImageOps.exif_transpose(opened) if rotated else opened)
     except UnidentifiedImageError as err:
         raise ImageProblem(f"{path}: not an image file, though named like one") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
