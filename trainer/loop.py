@@ -230,6 +230,7 @@ def run(config: RunConfig) -> TrainResult:
 
     # ---- the loop
     schedule = config.lr_scheduler
+    encoder = text_encoder if text_encoder is not None else parts.text_encoder  # trained or frozen
     every = config.checkpoint.every_n_steps
     stats = torch.zeros(2, device=device)  # [sum of micro-batch losses, stop requested]
     micro = update * plan.accumulation
@@ -251,7 +252,6 @@ def run(config: RunConfig) -> TrainResult:
                         hidden = batch["encoder_hidden_states"]
                     else:
                         with torch.set_grad_enabled(text_encoder is not None):
-                            encoder = text_encoder or parts.text_encoder
                             hidden = encoder(batch["input_ids"], return_dict=False)[0]
                     loss = step.diffusion_loss(
                         unet, parts.noise_scheduler, latents, hidden, rand,
@@ -290,7 +290,7 @@ def run(config: RunConfig) -> TrainResult:
                     with accelerator.autocast():
                         record["val_loss"] = validator.loss(
                             accelerator.unwrap_model(unet),
-                            accelerator.unwrap_model(text_encoder or parts.text_encoder),
+                            accelerator.unwrap_model(encoder),
                             parts.noise_scheduler,
                             device,
                         )
