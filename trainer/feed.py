@@ -117,16 +117,24 @@ def checked_examples(
     return prepared, checked.examples
 
 
-def build_feed(config: RunConfig, accelerator, parts, text_encoder_trained: bool) -> Feed:
-    """Check the dataset, fill the caches, and build the resumable loader.
+def build_feed(
+    config: RunConfig,
+    accelerator,
+    parts,
+    text_encoder_trained: bool,
+    prepared: data.Prepared,
+    val_examples: list[data.Example],
+) -> Feed:
+    """Fill the caches and build the resumable loader over already checked examples.
 
     Args:
         config: The run config.
         accelerator: For process index/count and the device.
         parts: The loaded models (the VAE and text encoder fill the caches).
         text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
+        prepared: The checked training examples (:func:`checked_examples`).
+        val_examples: The held-out examples.
     """
-    prepared, val_examples = checked_examples(config, accelerator.is_main_process)
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
 
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)

@@ -25,7 +25,7 @@ from schedulers import schedule_state
 from trainer import checkpoint as ckpt
 from trainer import lora, models, step
 from trainer.config import ConfigError, RunConfig, to_toml
-from trainer.feed import build_feed
+from trainer.feed import build_feed, checked_examples
 from trainer.order import seed_for
 from trainer.plan import plan_run
 from trainer.resume import find_resume_point, restore_checkpoint, save_checkpoint
@@ -161,6 +161,9 @@ def run(config: RunConfig) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_tmp(output_dir)
 
+    # ---- data first: every image is checked before minutes go into loading the models
+    prepared, val_examples = checked_examples(config, accelerator.is_main_process)
+
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
     parts = models.load_components(config.model, weight_dtype)
     device = accelerator.device
@@ -176,8 +179,9 @@ def run(config: RunConfig) -> TrainResult:
         if text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
 
-    # ---- data: checked up front; the order is planned by counters so it can resume
-    feed = build_feed(config, accelerator, parts, text_encoder is not None)
+    # ---- caches and loader; the order is planned by counters so it can resume
+    trains_text = text_encoder is not None
+    feed = build_feed(config, accelerator, parts, trains_text, prepared, val_examples)
     plan = plan_run(config, feed.prepared.groups, accelerator.num_processes)
     validator = None
     if feed.validation:
