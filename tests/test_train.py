@@ -207,3 +207,22 @@ def test_model_source_errors_name_the_source(tmp_path):
         load_components(ModelConfig(pretrained=str(tmp_path / "missing.safetensors")))
     with pytest.raises(ModelLoadError, match="could not load it"):
         load_components(ModelConfig(pretrained=str(tmp_path)))
+
+
+def test_tensorboard_gets_the_loss_and_every_param_groups_lr(make_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    cfg = make_config(
+        'logging.tracker="tensorboard"',
+        "lora.train_text_encoder=true",
+        "train.text_encoder_lr=5e-5",
+        "train.max_steps=3",
+        output=out,
+    )
+    loop.run(cfg)
+    events = out / "logs" / cfg.logging.project  # the run's scalars (hparams go one level down)
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/lr_group0", "train/lr_group1"} <= set(scalars)
+    lrs = [e.value for e in EventAccumulator(str(events)).Reload().Scalars("train/lr_group1")]
+    assert lrs == pytest.approx([r["lr"][1] for r in read_metrics(out)], rel=1e-6)
