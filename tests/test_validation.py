@@ -75,3 +75,28 @@ def test_run_reports_val_loss_on_schedule(make_config, tmp_path):
     assert all(math.isfinite(r["val_loss"]) for r in records if "val_loss" in r)
     # 16 images, 4 held out: 12 train → 3 micro-batches of 4 per epoch
     assert records[-1]["samples"] == 5 * 2 * 4
+
+
+def test_samples_are_written_at_validation_points_with_a_fixed_seed(make_config, tmp_path):
+    from PIL import Image
+
+    settings = (
+        "train.max_steps=4",
+        "validation.every_n_steps=2",
+        'validation.prompts=["a red circle", "a blue square"]',
+        "validation.sample_steps=2",
+    )
+    for name in ("a", "b"):
+        loop.run(make_config(*settings, output=tmp_path / name))
+    a, b = tmp_path / "a" / "samples", tmp_path / "b" / "samples"
+    assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*.png")) == [
+        "step-000002/00.png",
+        "step-000002/01.png",
+        "step-000004/00.png",
+        "step-000004/01.png",
+    ]
+    for path in a.rglob("*.png"):
+        image = Image.open(path)
+        assert image.size == (64, 64)
+        # Same config, same seed: the same image, so differences between runs are the weights.
+        assert image.tobytes() == Image.open(b / path.relative_to(a)).tobytes()

@@ -185,6 +185,8 @@ def cross_checks(config: RunConfig) -> list[str]:
         p.append(f"validation.fraction: {val.fraction} must be in [0, 1)")
     if val.fraction and val.path:
         p.append("validation.fraction / validation.path: set one, not both")
+    if val.sample_steps < 1 or val.guidance_scale < 0:
+        p.append("validation.sample_steps must be >= 1 and guidance_scale >= 0")
     if val.every_n_steps < 0 or val.timesteps < 1 or val.batch_size < 1:
         p.append("validation.every_n_steps must be >= 0; timesteps and batch_size >= 1")
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last < 0:

@@ -31,7 +31,7 @@ from trainer.plan import plan_run
 from trainer.resume import find_resume_point, restore_checkpoint, save_checkpoint
 from trainer.signals import StopRequest
 from trainer.tracking import Tracker, flat_hparams, truncate_metrics
-from trainer.validation import Validator
+from trainer.validation import Validator, write_samples
 
 log = logging.getLogger("sdlora")
 
@@ -287,16 +287,30 @@ def run(config: RunConfig) -> TrainResult:
                     "epoch": (micro - 1) // plan.micro_batches_per_epoch,
                     "samples": micro * train.batch_size * accelerator.num_processes,
                 }
-                val_every = config.validation.every_n_steps
-                if validator and (
-                    update == plan.total_updates or (val_every and update % val_every == 0)
-                ):
+                val = config.validation
+                val_due = update == plan.total_updates or (
+                    val.every_n_steps and update % val.every_n_steps == 0
+                )
+                if val_due and validator:
                     with accelerator.autocast():
                         record["val_loss"] = validator.loss(
                             accelerator.unwrap_model(unet),
                             accelerator.unwrap_model(encoder),
                             parts.noise_scheduler,
                             device,
+                        )
+                if val_due and val.prompts and accelerator.is_main_process:
+                    with accelerator.autocast():
+                        write_samples(
+                            output_dir / "samples" / f"step-{update:06d}",
+                            val.prompts,
+                            parts,
+                            accelerator.unwrap_model(unet),
+                            accelerator.unwrap_model(encoder),
+                            config.data.resolution,
+                            val.sample_steps,
+                            val.guidance_scale,
+                            val.sample_seed,
                         )
                 tracker.update(record)
                 interrupted = bool(totals[1].item()) and update < plan.total_updates

@@ -140,7 +140,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """[validation]: a held-out set scored with a fixed-seed loss."""
+    """[validation]: a held-out set scored with a fixed-seed loss, and fixed-seed samples."""
 
     fraction: float = doc("Hold out this fraction of the distinct images (seeded); 0 = none", 0.0)
     path: str = doc("A separate validation folder (same layouts as data.path); empty = none", "")
@@ -149,6 +149,12 @@ class ValidationConfig:
     )
     timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
     batch_size: int = doc("Examples per validation forward pass", 4)
+    prompts: tuple[str, ...] = doc(
+        "Prompts sampled at every validation point into output_dir/samples/; empty = none", []
+    )
+    sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
+    guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
+    sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)
 
 
 @dataclass(frozen=True)
