@@ -32,21 +32,31 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_dataset(tmp_path_factory.mktemp("data") / "shapes", count=16)
 
 
-@pytest.fixture
-def make_config(tiny_model, tiny_data, tmp_path):
-    """Build a RunConfig from configs/tiny.toml pointed at the session's model and data.
-
-    Extra ``--set`` style overrides are applied on top, e.g. ``make_config("train.max_steps=3")``.
-    """
+@pytest.fixture(scope="session")
+def tiny_config(tiny_model, tiny_data):
+    """``tiny_config(output, *overrides)``: configs/tiny.toml pointed at the session's model and
+    data, writing to ``output``, with ``--set`` style overrides on top (usable from fixtures of
+    any scope)."""
     from trainer import config
 
-    def build(*overrides: str, output: Path | None = None):
+    def build(output: Path, *overrides: str):
         base = [
             f'model.pretrained="{tiny_model}"',
             f'data.path="{tiny_data}"',
-            f'output_dir="{output or tmp_path / "out"}"',
+            f'output_dir="{output}"',
             'logging.tracker="none"',
         ]
         return config.load(TINY_TOML, [*base, *overrides])
+
+    return build
+
+
+@pytest.fixture
+def make_config(tiny_config, tmp_path):
+    """Like ``tiny_config``, writing to ``tmp_path / "out"`` unless ``output`` is given, e.g.
+    ``make_config("train.max_steps=3")``."""
+
+    def build(*overrides: str, output: Path | None = None):
+        return tiny_config(output or tmp_path / "out", *overrides)
 
     return build

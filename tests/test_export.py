@@ -15,25 +15,17 @@ from trainer.lora import WEIGHTS_NAME
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tiny_data, tmp_path_factory):
+def trained(tiny_config, tmp_path_factory):
     """A LoRA whose alpha differs from its rank, on the UNet and the text encoder."""
-    from trainer import config
-
     out = tmp_path_factory.mktemp("export")
-    cfg = config.load(
-        "configs/tiny.toml",
-        [
-            f'model.pretrained="{tiny_model}"',
-            f'data.path="{tiny_data}"',
-            f'output_dir="{out}"',
-            'logging.tracker="none"',
-            "train.max_steps=3",
-            "train.learning_rate=1e-2",
-            "lora.rank=4",
-            "lora.alpha=8.0",
-            "lora.train_text_encoder=true",
-            'lora.save_dtype="fp32"',
-        ],
+    cfg = tiny_config(
+        out,
+        "train.max_steps=3",
+        "train.learning_rate=1e-2",
+        "lora.rank=4",
+        "lora.alpha=8.0",
+        "lora.train_text_encoder=true",
+        'lora.save_dtype="fp32"',
     )
     loop.run(cfg)
     return out

@@ -46,14 +46,10 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, tiny_data, tmp_path_factory):
+def reference(tiny_config, tmp_path_factory):
     """The uninterrupted run: 8 updates with checkpoints at 3 and 6 (and 8 at the end)."""
-    from trainer import config
-
     out = tmp_path_factory.mktemp("reference")
-    base = [f'model.pretrained="{tiny_model}"', f'data.path="{tiny_data}"', f'output_dir="{out}"']
-    cfg = config.load("configs/tiny.toml", [*base, 'logging.tracker="none"', *EXACT])
-    loop.run(cfg)
+    loop.run(tiny_config(out, *EXACT))
     return out
 
 

@@ -14,25 +14,16 @@ from trainer.tracking import read_metrics
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tiny_data, tmp_path_factory):
+def trained(tiny_config, tmp_path_factory):
     """One short run shared by the tests of this module: 3 updates of 2 × accumulation 2."""
-    from trainer import config
-
-    out = tmp_path_factory.mktemp("run")
-    cfg = config.load(
-        "configs/tiny.toml",
-        [
-            f'model.pretrained="{tiny_model}"',
-            f'data.path="{tiny_data}"',
-            f'output_dir="{out}"',
-            'logging.tracker="none"',
-            "train.max_steps=3",
-            "train.batch_size=2",
-            "train.gradient_accumulation_steps=2",
-            "train.learning_rate=1e-2",
-            'lora.save_dtype="fp32"',
-            "lr_scheduler.warmup_steps=0",
-        ],
+    cfg = tiny_config(
+        tmp_path_factory.mktemp("run"),
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.gradient_accumulation_steps=2",
+        "train.learning_rate=1e-2",
+        'lora.save_dtype="fp32"',
+        "lr_scheduler.warmup_steps=0",
     )
     return cfg, loop.run(cfg)
 
