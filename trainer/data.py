@@ -259,6 +259,17 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
     return ", ".join(t for t in head + tail if t)
 
 
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids of captions, padded/truncated to the tokenizer's length (77 for CLIP)."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
 class CaptionedImages(torch.utils.data.Dataset):
     """Map-style dataset indexed by ``(example_index, draw_seed)`` pairs.
 
@@ -286,14 +297,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         return len(self.examples)
 
     def tokenize(self, caption: str) -> torch.Tensor:
-        """Token ids padded/truncated to the tokenizer's length (77 for CLIP)."""
-        return self.tokenizer(
-            caption,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
+        """Token ids of one caption, padded/truncated to the tokenizer's length."""
+        return tokenize(self.tokenizer, [caption])[0]
 
     def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
         """The random choices for one example: flip, caption, and the rng for the crop."""

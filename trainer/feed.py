@@ -78,13 +78,10 @@ def _fill_latent_cache(
         for i, e in enumerate(prepared.examples)
         for flip in flips
     }
-    jobs = list(
-        {
-            keys[(i, flip)]: (keys[(i, flip)], e.path, e.size, flip)
-            for i, e in enumerate(prepared.examples)
-            for flip in flips
-        }.values()
-    )
+    examples = prepared.examples
+    # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
+    jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
+    jobs = list(jobs.values())
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(

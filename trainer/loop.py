@@ -199,7 +199,7 @@ def run(config: RunConfig) -> TrainResult:
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if text_encoder is not None else None
     trained = prepared[:-1]
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = config.base_lrs()
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     # ---- resume: weights, optimizer, scaler; the data position follows from the update

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer import images, step
-from trainer.data import Example, Record
+from trainer.data import Example, Record, tokenize
 from trainer.order import seed_for
 
 
@@ -66,13 +66,7 @@ class Validator:
                 )
                 with torch.no_grad():
                     mean, std = step.posterior(vae, pixels.to(device, dtype))
-                ids = tokenizer(
-                    [e.caption for e in group],
-                    padding="max_length",
-                    truncation=True,
-                    max_length=tokenizer.model_max_length,
-                    return_tensors="pt",
-                ).input_ids
+                ids = tokenize(tokenizer, [e.caption for e in group])
                 seeds = [seed_for(seed, "val", str(e.path)) for e in group]
                 self.batches.append((ids, mean.float().cpu(), std.float().cpu(), seeds))
 
