@@ -23,8 +23,9 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from schedulers.base import Schedule
-from schedulers.errors import ScheduleConfigError
+from schedulers.errors import SOURCE
 from schedulers.state import schedule_from_state, schedule_state
+from typedtables import ConfigError
 
 
 class ScheduleLR(LRScheduler):
@@ -38,7 +39,7 @@ class ScheduleLR(LRScheduler):
         last_epoch: As in PyTorch: -1 starts a run; ``k`` resumes after update ``k``.
 
     Raises:
-        ScheduleConfigError: The schedule is invalid or does not fit ``total_steps``.
+        ConfigError: The schedule is invalid or does not fit ``total_steps``.
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class ScheduleLR(LRScheduler):
     ) -> None:
         problems = schedule.check(total_steps)
         if problems:
-            raise ScheduleConfigError(problems)
+            raise ConfigError(problems, SOURCE)
         self.schedule = schedule
         self.total_steps = total_steps
         super().__init__(optimizer, last_epoch)

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from schedulers.fields import doc, field_problems
+from typedtables import doc, field_problems
 
 WarmupShape = Literal["linear", "cosine", "exponential"]
 
@@ -51,7 +51,7 @@ class Schedule:
     """Base of every LR schedule: shared warmup fields and the ``lr()`` contract.
 
     Subclasses are ``@dataclass(frozen=True)``, give every field a one-line doc with
-    :func:`schedulers.fields.doc`, and implement :meth:`after_warmup` (or, for a decay
+    :func:`typedtables.doc`, and implement :meth:`after_warmup` (or, for a decay
     towards a floor, subclass :class:`DecaySchedule` and implement ``decay``).
     """
 

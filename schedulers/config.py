@@ -8,7 +8,6 @@ valid key. Nothing is silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 from collections.abc import Mapping
@@ -16,8 +15,8 @@ from typing import Any
 
 from schedulers import registry
 from schedulers.base import Schedule
-from schedulers.errors import ScheduleConfigError, ScheduleRegistryError, UnknownScheduleError
-from schedulers.fields import check_value, field_types, type_name
+from schedulers.errors import SOURCE, ScheduleRegistryError, UnknownScheduleError
+from typedtables import ConfigError, build_table, describe_table, field_types, toml_value
 
 # Names other trainers use for our keys, so a ported config gets a precise hint.
 PEER_NAMES = {
@@ -52,45 +51,38 @@ def from_table(table: Mapping[str, Any], where: str = "lr_scheduler") -> Schedul
         The schedule, valid apart from run-length checks (see ``Schedule.check``).
 
     Raises:
-        ScheduleConfigError: With every problem found, each naming ``<where>.<key>``.
+        ConfigError: With every problem found, each naming ``<where>.<key>``.
     """
+    problems: list[str] = []
+    schedule = build(table, where, problems)
+    if problems:
+        raise ConfigError(problems, SOURCE)
+    return schedule
+
+
+def build(table: Any, where: str, problems: list[str]) -> Schedule:
+    """Like :func:`from_table`, appending problems to ``problems`` instead of raising (for a
+    caller that reports a whole config at once). Returns ``constant`` when the name is bad."""
+    fallback = registry.get("constant")()
     if not isinstance(table, Mapping):
-        raise ScheduleConfigError([f"[{where}]: expected a table, got {type(table).__name__}"])
+        problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
+        return fallback
     name = table.get("name")
     if name is None:
-        raise ScheduleConfigError(
-            [f"{where}.name: required; one of {', '.join(registry.available())}"]
-        )
+        problems.append(f"{where}.name: required; one of {', '.join(registry.available())}")
+        return fallback
     if not isinstance(name, str):
-        raise ScheduleConfigError(
-            [f"{where}.name: expected a schedule name (str), got {type(name).__name__} {name!r}"]
+        problems.append(
+            f"{where}.name: expected a schedule name (str), got {type(name).__name__} {name!r}"
         )
+        return fallback
     try:
         cls = registry.get(name)
     except (UnknownScheduleError, ScheduleRegistryError) as err:
         # Without the class there is no schema to check the other keys against.
-        raise ScheduleConfigError([f"{where}.name: {err}"]) from err
-
-    problems: list[str] = []
-    types = field_types(cls)
-    values: dict[str, Any] = {}
-    for key, raw in table.items():
-        if key == "name":
-            continue
-        if key not in types:
-            problems.append(unknown_key(cls, key, where))
-            continue
-        value, problem = check_value(raw, types[key])
-        if problem:
-            problems.append(f"{where}.{key}: {problem}")
-        else:
-            values[key] = value
-    # Ill-typed keys were left out, so the range checks below see only well-typed values.
-    schedule = cls(**values)
-    problems += schedule.problems(where)
-    if problems:
-        raise ScheduleConfigError(problems)
-    return schedule
+        problems.append(f"{where}.name: {err}")
+        return fallback
+    return build_table(cls, table, where, problems, unknown=unknown_key, skip=("name",))
 
 
 def unknown_key(cls: type[Schedule], key: str, where: str) -> str:
@@ -124,21 +116,12 @@ def describe(name: str) -> str:
 
     Returns:
         Multi-line text: ``name``, the class docstring, then one line per key with its type,
-        default and doc.
+        TOML default and doc.
     """
     cls = registry.get(name)
     lines = [f"{cls.name}", ""]
     text = inspect.getdoc(cls) or ""
     lines += [f"  {line}".rstrip() for line in text.splitlines()]
-    lines += ["", f"  keys of [lr_scheduler] with name = {cls.name!r}:"]
-    types = field_types(cls)
-    for f in dataclasses.fields(cls):
-        lines.append(
-            f"    {f.name} ({type_name(types[f.name])}, default {_shown(f.default)}): "
-            f"{f.metadata['doc']}"
-        )
+    lines += ["", f"  keys of [lr_scheduler] with name = {toml_value(cls.name)}:"]
+    lines.append(describe_table(cls, "", indent="    "))
     return "\n".join(lines)
-
-
-def _shown(value: Any) -> str:
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from schedulers.base import DecaySchedule
-from schedulers.fields import doc
 from schedulers.registry import register
+from typedtables import doc
 
 
 @register("cosine_with_restarts")

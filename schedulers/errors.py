@@ -4,21 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typedtables import ConfigError
 
-class ScheduleConfigError(ValueError):
-    """Every problem found in an ``[lr_scheduler]`` table, reported together.
-
-    Attributes:
-        problems: One human message per problem, each naming its key (``lr_scheduler.<key>``).
-    """
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__(self.problems)
-
-    def __str__(self) -> str:
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        return f"{len(self.problems)} problem(s) in the LR schedule:\n{lines}"
+# The one config error type of the project: a schedule's problems are config problems, and a
+# caller assembling a whole config collects them with every other table's.
+ScheduleConfigError = ConfigError
+SOURCE = "the LR schedule"
 
 
 class UnknownScheduleError(KeyError):

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 
 from schedulers.base import DecaySchedule
-from schedulers.fields import doc
 from schedulers.registry import register
+from typedtables import doc
 
 DEFAULT_TIMESCALE = 10_000
 

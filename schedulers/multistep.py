@@ -15,8 +15,8 @@ import bisect
 from dataclasses import dataclass
 
 from schedulers.base import DecaySchedule
-from schedulers.fields import doc, increasing_from_one
 from schedulers.registry import register
+from typedtables import doc, increasing_from_one
 
 
 @register("multistep")

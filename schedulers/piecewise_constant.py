@@ -18,8 +18,8 @@ import functools
 from dataclasses import dataclass
 
 from schedulers.base import Schedule
-from schedulers.fields import doc, increasing_from_one
 from schedulers.registry import register
+from typedtables import doc, increasing_from_one
 
 
 @functools.cache

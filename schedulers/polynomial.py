@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schedulers.base import EndLRSchedule
-from schedulers.fields import doc
 from schedulers.registry import register
+from typedtables import doc
 
 
 @register("polynomial")

@@ -111,7 +111,7 @@ def check_class(obj: object, what: str) -> None:
     if undocumented:
         raise ScheduleRegistryError(
             f"{what}: fields without a one-line doc: {', '.join(undocumented)}; declare them "
-            "with schedulers.fields.doc(text, default)"
+            "with typedtables.doc(text, default)"
         )
     if "name" in {f.name for f in dataclasses.fields(obj)}:
         raise ScheduleRegistryError(f"{what}: 'name' is reserved for the schedule's name")

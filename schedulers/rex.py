@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schedulers.base import DecaySchedule
-from schedulers.fields import doc
 from schedulers.registry import register
+from typedtables import doc
 
 
 @register("rex")

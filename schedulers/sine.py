@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 from schedulers.base import EndLRSchedule
-from schedulers.fields import doc
 from schedulers.registry import register
+from typedtables import doc
 
 
 @register("sine")

@@ -24,7 +24,8 @@ from typing import Any
 
 from schedulers.base import Schedule
 from schedulers.config import from_table
-from schedulers.errors import ScheduleConfigError
+from schedulers.errors import SOURCE
+from typedtables import ConfigError
 
 FORMAT = 1
 KEYS = ("format", "name", "params", "total_steps", "step", "base_lrs", "last_lrs")
@@ -70,21 +71,22 @@ def schedule_from_state(state: Mapping[str, Any]) -> Schedule:
         The schedule, validated like a TOML table.
 
     Raises:
-        ScheduleConfigError: The state is malformed, from an unknown format, or names a
+        ConfigError: The state is malformed, from an unknown format, or names a
             schedule or parameters that no longer load.
     """
     if not isinstance(state, Mapping):
-        raise ScheduleConfigError([f"lr_scheduler state: expected a dict, got {type(state)}"])
+        raise ConfigError([f"lr_scheduler state: expected a dict, got {type(state)}"], SOURCE)
     missing = [k for k in KEYS if k not in state]
     if missing:
-        raise ScheduleConfigError([f"lr_scheduler state: missing {', '.join(missing)}"])
+        raise ConfigError([f"lr_scheduler state: missing {', '.join(missing)}"], SOURCE)
     if state["format"] != FORMAT:
-        raise ScheduleConfigError(
+        raise ConfigError(
             [
                 f"lr_scheduler state: format {state['format']!r} is not {FORMAT}, the only "
                 "format this version reads"
-            ]
+            ],
+            SOURCE,
         )
     if not isinstance(state["params"], Mapping):
-        raise ScheduleConfigError(["lr_scheduler state: params must be a dict"])
+        raise ConfigError(["lr_scheduler state: params must be a dict"], SOURCE)
     return from_table({**state["params"], "name": state["name"]})

@@ -158,8 +158,10 @@ def test_allowed_schedule_change_continues_on_the_new_curve_at_the_true_step(
 def test_raising_max_steps_continues_without_restarting_warmup(reference, make_config, tmp_path):
     out = tmp_path / "longer"
     done = ckpt.step_dir(reference, 8)
-    with pytest.raises(ConfigError, match="max_steps"):
-        loop.run(make_config(*EXACT, f'checkpoint.resume="{done}"', output=out))
+    # Resuming the finished run unchanged trains nothing: it only writes the final outputs.
+    result = loop.run(make_config(*EXACT, f'checkpoint.resume="{done}"', output=out))
+    assert result.already_complete and result.updates == 8
+    assert_bitwise_equal(weights(out), weights(reference))
     more = [*EXACT[1:], "train.max_steps=12", f'checkpoint.resume="{done}"']
     cfg = make_config(*more, 'checkpoint.allow_change=["max_steps"]', output=out)
     loop.run(cfg)
@@ -181,8 +183,9 @@ def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(reference, make_conf
 
 
 def test_fresh_start_into_a_folder_with_checkpoints_is_refused(reference, make_config):
+    # Another config into the finished run's folder: its checkpoints are not touched.
     with pytest.raises(ConfigError, match="--resume latest"):
-        loop.run(make_config(*EXACT, output=reference))
+        loop.run(make_config(*EXACT, "train.seed=1", output=reference))
 
 
 def test_checkpoint_with_a_pickle_payload_is_refused(reference, make_config, tmp_path):
@@ -193,6 +196,10 @@ def test_checkpoint_with_a_pickle_payload_is_refused(reference, make_config, tmp
     bad = tmp_path / "bad" / "step-000003"
     shutil.copytree(ckpt.step_dir(reference, 3), bad)
     torch.save({"state": {}, "param_groups": [], "evil": Payload()}, bad / "optimizer.pt")
+    # A tampered checkpoint can carry matching records; the safe load must still refuse it.
+    state = json.loads((bad / "trainer_state.json").read_text())
+    state["files"]["optimizer.pt"] = ckpt.file_record(bad / "optimizer.pt")
+    (bad / "trainer_state.json").write_text(json.dumps(state))
     cfg = make_config(*EXACT, f'checkpoint.resume="{bad}"', output=tmp_path / "out")
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         loop.run(cfg)

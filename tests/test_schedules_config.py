@@ -40,8 +40,8 @@ def test_every_problem_is_reported_at_once_with_its_key_and_a_hint():
     expect = [
         "lr_scheduler.warmup_step: unknown key for the 'cosine' schedule; did you mean "
         "lr_scheduler.warmup_steps?",
-        "lr_scheduler.warmup_shape: 'cosin' is not one of 'linear' | 'cosine' | 'exponential'; "
-        "did you mean 'cosine'?",
+        'lr_scheduler.warmup_shape: "cosin" is not one of "linear" | "cosine" | "exponential"; '
+        'did you mean "cosine"?',
         "lr_scheduler.warmup_start_factor: expected float, got bool True",
         "lr_scheduler.lr_end: unknown key for the 'cosine' schedule; sdlora calls it "
         "lr_scheduler.min_lr",
@@ -127,10 +127,10 @@ def test_where_prefixes_every_key():
         ("milestones", 5, "multistep", "expected list of int, got int 5"),
         ("timescale", -1, "inverse_sqrt", "-1 must be >= 0"),
         ("decay_ratio", 1.5, "warmup_stable_decay", "1.5 must be in [0, 1]"),
-        ("decay_shape", "sqrt", "warmup_stable_decay", "'sqrt' is not one of"),
+        ("decay_shape", "sqrt", "warmup_stable_decay", '"sqrt" is not one of'),
         ("cycle_mult", 0.5, "cosine_with_restarts", "0.5 must be >= 1"),
         ("cycle_decay", 0, "cosine_with_restarts", "0.0 must be in (0, 1]"),
-        ("restart", "warm", "cosine_with_restarts", "'warm' is not one of 'hard' | 'soft'"),
+        ("restart", "warm", "cosine_with_restarts", '"warm" is not one of "hard" | "soft"'),
     ],
 )
 def test_out_of_range_and_wrong_type(key, value, schedule, message):
@@ -280,7 +280,7 @@ def test_describe_lists_every_key_with_type_default_and_doc(name):
 def test_describe_shows_lists_and_choices():
     text = schedulers.describe("multistep")
     assert "milestones (list of int, default []):" in text
-    assert "restart ('hard' | 'soft', default 'hard')" in schedulers.describe(
+    assert 'restart ("hard" | "soft", default "hard")' in schedulers.describe(
         "cosine_with_restarts"
     )
 

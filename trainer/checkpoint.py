@@ -12,20 +12,29 @@ done) holding:
 
 It is written into ``step-NNNNNN.tmp/``, every file fsynced, then renamed into place with
 ``os.replace``. A crash mid-save leaves only a ``.tmp`` folder, which is never read.
+
+``trainer_state.json`` records the size and SHA-256 of every other file, so damage (a
+truncated or altered file, a disk error) is detected before any model is loaded rather than
+guessed from a failed read. A checkpoint that fails the check is renamed to
+``step-NNNNNN.damaged`` (kept for inspection, never overwritten), and ``--resume latest``
+falls back to the newest intact one, saying so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.files import fsync_path, umask_mode
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -45,41 +54,132 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first. ``.tmp`` folders (interrupted saves) are skipped."""
+def step_of(folder: Path) -> int:
+    """The update count of a ``step-NNNNNN`` folder."""
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``step-NNNNNN`` folder, intact or not, oldest first (``.tmp`` and ``.damaged``
+    folders are not checkpoints)."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    complete = [p for p in found if (p / TRAINER_STATE).is_file()]
-    return sorted(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints that finished saving (they hold ``trainer_state.json``), oldest first."""
+    return [p for p in step_folders(output_dir) if (p / TRAINER_STATE).is_file()]
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest checkpoint that finished saving, or None (not verified: see :func:`verify`)."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file, as recorded in ``trainer_state.json`` and manifests."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def record_files(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """:func:`file_record` of each named file in ``folder``."""
+    return {name: file_record(folder / name) for name in sorted(names)}
+
+
+def check_records(folder: Path, records: dict[str, Any]) -> list[str]:
+    """Every file whose size or hash differs from its record, or that is missing."""
+    problems = []
+    for name, want in records.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want.get("size"):
+            problems.append(f"{path}: {size} bytes, but {want.get('size')} were written")
+        elif file_record(path)["sha256"] != want.get("sha256"):
+            problems.append(f"{path}: its content changed since it was written (hash mismatch)")
+    return problems
+
+
+# What a checkpoint written before trainer_state.json recorded its files must hold.
+REQUIRED = ("pytorch_lora_weights.safetensors", LR_SCHEDULER_STATE, OPTIMIZER_STATE)
+
+
+def verify(folder: Path) -> list[str]:
+    """Every problem that would stop a resume from ``folder``, each naming its file.
+
+    Reads no model: sizes and hashes against ``trainer_state.json``'s records (checkpoints
+    written before the records existed get a presence check).
+    """
+    state_path = folder / TRAINER_STATE
+    if not state_path.is_file():
+        return [f"{state_path}: missing (the save did not finish)"]
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return [f"{state_path}: not valid JSON ({err})"]
+    if not isinstance(state, dict) or "global_step" not in state:
+        return [f"{state_path}: not a trainer state (no global_step)"]
+    records = state.get("files")
+    if isinstance(records, dict):
+        return check_records(folder, records)
+    return [f"{folder / name}: missing" for name in REQUIRED if not (folder / name).is_file()]
+
+
+def quarantine(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (``step-NNNNNN.damaged``); return the new
+    path. It is kept for inspection, and no later save can overwrite it."""
+    target = folder.with_name(folder.name + ".damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.damaged-{n}")
+    os.replace(folder, target)
+    return target
+
+
+def newest_intact(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest checkpoint that verifies, and every newer one that does not (with why)."""
+    damaged = []
+    for folder in reversed(step_folders(output_dir)):
+        problems = verify(folder)
+        if not problems:
+            return folder, damaged
+        damaged.append((folder, problems))
+    return None, damaged
+
+
 def resolve(output_dir: str | Path, resume: str) -> Path | None:
-    """Turn ``--resume latest|PATH`` into a checkpoint folder (None: latest, but none yet)."""
-    if resume == "latest":
-        return find_latest(output_dir)
+    """Turn an explicit ``--resume PATH`` into a verified checkpoint folder.
+
+    Raises:
+        CheckpointError: naming the damaged file, or listing the checkpoints that exist.
+    """
     path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
+    if not path.is_dir():
+        found = [str(p) for p in list_checkpoints(output_dir)][-3:]
         raise CheckpointError(
-            f"--resume {resume}: not a complete checkpoint folder (no {TRAINER_STATE}); "
-            f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)][-3:]}"
+            f"--resume {resume}: no such checkpoint folder; use 'latest' or one of {found}"
+        )
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(
+            f"--resume {resume}: the checkpoint is damaged: {'; '.join(problems)}. "
+            "Use --resume latest to fall back to the newest intact checkpoint."
         )
     return path
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync = fsync_path
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -98,7 +198,9 @@ def save_atomic(final: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write(tmp)
+    mode = umask_mode()
     for f in tmp.iterdir():
+        os.chmod(f, mode)  # safetensors writes 0600; a checkpoint is as readable as any file
         _fsync(f)
     _fsync(tmp)
     if final.exists():  # the same step saved again (e.g. a signal right after a save)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEYS",
         help="comma-separated config keys or tables that may differ from the checkpoint's, "
         "e.g. max_steps,lr_scheduler (same as checkpoint.allow_change)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove the weights, checkpoints, metrics and logs an earlier run left "
+        "in output_dir (never done without this flag)",
     )
     plot = sub.add_parser(
         "lr-plot", help="preview the LR of every param group at every update (no model needed)"
@@ -95,21 +102,73 @@ def cmd_train(args: argparse.Namespace) -> int:
         keys = [k.strip() for k in args.allow_change.split(",") if k.strip()]
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
-    result = loop.run(cfg)
+    result = loop.run(cfg, overwrite=args.overwrite)
     if not result.is_main_process:
         return 130 if result.interrupted else 0
     if result.interrupted:
-        command = " ".join(shlex.quote(a) for a in [*_launcher(), "--config", args.config])
-        print(f"stopped after {result.updates} updates; resume with:\n  {command} --resume latest")
+        print(
+            f"stopped after {result.updates} updates; resume with:\n  {resume_command()}",
+            flush=True,
+        )
         return 130
+    if result.already_complete:
+        for message in result.messages:
+            print(message)
+        print(f"nothing to train: the run in {result.output_dir} is complete")
+        return 0
     print(f"done: {result.updates} updates; LoRA weights in {result.output_dir}")
     return 0
 
 
-def _launcher() -> list[str]:
-    """How this process was started, for the resume hint (train.py or the sdlora script)."""
-    script = Path(sys.argv[0]).name
-    return ["accelerate", "launch", "train.py"] if script == "train.py" else ["sdlora", "train"]
+def resume_command(argv: Sequence[str] | None = None, parent: Sequence[str] | None = None) -> str:
+    """The shell command that resumes this run: how it was launched, every flag it was given
+    (``--set``, ``--allow-change``...), ``--resume latest`` instead of any ``--resume``, and no
+    ``--overwrite`` (which would start over), quoted for the shell and run from this folder.
+
+    Args:
+        argv: This process's arguments (default ``sys.argv``).
+        parent: The launching process's arguments, when it was ``accelerate launch`` (default:
+            read from /proc on Linux).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume=") or arg == "--overwrite":
+            continue
+        args.append(arg)
+    args += ["--resume", "latest"]
+    launcher = _launcher(argv[0], _parent_argv() if parent is None else parent)
+    command = " ".join(shlex.quote(a) for a in [*launcher, *args])
+    return f"cd {shlex.quote(os.getcwd())} && {command}"
+
+
+def _launcher(program: str, parent: Sequence[str]) -> list[str]:
+    """How this process was started: ``accelerate launch [its flags] train.py``, ``python
+    train.py`` or ``sdlora``, read from the launching process where it was accelerate."""
+    script = Path(program).name
+    if script == "train.py":
+        if "launch" in parent and any(Path(a).name == "accelerate" for a in parent):
+            start = next(i for i, a in enumerate(parent) if Path(a).name == "accelerate")
+            end = next((i for i, a in enumerate(parent) if Path(a).name == "train.py"), len(parent))
+            return [parent[start], *parent[start + 1 : end], program]
+        return [sys.executable, program]
+    if script == "sdlora":
+        return [program]
+    return [sys.executable, "-m", "trainer.cli"]
+
+
+def _parent_argv() -> list[str]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:  # not Linux, or not allowed: fall back to this process's own arguments
+        return []
+    return [a for a in raw.decode(errors="replace").split("\0") if a]
 
 
 def cmd_lr_plot(args: argparse.Namespace) -> int:

@@ -1,32 +1,28 @@
 """Typed, frozen run configuration loaded from strict TOML.
 
-Every table is a frozen dataclass (``trainer/schema.py``, re-exported here); every field
-carries a one-line doc (``metadata["doc"]``), which is also what ``sdlora config-help``
-prints. Fields are declared and type-checked with the same helpers as the LR schedules'
-fields (``schedulers.fields``). Loading checks every key against the schema and reports
-**all** problems at once, each naming its TOML path and, for a typo, the closest valid key.
-Nothing is silently ignored.
+Every table is a frozen dataclass (``trainer/schema.py``, re-exported here) built by the one
+table mechanism of the project, ``typedtables.build_table``, which the LR schedules use too:
+every key is checked against the schema and **all** problems are reported at once, each
+naming its TOML path and, for a typo, the closest valid key. Nothing is silently ignored.
+Each table runs its own checks; :func:`cross_checks` holds the rules that span tables.
 
-The ``[lr_scheduler]`` table is validated by the schedule registry (``schedulers.from_table``),
-because each schedule's dataclass is its own schema.
+The ``[lr_scheduler]`` table is resolved through the schedule registry
+(``schedulers.config.build``), because each schedule's dataclass is its own schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-import schedulers
-from schedulers import Schedule
-from schedulers.fields import check_value, type_name
+from schedulers import config as schedule_config
 from trainer.schema import (
+    MAX_UPDATES,
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
@@ -36,6 +32,15 @@ from trainer.schema import (
     TrainConfig,
     ValidationConfig,
     tables_hash,
+)
+from typedtables import (
+    ConfigError,
+    build_table,
+    check_value,
+    describe_table,
+    field_types,
+    toml_value,
+    unknown_key_hint,
 )
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "ValidationConfig",
     "build",
     "describe",
+    "flatten",
     "load",
     "read_toml",
     "tables_hash",
@@ -57,162 +63,71 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """Every problem found in a config, reported together."""
-
-    def __init__(self, problems: Sequence[str], source: str = "config") -> None:
-        self.problems = list(problems)
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
-
-
 # ---------------------------------------------------------------- loading and validation
-
-
-def _closest(key: str, options: Sequence[str]) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
-
-
-def _check_value(value: Any, tp: Any, path: str) -> tuple[Any, str | None]:
-    value, problem = check_value(value, tp)
-    return value, (f"{path}: {problem}" if problem else None)
-
-
-def _build_table(cls: type, table: Any, where: str, problems: list[str]) -> Any:
-    """Build one frozen table, appending every problem found instead of raising."""
-    if not isinstance(table, Mapping):
-        problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in table.items():
-        path = f"{where}.{key}"
-        if key not in names:
-            problems.append(f"{path}: unknown key{_closest(key, names)}")
-            continue
-        value, problem = _check_value(value, hints[key], path)
-        if problem:
-            problems.append(problem)
-        else:
-            values[key] = value
-    return cls(**values)
 
 
 def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     """Validate raw TOML data; return the frozen config or raise ConfigError with all problems."""
     problems: list[str] = []
-    hints = typing.get_type_hints(RunConfig)
-    names = [f.name for f in dataclasses.fields(RunConfig)]
-    values: dict[str, Any] = {}
+    types = field_types(RunConfig)
     for key, value in data.items():
-        if key not in names:
+        if key not in types:
             kind = "table" if isinstance(value, Mapping) else "key"
             shown = f"[{key}]" if kind == "table" else key
-            problems.append(f"{shown}: unknown top-level {kind}{_closest(key, names)}")
-            continue
-        tp = hints[key]
+            problems.append(
+                f"{shown}: unknown top-level {kind}{unknown_key_hint(key, list(types))}"
+            )
+    values: dict[str, Any] = {}
+    for key, tp in types.items():
         if key == "lr_scheduler":
-            values[key] = _build_schedule(value, problems)
+            table = data.get(key, {"name": "constant"})
+            values[key] = schedule_config.build(table, key, problems)
         elif dataclasses.is_dataclass(tp):
-            values[key] = _build_table(tp, value, key, problems)
-        else:
-            value, problem = _check_value(value, tp, key)
+            # An absent table is built from {} so its required keys are still reported.
+            values[key] = build_table(tp, data.get(key, {}), key, problems)
+        elif key in data:
+            value, problem = check_value(data[key], tp)
             if problem:
-                problems.append(problem)
+                problems.append(f"{key}: {problem}")
             else:
                 values[key] = value
     config = RunConfig(**values)
-    problems += cross_checks(config)
+    problems += [p for p in cross_checks(config) if p not in problems]
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
-def _build_schedule(table: Any, problems: list[str]) -> Schedule:
-    if not isinstance(table, Mapping):
-        problems.append(f"[lr_scheduler]: expected a table, got {type(table).__name__}")
-        return schedulers.get("constant")()
-    try:
-        return schedulers.from_table(table, where="lr_scheduler")
-    except schedulers.ScheduleConfigError as err:
-        problems.extend(err.problems)
-        return schedulers.get("constant")()
-
-
 def cross_checks(config: RunConfig) -> list[str]:
-    """Checks that involve more than one key, or ranges the type alone cannot express."""
+    """The rules that involve more than one table (each table checks its own keys)."""
     p: list[str] = []
-    m, lora, data, train = config.model, config.lora, config.data, config.train
-    if not m.pretrained:
-        p.append("model.pretrained: required; a diffusers folder, hub id or .safetensors file")
-    if not data.path:
-        p.append("data.path: required; the folder holding your images and captions")
-    if data.resolution < 8 or data.resolution % 8:
-        p.append(f"data.resolution: {data.resolution} must be a positive multiple of 8")
-    if not 0 <= data.caption_dropout <= 1:
-        p.append(f"data.caption_dropout: {data.caption_dropout} must be in [0, 1]")
-    if data.num_workers < 0:
-        p.append("data.num_workers: must be >= 0")
-    if data.bucket_step < 8 or data.bucket_step % 8:
-        p.append(f"data.bucket_step: {data.bucket_step} must be a positive multiple of 8")
-    if data.max_upscale < 1:
-        p.append(f"data.max_upscale: {data.max_upscale} must be >= 1 (1 = never upscale)")
-    if data.keep_tokens < 0:
-        p.append("data.keep_tokens: must be >= 0")
-    if data.cache_latents in ("memory", "disk") and not data.center_crop:
-        p.append(
-            f"data.cache_latents: {data.cache_latents!r} with data.center_crop = false would "
-            "train every epoch on the first random crop; use 'auto' or 'off'"
-        )
+    lora, data, train = config.lora, config.data, config.train
+    if not config.output_dir.strip():
+        p.append("output_dir: required; the folder the run writes into")
     if data.cache_text == "on" and (data.shuffle_tags or lora.train_text_encoder):
         why = "the text encoder is trained" if lora.train_text_encoder else "tags are shuffled"
         p.append(
             f"data.cache_text: 'on' while {why} would serve stale outputs; use 'auto' or 'off'"
         )
-    if lora.rank < 1:
-        p.append(f"lora.rank: {lora.rank} must be >= 1")
-    if lora.alpha <= 0:
-        p.append(f"lora.alpha: {lora.alpha} must be > 0")
-    if not 0 <= lora.dropout < 1:
-        p.append(f"lora.dropout: {lora.dropout} must be in [0, 1)")
-    if not lora.target_modules:
-        p.append("lora.target_modules: empty; name at least one module, e.g. 'to_q'")
-    val = config.validation
-    if not 0 <= val.fraction < 1:
-        p.append(f"validation.fraction: {val.fraction} must be in [0, 1)")
-    if val.fraction and val.path:
-        p.append("validation.fraction / validation.path: set one, not both")
-    if val.sample_steps < 1 or val.guidance_scale < 0:
-        p.append("validation.sample_steps must be >= 1 and guidance_scale >= 0")
-    if val.every_n_steps < 0 or val.timesteps < 1 or val.batch_size < 1:
-        p.append("validation.every_n_steps must be >= 0; timesteps and batch_size >= 1")
-    if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last < 0:
-        p.append("checkpoint.every_n_steps / checkpoint.keep_last: must be >= 0")
-    for key in ("batch_size", "gradient_accumulation_steps"):
-        if getattr(train, key) < 1:
-            p.append(f"train.{key}: {getattr(train, key)} must be >= 1")
-    if train.max_steps < 0:
-        p.append(f"train.max_steps: {train.max_steps} must be >= 0 (0 uses train.epochs)")
-    if train.max_steps == 0 and train.epochs < 1:
-        p.append("train.epochs: must be >= 1 when train.max_steps is 0")
-    if train.learning_rate <= 0:
-        p.append(f"train.learning_rate: {train.learning_rate} must be > 0")
-    for key in ("text_encoder_lr", "weight_decay", "max_grad_norm", "noise_offset", "snr_gamma"):
-        if getattr(train, key) < 0:
-            p.append(f"train.{key}: {getattr(train, key)} must be >= 0")
-    if train.optimizer == "sgd" and train.optimizer_impl == "fused":
-        p.append("train.optimizer_impl: 'fused' SGD is not offered; use 'default' or 'foreach'")
     if train.text_encoder_lr and not lora.train_text_encoder:
         p.append(
             "train.text_encoder_lr: set, but lora.train_text_encoder is false; "
             "enable it or drop the key"
         )
-    if train.max_steps > 0:
+    if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     return p
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"train": {"seed": 1}}`` → ``{"train.seed": 1}`` (or ``train/seed`` with ``sep="/"``)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}{sep}", sep))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # ---------------------------------------------------------------- files and overrides
@@ -263,45 +178,39 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 
 def to_toml(data: Mapping[str, Any]) -> str:
     """Write plain config data as TOML (scalars, lists and one level of tables)."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)  # JSON string escapes are valid TOML basic strings
-        if isinstance(v, float):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return str(v)
-
-    top = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    top = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
     blocks = ["\n".join(top)] if top else []
     for name, table in data.items():
         if isinstance(table, Mapping):
-            body = "\n".join(f"{k} = {value(v)}" for k, v in table.items())
+            body = "\n".join(f"{k} = {toml_value(v)}" for k, v in table.items())
             blocks.append(f"[{name}]\n{body}")
     return "\n\n".join(blocks) + "\n"
 
 
+RECIPE_NOTE = (
+    "These are the built-in defaults. configs/lora.toml is a recipe, not this list: its values\n"
+    "(e.g. buckets, caches, a cosine schedule) differ from the defaults on purpose."
+)
+
+
 def describe() -> str:
-    """Every table and key with its type, default and doc: the config reference."""
-    lines = []
-    hints = typing.get_type_hints(RunConfig)
+    """Every table and key with its type, TOML default and doc: the config reference."""
+    lines = [RECIPE_NOTE, ""]
+    types = field_types(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"\n[{f.name}]")
-            sub_hints = typing.get_type_hints(tp)
-            for sub in dataclasses.fields(tp):
-                default = sub.default
-                lines.append(
-                    f"  {sub.name} ({type_name(sub_hints[sub.name])}, default {default!r}): "
-                    f"{sub.metadata['doc']}"
-                )
-        elif f.name == "lr_scheduler":
-            lines.append("\n[lr_scheduler]")
-            lines.append("  name + that schedule's fields; `sdlora schedules [NAME]` lists them")
+        tp = types[f.name]
+        if f.name == "lr_scheduler":
+            lines += [
+                "",
+                "[lr_scheduler]",
+                '  name (str, default "constant"): the LR schedule; `sdlora schedules` lists '
+                "them, and each takes its own keys: `sdlora schedules NAME` shows them",
+            ]
+        elif dataclasses.is_dataclass(tp):
+            lines += ["", describe_table(tp, f.name)]
         else:
-            lines.append(f"{f.name} ({type_name(tp)}, default {f.default!r}): {f.metadata['doc']}")
-    return "\n".join(lines).lstrip()
+            lines.append(
+                f"{f.name} ({tp.__name__ if isinstance(tp, type) else tp}, "
+                f"default {toml_value(f.default)}): {f.metadata['doc']}"
+            )
+    return "\n".join(lines)

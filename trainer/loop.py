@@ -1,6 +1,18 @@
-"""All of training's control flow, top to bottom: build, prepare, resume, loop, save.
+"""All of training's control flow, top to bottom: check → set up → train → finish.
 
-Read this file first. The rules it keeps:
+Read this file first. :func:`run` is the whole story in four calls:
+
+1. ``preflight.check``: everything that can fail without a model fails here, in seconds
+   (config, output folder, dataset, run length, model path, LoRA targets, which checkpoint to
+   resume), and a run that already finished is recognised without loading anything.
+2. :func:`setup`: load the models, attach the adapters, fill the caches, build the
+   optimizer, restore a checkpoint. It returns the one :class:`~trainer.state.RunState` the
+   other phases share.
+3. :func:`train`: micro-batches until the planned updates are done or a signal asks to stop.
+   :func:`apply_lr_schedule` is where the LR is set, before every optimizer update.
+4. :func:`finish`: the last checkpoint, then the final outputs written from it.
+
+The rules it keeps:
 - The loop counts optimizer updates itself and sets each param group's LR from the schedule
   before every update. The LR schedule is never given to ``accelerator.prepare`` (accelerate
   steps it once per process per update, and skips it when fp16 overflows).
@@ -21,33 +33,72 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from schedulers import schedule_state
-from trainer import checkpoint as ckpt
-from trainer import lora, models, step
+from schedulers import Schedule
+from trainer import final, lora, models, preflight, step
 from trainer.config import ConfigError, RunConfig, to_toml
-from trainer.feed import build_feed, checked_examples
+from trainer.dtypes import DTYPES
+from trainer.feed import build_feed
+from trainer.files import write_text
 from trainer.order import seed_for
-from trainer.plan import plan_run
-from trainer.resume import find_resume_point, restore_checkpoint, save_checkpoint
+from trainer.preflight import Checked
+from trainer.resume import restore_checkpoint, save_checkpoint
 from trainer.signals import StopRequest
+from trainer.state import RunState
 from trainer.tracking import Tracker, flat_hparams, truncate_metrics
 from trainer.validation import Validator, write_samples
 
 log = logging.getLogger("sdlora")
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves in memory (the files are in ``output_dir``)."""
+    """What a run leaves in memory (the files are in ``output_dir``)."""
 
     output_dir: Path
     updates: int
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None
     text_encoder: torch.nn.Module | None
     interrupted: bool = False
     is_main_process: bool = True
+    # Nothing was trained: the run had finished before (its outputs verified or rewritten).
+    already_complete: bool = False
+    messages: tuple[str, ...] = ()
+
+
+def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
+    """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
+
+    Args:
+        config: A validated run config.
+        overwrite: Replace what an earlier run left in ``output_dir`` (``--overwrite``).
+
+    Returns:
+        The output folder, the updates done, the unwrapped trained models (None when the run
+        had already finished), and whether the run stopped early on a signal.
+    """
+    accelerator = make_accelerator(config)
+    checked = preflight.check(config, accelerator.num_processes, overwrite)
+    if accelerator.is_main_process:
+        preflight.apply(checked, config, accelerator.num_processes)
+        for message in checked.messages:
+            log.warning(message) if "damaged" in message else log.info(message)
+    accelerator.wait_for_everyone()
+    if checked.complete:
+        return TrainResult(
+            Path(config.output_dir),
+            checked.updates_done,
+            None,
+            None,
+            is_main_process=accelerator.is_main_process,
+            already_complete=True,
+            messages=tuple(checked.messages),
+        )
+    state = setup(config, accelerator, checked)
+    interrupted = train(state)
+    return finish(state, interrupted)
+
+
+# ---------------------------------------------------------------- setup
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -85,6 +136,78 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
+def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunState:
+    """Load and prepare everything the loop needs; restore the checkpoint when resuming."""
+    train_cfg = config.train
+    set_seed(train_cfg.seed)  # model init draws (LoRA A matrices) are the same on every process
+    weight_dtype = DTYPES[train_cfg.mixed_precision]
+
+    # ---- models: frozen base in the compute dtype, adapters in fp32 on top
+    parts = models.load_components(config.model, weight_dtype)
+    for module in (parts.vae, parts.text_encoder, parts.unet):
+        module.to(accelerator.device)
+    text_encoder = parts.text_encoder if config.lora.train_text_encoder else None
+    lora.attach(parts.unet, text_encoder, config.lora)
+    attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
+    if train_cfg.compile:
+        parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
+    if train_cfg.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if text_encoder is not None:
+            text_encoder.gradient_checkpointing_enable()
+
+    # ---- caches and the loader; the order is planned by counters so it can resume
+    feed = build_feed(
+        config, accelerator, parts, text_encoder is not None, checked.prepared, checked.val_examples
+    )
+    validator = None
+    if feed.validation:
+        val = config.validation
+        validator = Validator(
+            feed.validation,
+            parts.tokenizer,
+            parts.vae,
+            val.timesteps,
+            train_cfg.seed,
+            val.batch_size,
+        )
+    if feed.cached_latents != "off":
+        parts.vae.to("cpu")  # not needed on the device while training from cached latents
+
+    # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
+    optimizer = build_optimizer(config, parts.unet, text_encoder)
+    trained = [parts.unet] if text_encoder is None else [parts.unet, text_encoder]
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    state = RunState(
+        config=config,
+        accelerator=accelerator,
+        plan=checked.plan,
+        parts=parts,
+        feed=feed,
+        unet=trained[0],
+        text_encoder=trained[1] if text_encoder is not None else None,
+        optimizer=optimizer,
+        validator=validator,
+        weight_dtype=weight_dtype,
+        resumed_from=checked.resume_from,
+    )
+
+    # ---- resume: weights, optimizer, scaler; the data position follows from the update
+    if checked.resume_from is not None:
+        state.update = restore_checkpoint(state, checked.resume_from)
+    state.tracker = start_logging(state)
+    state.tracker.message(
+        f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
+        f"{state.plan.micro_batches_per_epoch} micro-batches/epoch, "
+        f"{state.plan.total_updates} optimizer updates"
+        + (f" (resuming at {state.update} from {checked.resume_from})" if state.update else "")
+        + f", attention: {attention}, processes: {accelerator.num_processes}, "
+        f"precision: {train_cfg.mixed_precision}, latent cache: {feed.cached_latents}, "
+        f"text cache: {'on' if feed.cached_text else 'off'}"
+    )
+    return state
+
+
 def build_optimizer(
     config: RunConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
 ) -> torch.optim.Optimizer:
@@ -111,19 +234,96 @@ def build_optimizer(
     )
 
 
-def training_metadata(config: RunConfig, update: int, base_lrs: list[float]) -> dict:
-    """The facts about a run stored in the LoRA file header."""
-    return {
-        "base_model": config.model.pretrained,
-        "rank": config.lora.rank,
-        "alpha": config.lora.alpha,
-        "steps": update,
-        "seed": config.train.seed,
-        "resolution": config.data.resolution,
-        "text_encoder_trained": config.lora.train_text_encoder,
-        "lr_scheduler": {"name": config.lr_scheduler.name, **config.lr_scheduler.params()},
-        "base_lrs": base_lrs,
-    }
+def start_logging(state: RunState) -> Tracker:
+    """metrics.jsonl cut back to the resumed update, the resolved config, the trackers."""
+    config, accelerator = state.config, state.accelerator
+    enabled = config.logging.tracker != "none"
+    if accelerator.is_main_process:
+        truncate_metrics(state.output_dir, state.update)
+        write_text(state.output_dir / "config.toml", to_toml(config.to_dict()))
+        if enabled:
+            accelerator.init_trackers(config.logging.project, flat_hparams(config.to_dict()))
+    return Tracker(accelerator, state.output_dir, state.plan.total_updates, state.update, enabled)
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(state: RunState) -> bool:
+    """Run optimizer updates until the plan is done; return True when a signal stopped it.
+
+    A signal (SIGTERM/SIGINT) lets the current update finish, saves a checkpoint, and stops.
+    """
+    plan, feed = state.plan, state.feed
+    micro = state.update * plan.accumulation
+    loss_sum = torch.zeros((), device=state.accelerator.device)
+    with StopRequest() as stop:
+        while state.update < plan.total_updates:
+            # Continue the micro-batch stream where it is (an epoch may end mid-update).
+            feed.sampler.epoch, feed.sampler.start = divmod(micro, plan.micro_batches_per_epoch)
+            for batch in feed.loader:
+                loss_sum += micro_step(state, batch, micro)
+                micro += 1
+                if not state.accelerator.sync_gradients:
+                    continue
+                state.update += 1
+                stopped = after_update(state, micro, loss_sum, stop.requested)
+                loss_sum.zero_()
+                if stopped:
+                    return True
+                if state.update >= plan.total_updates:
+                    break
+    return False
+
+
+def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> torch.Tensor:
+    """Forward and backward of one micro-batch; on the last of an update, the optimizer step."""
+    config, accelerator = state.config, state.accelerator
+    device = accelerator.device
+    with accelerator.accumulate(*state.trained):
+        # LoRA dropout draws from the global generator: seed it per micro-batch.
+        torch.manual_seed(seed_for(config.train.seed, "micro", micro, accelerator.process_index))
+        rand = step.ExampleRandom(batch.pop("seed").tolist(), device)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        latents = encode_latents(batch, state.parts.vae, state.weight_dtype, rand)
+        hidden = encode_text(state, batch)
+        loss = step.diffusion_loss(
+            state.unet, state.parts.noise_scheduler, latents, hidden, rand,
+            config.train.noise_offset, config.train.snr_gamma,
+        )  # fmt: skip
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            apply_lr_schedule(
+                state.optimizer,
+                config.lr_scheduler,
+                state.update,
+                state.plan.total_updates,
+                config.base_lrs(),
+            )
+            if config.train.max_grad_norm:
+                params = [p for group in state.optimizer.param_groups for p in group["params"]]
+                accelerator.clip_grad_norm_(params, config.train.max_grad_norm)
+        state.optimizer.step()  # accelerate only steps on the last micro-batch of an update
+        state.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def apply_lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Schedule,
+    update: int,
+    total_updates: int,
+    base_lrs: list[float],
+) -> list[float]:
+    """Set every param group's LR for optimizer update ``update`` (0-based); return them.
+
+    The one place the LR is set. The schedule is a pure function of the update index, so a
+    resumed run, an accumulated run and a multi-process run all follow the same curve.
+    """
+    lrs = lr_scheduler.lrs(update, total_updates, base_lrs)
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    return lrs
 
 
 def encode_latents(
@@ -141,209 +341,89 @@ def encode_latents(
     return step.sample_latents(mean.float(), std.float(), rand)
 
 
-def run(config: RunConfig) -> TrainResult:
-    """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
+def encode_text(state: RunState, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The caption's hidden states: from the text cache, or from the (trained) encoder."""
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"]
+    with torch.set_grad_enabled(state.text_encoder is not None):
+        return state.encoder(batch["input_ids"], return_dict=False)[0]
 
-    Args:
-        config: A validated run config.
 
-    Returns:
-        The output folder, the updates done, the unwrapped trained models, and whether the
-        run stopped early on a signal.
-    """
-    accelerator = make_accelerator(config)
-    output_dir = Path(config.output_dir)
-    train = config.train
-    set_seed(train.seed)  # model init draws (LoRA A matrices) are the same on every process
-    weight_dtype = DTYPES[train.mixed_precision]
-    resume_from = find_resume_point(config, accelerator.num_processes)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_tmp(output_dir)
-
-    # ---- data first: every image is checked before minutes go into loading the models
-    prepared, val_examples = checked_examples(config, accelerator.is_main_process)
-
-    # ---- models: frozen base in the compute dtype, adapters in fp32 on top
-    parts = models.load_components(config.model, weight_dtype)
-    device = accelerator.device
-    for module in (parts.vae, parts.text_encoder, parts.unet):
-        module.to(device)
-    text_encoder = parts.text_encoder if config.lora.train_text_encoder else None
-    lora.attach(parts.unet, text_encoder, config.lora)
-    attention = models.enable_attention_backend(parts.unet, train.xformers)
-    if train.compile:
-        parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
-    if train.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
-
-    # ---- caches and loader; the order is planned by counters so it can resume
-    trains_text = text_encoder is not None
-    feed = build_feed(config, accelerator, parts, trains_text, prepared, val_examples)
-    plan = plan_run(config, feed.prepared.groups, accelerator.num_processes)
-    validator = None
-    if feed.validation:
-        val = config.validation
-        validator = Validator(
-            feed.validation, parts.tokenizer, parts.vae, val.timesteps, train.seed, val.batch_size
-        )
-    if feed.cached_latents != "off":
-        parts.vae.to("cpu")  # not needed on the device while training from cached latents
-
-    # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
-    optimizer = build_optimizer(config, parts.unet, text_encoder)
-    trained = [parts.unet] if text_encoder is None else [parts.unet, text_encoder]
-    prepared = accelerator.prepare(*trained, optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
-    text_encoder = prepared[1] if text_encoder is not None else None
-    trained = prepared[:-1]
-    base_lrs = config.base_lrs()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    # ---- resume: weights, optimizer, scaler; the data position follows from the update
-    update = 0
-    if resume_from is not None:
-        update = restore_checkpoint(resume_from, accelerator, unet, text_encoder, optimizer)
-        if update >= plan.total_updates:
-            raise ConfigError(
-                [
-                    f"train.max_steps: the checkpoint {resume_from} already has {update} "
-                    f"updates and this run has {plan.total_updates}; raise train.max_steps "
-                    "and pass --allow-change max_steps to train further"
-                ]
-            )
-    if accelerator.is_main_process:
-        truncate_metrics(output_dir, update)
-        (output_dir / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
-        if config.logging.tracker != "none":
-            accelerator.init_trackers(config.logging.project, flat_hparams(config.to_dict()))
-    tracker = Tracker(
-        accelerator, output_dir, plan.total_updates, update, config.logging.tracker != "none"
-    )
-    tracker.message(
-        f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
-        f"{plan.micro_batches_per_epoch} micro-batches/epoch, "
-        f"{plan.total_updates} optimizer updates"
-        + (f" (resuming at {update} from {resume_from})" if resume_from else "")
-        + f", attention: {attention}, processes: {accelerator.num_processes}, "
-        f"precision: {train.mixed_precision}, latent cache: {feed.cached_latents}, "
-        f"text cache: {'on' if feed.cached_text else 'off'}"
-    )
-
-    # ---- the loop
-    schedule = config.lr_scheduler
-    encoder = text_encoder if text_encoder is not None else parts.text_encoder  # trained or frozen
+def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool) -> bool:
+    """Record the update just done, validate and checkpoint when due; return True to stop."""
+    config, accelerator, plan, update = state.config, state.accelerator, state.plan, state.update
+    # One collective per update: the mean loss, and whether any process was signalled, so
+    # all processes stop (and save) at the same update.
+    stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
+    totals = accelerator.reduce(stats, reduction="sum")
+    record = {
+        "step": update,
+        "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
+        "lr": [group["lr"] for group in state.optimizer.param_groups],
+        "epoch": (micro - 1) // plan.micro_batches_per_epoch,
+        "samples": micro * config.train.batch_size * accelerator.num_processes,
+    }
+    val = config.validation
+    if update == plan.total_updates or (val.every_n_steps and update % val.every_n_steps == 0):
+        validate(state, record)
+    state.tracker.update(record)
+    interrupted = bool(totals[1].item()) and update < plan.total_updates
     every = config.checkpoint.every_n_steps
-    stats = torch.zeros(2, device=device)  # [sum of micro-batch losses, stop requested]
-    micro = update * plan.accumulation
-    interrupted = False
-    with StopRequest() as stop:
-        while update < plan.total_updates and not interrupted:
-            # Continue the micro-batch stream where it is (an epoch may end mid-update).
-            feed.sampler.epoch, feed.sampler.start = divmod(micro, plan.micro_batches_per_epoch)
-            for batch in feed.loader:
-                with accelerator.accumulate(*trained):
-                    # LoRA dropout draws from the global generator: seed it per micro-batch.
-                    torch.manual_seed(
-                        seed_for(train.seed, "micro", micro, accelerator.process_index)
-                    )
-                    rand = step.ExampleRandom(batch.pop("seed").tolist(), device)
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    latents = encode_latents(batch, parts.vae, weight_dtype, rand)
-                    if "encoder_hidden_states" in batch:
-                        hidden = batch["encoder_hidden_states"]
-                    else:
-                        with torch.set_grad_enabled(text_encoder is not None):
-                            hidden = encoder(batch["input_ids"], return_dict=False)[0]
-                    loss = step.diffusion_loss(
-                        unet, parts.noise_scheduler, latents, hidden, rand,
-                        train.noise_offset, train.snr_gamma,
-                    )  # fmt: skip
-                    accelerator.backward(loss)
-                    stats[0] += loss.detach()
-                    if accelerator.sync_gradients:
-                        lrs = schedule.lrs(update, plan.total_updates, base_lrs)
-                        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-                            group["lr"] = lr
-                        if train.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                update += 1
-                # One collective per update: the mean loss, and whether any process was
-                # signalled, so all processes stop (and save) at the same update.
-                stats[1] = float(stop.requested)
-                totals = accelerator.reduce(stats, reduction="sum")
-                stats.zero_()
-                record = {
-                    "step": update,
-                    "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
-                    "lr": lrs,
-                    "epoch": (micro - 1) // plan.micro_batches_per_epoch,
-                    "samples": micro * train.batch_size * accelerator.num_processes,
-                }
-                val = config.validation
-                val_due = update == plan.total_updates or (
-                    val.every_n_steps and update % val.every_n_steps == 0
-                )
-                if val_due and validator:
-                    with accelerator.autocast():
-                        record["val_loss"] = validator.loss(
-                            accelerator.unwrap_model(unet),
-                            accelerator.unwrap_model(encoder),
-                            parts.noise_scheduler,
-                            device,
-                        )
-                if val_due and val.prompts and accelerator.is_main_process:
-                    with accelerator.autocast():
-                        write_samples(
-                            output_dir / "samples" / f"step-{update:06d}",
-                            val.prompts,
-                            parts,
-                            accelerator.unwrap_model(unet),
-                            accelerator.unwrap_model(encoder),
-                            config.data.resolution,
-                            val.sample_steps,
-                            val.guidance_scale,
-                            val.sample_seed,
-                        )
-                tracker.update(record)
-                interrupted = bool(totals[1].item()) and update < plan.total_updates
-                due = every and update % every == 0 and update < plan.total_updates
-                if due or interrupted:
-                    args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
-                    folder = save_checkpoint(*args, base_lrs, resume_from)
-                    tracker.message(f"checkpoint: {folder}")
-                if interrupted or update >= plan.total_updates:
-                    break
+    if interrupted or (every and update % every == 0 and update < plan.total_updates):
+        state.tracker.message(f"checkpoint: {save_checkpoint(state)}")
+    return interrupted
 
-    # ---- the last checkpoint, the final weights with the schedule's state beside them
-    final_unet = accelerator.unwrap_model(unet)
-    final_te = accelerator.unwrap_model(text_encoder) if text_encoder is not None else None
-    if interrupted:
-        tracker.message(f"stopped at update {update}/{plan.total_updates} (checkpoint saved)")
-    else:
-        args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
-        save_checkpoint(*args, base_lrs, resume_from)
-        if accelerator.is_main_process:
-            path = lora.save(
-                output_dir,
-                final_unet,
-                final_te,
-                dtype=config.lora.save_dtype,
-                training_metadata=training_metadata(config, update, base_lrs),
+
+def validate(state: RunState, record: dict) -> None:
+    """The fixed-seed validation loss into ``record``, and the fixed-seed sample images."""
+    accelerator, val = state.accelerator, state.config.validation
+    unet, encoder = state.unwrapped(state.unet), state.unwrapped(state.encoder)
+    if state.validator is not None:
+        with accelerator.autocast():
+            record["val_loss"] = state.validator.loss(
+                unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
-            last_lrs = [group["lr"] for group in optimizer.param_groups]
-            state = schedule_state(schedule, plan.total_updates, update, base_lrs, last_lrs)
-            ckpt.write_json(output_dir / ckpt.LR_SCHEDULER_STATE, state)
-            tracker.message(f"saved {path}")
-    tracker.close()
+    if val.prompts and accelerator.is_main_process:
+        with accelerator.autocast():
+            write_samples(
+                state.output_dir / "samples" / f"step-{state.update:06d}",
+                val.prompts,
+                state.parts,
+                unet,
+                encoder,
+                state.config.data.resolution,
+                val.sample_steps,
+                val.guidance_scale,
+                val.sample_seed,
+            )
+
+
+# ---------------------------------------------------------------- finish
+
+
+def finish(state: RunState, interrupted: bool) -> TrainResult:
+    """The last checkpoint and the final outputs written from it; then close everything."""
+    accelerator, plan = state.accelerator, state.plan
+    if interrupted:
+        state.tracker.message(
+            f"stopped at update {state.update}/{plan.total_updates} (checkpoint saved)"
+        )
+    else:
+        folder = save_checkpoint(state)
+        if accelerator.is_main_process:
+            launch = {"num_processes": accelerator.num_processes}
+            path = final.write_outputs(folder, state.output_dir, state.config, launch)
+            state.tracker.message(f"saved {path}")
+    state.tracker.close()
     accelerator.wait_for_everyone()
+    # Last: it finishes the trackers and destroys the process group, so nothing collective
+    # may follow (calling it before wait_for_everyone crashed every multi-process run).
+    accelerator.end_training()
     return TrainResult(
-        output_dir, update, final_unet, final_te, interrupted, accelerator.is_main_process
+        state.output_dir,
+        state.update,
+        state.unwrapped(state.unet),
+        state.unwrapped(state.text_encoder),
+        interrupted,
+        accelerator.is_main_process,
     )

@@ -16,15 +16,16 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from trainer.config import LoraConfig
+from trainer import files
+from trainer.config import ConfigError, LoraConfig
+from trainer.dtypes import DTYPES
+from trainer.targets import target_problems
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 # The header key diffusers reads the adapter config from (diffusers.loaders.lora_base).
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 TRAINING_METADATA_KEY = "sdlora_training"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> PeftLoraConfig:
@@ -44,24 +45,33 @@ def attach(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: 
     fp32 adapters matter under fp16 AMP: fp16 master weights lose small updates and the
     GradScaler refuses to unscale fp16 gradients (diffusers #8871).
     """
-    unet.add_adapter(_peft_config(config.rank, config.alpha, config.dropout, config.target_modules))
+    # Checked on the live modules too: a single-file model skips the config-time check.
+    problems = target_problems("lora.target_modules", config.target_modules, unet)
+    if text_encoder is not None:
+        key = "lora.text_encoder_target_modules"
+        problems += target_problems(key, config.text_encoder_target_modules, text_encoder)
+    if problems:
+        raise ConfigError(problems)
+    _add_adapter(unet, "lora.target_modules", config.target_modules, config)
     modules = [unet]
     if text_encoder is not None:
-        text_encoder.add_adapter(
-            _peft_config(
-                config.rank, config.alpha, config.dropout, config.text_encoder_target_modules
-            )
-        )
+        targets = config.text_encoder_target_modules
+        _add_adapter(text_encoder, "lora.text_encoder_target_modules", targets, config)
         modules.append(text_encoder)
     for module in modules:
-        if not any(p.requires_grad for p in module.parameters()):
-            raise ValueError(
-                f"lora target modules matched nothing in the {type(module).__name__}; "
-                "check lora.target_modules / lora.text_encoder_target_modules"
-            )
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+
+
+def _add_adapter(
+    model: torch.nn.Module, key: str, targets: tuple[str, ...], config: LoraConfig
+) -> None:
+    try:
+        model.add_adapter(_peft_config(config.rank, config.alpha, config.dropout, targets))
+    except ValueError as err:  # e.g. a target that names a block, not a layer peft can adapt
+        first = str(err).splitlines()[0]
+        raise ConfigError([f"{key}: peft cannot adapt these modules ({first})"]) from err
 
 
 def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +125,7 @@ def save(
         TRAINING_METADATA_KEY: json.dumps(dict(training_metadata or {}), sort_keys=True),
     }
     path = folder / WEIGHTS_NAME
-    save_file(tensors, str(path), metadata=header)
+    files.save_safetensors(path, tensors, header)
     return path
 
 

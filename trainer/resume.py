@@ -26,16 +26,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from accelerate import Accelerator
+from typing import TYPE_CHECKING, Any
 
 from schedulers import schedule_state
 from trainer import checkpoint as ckpt
 from trainer import lora
-from trainer.config import ConfigError, RunConfig, read_toml, tables_hash, to_toml
-from trainer.plan import Plan
+from trainer.config import ConfigError, flatten, tables_hash, to_toml
+
+if TYPE_CHECKING:
+    from trainer.state import RunState
 
 log = logging.getLogger("sdlora")
 
@@ -43,17 +42,6 @@ log = logging.getLogger("sdlora")
 HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
 FREE_KEYS = ("output_dir", "logging.", "checkpoint.", "data.num_workers")
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"seed": 1}}`` → ``{"train.seed": 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -107,47 +95,10 @@ def comparable_config(config_data: dict, num_processes: int) -> dict:
     return {**config_data, "launch": {"num_processes": num_processes}}
 
 
-def find_resume_point(config: RunConfig, num_processes: int) -> Path | None:
-    """The checkpoint to resume from, after checking the config may resume it."""
-    output_dir = Path(config.output_dir)
-    if not config.checkpoint.resume:
-        if ckpt.list_checkpoints(output_dir):
-            raise ConfigError(
-                [
-                    f"output_dir = {str(output_dir)!r} already holds checkpoints of a run; "
-                    "resume it with --resume latest, or choose another output_dir"
-                ]
-            )
-        return None
-    folder = ckpt.resolve(output_dir, config.checkpoint.resume)
-    if folder is None:
-        log.info("--resume latest: no checkpoint in %s yet; starting from update 0", output_dir)
-        return None
-    saved = read_toml(folder / ckpt.CONFIG_NAME)
-    schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
-    saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
-    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
-    saved = comparable_config(saved, state["num_processes"])
-    current = comparable_config(config.to_dict(), num_processes)
-    allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
-    for key, old, new in allowed:
-        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
-    return folder
-
-
-def save_checkpoint(
-    config: RunConfig,
-    accelerator: Accelerator,
-    plan: Plan,
-    update: int,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-    base_lrs: list[float],
-    resumed_from: Path | None,
-) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically (main process) and prune old ones, never
-    the checkpoint this run resumed from."""
+def save_checkpoint(run: RunState) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` for the current update atomically (main process) and
+    prune old ones, never the checkpoint this run resumed from."""
+    config, accelerator, plan, update = run.config, run.accelerator, run.plan, run.update
     folder = ckpt.step_dir(config.output_dir, update)
     if accelerator.is_main_process:
         train = config.train
@@ -166,46 +117,41 @@ def save_checkpoint(
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
         }
-        last_lrs = [group["lr"] for group in optimizer.param_groups]
+        base_lrs = config.base_lrs()
+        last_lrs = [group["lr"] for group in run.optimizer.param_groups]
         lr_state = schedule_state(
             config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
         )
-        models_to_save = (
-            accelerator.unwrap_model(unet),
-            accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
-        )
+        unet, text_encoder = run.unwrapped(run.unet), run.unwrapped(run.text_encoder)
 
         def write(tmp: Path) -> None:
-            lora.save(tmp, *models_to_save, dtype="fp32", training_metadata=trainer_state)
+            lora.save(tmp, unet, text_encoder, dtype="fp32", training_metadata=trainer_state)
             ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
-            ckpt.write_json(tmp / ckpt.TRAINER_STATE, trainer_state)
-            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, optimizer.state_dict())
+            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, run.optimizer.state_dict())
             if accelerator.scaler is not None:
                 ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
             (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
+            # Written last: it records every other file's size and hash, so damage is found
+            # before a resume loads anything.
+            names = [p.name for p in tmp.iterdir()]
+            state = {**trainer_state, "files": ckpt.record_files(tmp, names)}
+            ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
 
         ckpt.save_atomic(folder, write)
-        protect = [folder] + ([resumed_from] if resumed_from else [])
+        protect = [folder] + ([run.resumed_from] if run.resumed_from else [])
         ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
     accelerator.wait_for_everyone()
     return folder
 
 
-def restore_checkpoint(
-    folder: Path,
-    accelerator: Accelerator,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer,
-) -> int:
+def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
     lora.load_into(
-        folder / lora.WEIGHTS_NAME,
-        accelerator.unwrap_model(unet),
-        accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+        folder / lora.WEIGHTS_NAME, run.unwrapped(run.unet), run.unwrapped(run.text_encoder)
     )
-    optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
-    if accelerator.scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
-        accelerator.scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
+    run.optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
+    scaler = run.accelerator.scaler
+    if scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
+        scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
     return int(state["global_step"])

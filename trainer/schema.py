@@ -1,8 +1,9 @@
 """The run config's schema: one frozen dataclass per TOML table, every field documented.
 
 Each field's one-line doc (``metadata["doc"]``) is what ``sdlora config-help`` prints and what
-``configs/lora.toml`` explains; a test keeps the two in step. Loading and validation live in
-``trainer/config.py``.
+``configs/lora.toml`` explains; a test keeps the two in step. Each table owns the checks that
+involve only its own keys (its ``problems(where)`` method, run by ``typedtables.build_table``);
+rules that span tables are in ``trainer/config.py`` ``cross_checks``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from typing import Any, Literal
 
 import schedulers
 from schedulers import Schedule
-from schedulers.fields import doc
+from typedtables import doc
+
+# Bounds beyond which a value is a typo, not a plan (10**12 updates would be an ETA of
+# millions of hours); every real SD run sits far inside them.
+MAX_UPDATES = 10_000_000
+MAX_RESOLUTION = 4096
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,14 @@ class ModelConfig:
         "Override the noise scheduler's prediction type; empty reads it from the model", ""
     )
 
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        if not self.pretrained.strip():
+            return [
+                f"{where}.pretrained: required; a diffusers folder, hub id or .safetensors file"
+            ]
+        return []
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -55,6 +69,21 @@ class LoraConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
         "dtype of the final exported weights (checkpoints always keep fp32)", "fp16"
     )
+
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        if self.rank < 1:
+            p.append(f"{where}.rank: {self.rank} must be >= 1")
+        if self.alpha <= 0:
+            p.append(f"{where}.alpha: {self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            p.append(f"{where}.dropout: {self.dropout} must be in [0, 1)")
+        for key in ("target_modules", "text_encoder_target_modules"):
+            names = getattr(self, key)
+            if not names or any(not n.strip() for n in names):
+                p.append(f"{where}.{key}: name at least one module and no empty names, e.g. 'to_q'")
+        return p
 
 
 @dataclass(frozen=True)
@@ -101,6 +130,40 @@ class DataConfig:
     num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
     persistent_workers: bool = doc("Keep DataLoader workers alive between epochs", True)
 
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        if not self.path.strip():
+            p.append(f"{where}.path: required; the folder holding your images and captions")
+        if self.resolution < 8 or self.resolution % 8:
+            p.append(f"{where}.resolution: {self.resolution} must be a positive multiple of 8")
+        elif self.resolution > MAX_RESOLUTION:
+            p.append(
+                f"{where}.resolution: {self.resolution} px is beyond any SD model "
+                f"(at most {MAX_RESOLUTION}); SD 1.x trains at 512, SDXL at 1024"
+            )
+        if not 0 <= self.caption_dropout <= 1:
+            p.append(f"{where}.caption_dropout: {self.caption_dropout} must be in [0, 1]")
+        if self.num_workers < 0:
+            p.append(f"{where}.num_workers: must be >= 0")
+        if self.bucket_step < 8 or self.bucket_step % 8:
+            p.append(f"{where}.bucket_step: {self.bucket_step} must be a positive multiple of 8")
+        if self.max_upscale < 1:
+            p.append(f"{where}.max_upscale: {self.max_upscale} must be >= 1 (1 = never upscale)")
+        if self.keep_tokens < 0:
+            p.append(f"{where}.keep_tokens: must be >= 0")
+        if not self.caption_extension.startswith("."):
+            p.append(
+                f"{where}.caption_extension: {self.caption_extension!r} must start with a dot, "
+                "e.g. '.txt'"
+            )
+        if self.cache_latents in ("memory", "disk") and not self.center_crop:
+            p.append(
+                f"{where}.cache_latents: {self.cache_latents!r} with {where}.center_crop = false "
+                "would train every epoch on the first random crop; use 'auto' or 'off'"
+            )
+        return p
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -137,6 +200,38 @@ class TrainConfig:
     noise_offset: float = doc("Noise offset (adds per-channel constant noise); 0 disables", 0.0)
     snr_gamma: float = doc("Min-SNR-γ loss weighting (5.0 is the paper's); 0 disables", 0.0)
 
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        for key in ("batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                p.append(f"{where}.{key}: {getattr(self, key)} must be >= 1")
+        if self.max_steps < 0:
+            p.append(f"{where}.max_steps: {self.max_steps} must be >= 0 (0 uses {where}.epochs)")
+        elif self.max_steps > MAX_UPDATES:
+            p.append(
+                f"{where}.max_steps: {self.max_steps:,} updates is beyond any real run (at most "
+                f"{MAX_UPDATES:,}); a LoRA typically needs 1,000 to 10,000"
+            )
+        if self.max_steps == 0 and self.epochs < 1:
+            p.append(f"{where}.epochs: must be >= 1 when {where}.max_steps is 0")
+        if self.learning_rate <= 0:
+            p.append(f"{where}.learning_rate: {self.learning_rate} must be > 0")
+        for key in (
+            "text_encoder_lr",
+            "weight_decay",
+            "max_grad_norm",
+            "noise_offset",
+            "snr_gamma",
+        ):
+            if getattr(self, key) < 0:
+                p.append(f"{where}.{key}: {getattr(self, key)} must be >= 0")
+        if self.optimizer == "sgd" and self.optimizer_impl == "fused":
+            p.append(
+                f"{where}.optimizer_impl: 'fused' SGD is not offered; use 'default' or 'foreach'"
+            )
+        return p
+
 
 @dataclass(frozen=True)
 class ValidationConfig:
@@ -155,6 +250,24 @@ class ValidationConfig:
     sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
     guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
     sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)
+
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        if not 0 <= self.fraction < 1:
+            p.append(f"{where}.fraction: {self.fraction} must be in [0, 1)")
+        if self.fraction and self.path:
+            p.append(f"{where}.fraction / {where}.path: set one, not both")
+        if self.sample_steps < 1 or self.guidance_scale < 0:
+            p.append(f"{where}.sample_steps must be >= 1 and guidance_scale >= 0")
+        if self.every_n_steps < 0 or self.timesteps < 1 or self.batch_size < 1:
+            p.append(f"{where}.every_n_steps must be >= 0; timesteps and batch_size >= 1")
+        for i, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                p.append(
+                    f"{where}.prompts[{i}]: empty prompt; write one, or remove it from the list"
+                )
+        return p
 
 
 @dataclass(frozen=True)
@@ -177,6 +290,12 @@ class CheckpointConfig:
         "may differ from the checkpoint's config on resume",
         [],
     )
+
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        if self.every_n_steps < 0 or self.keep_last < 0:
+            return [f"{where}.every_n_steps / {where}.keep_last: must be >= 0"]
+        return []
 
 
 @dataclass(frozen=True)

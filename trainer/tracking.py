@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trainer.config import flatten
+
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -37,18 +39,12 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def flat_hparams(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested config data for trackers that only take scalars (tensorboard hparams)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_hparams(value, f"{name}/"))
-        elif isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+def flat_hparams(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested config data as the scalars trackers take (tensorboard hparams): ``train/seed``."""
+    return {
+        k: v if isinstance(v, (bool, int, float, str)) else str(v)
+        for k, v in flatten(data, sep="/").items()
+    }
 
 
 class Tracker:
@@ -93,9 +89,11 @@ class Tracker:
             logging.getLogger("sdlora").debug(text)
 
     def close(self) -> None:
-        """Flush and close the bar, the metrics file and the tracker."""
+        """Flush and close the bar and the metrics file.
+
+        The trackers are finished by ``accelerator.end_training()``, which the loop calls
+        last: it also destroys the process group, so no collective may follow it.
+        """
         self.bar.close()
         if self.metrics:
             self.metrics.close()
-        if self.enabled_tracker:
-            self.accelerator.end_training()

@@ -1,0 +1,285 @@
+"""Everything about a run that can be decided before a model is loaded, decided first.
+
+A config error found after a multi-GB model load costs minutes, so this runs before it:
+1. **What the output folder holds**, and what the command asks: a fresh run, a resume, an
+   overwrite. Rerunning any command is safe:
+   - a finished run whose outputs verify is "already complete" (exit 0, no model loaded);
+   - a run killed between its last checkpoint and its final outputs gets them written from
+     that checkpoint (again with no model);
+   - trained weights are never replaced without ``--overwrite``;
+   - a damaged checkpoint is named, set aside as ``step-NNNNNN.damaged``, and ``--resume
+     latest`` falls back to the newest intact one.
+2. **Every remaining problem at once**: the output folder is writable, the model source
+   exists and is a model, the LoRA targets exist in it, the dataset is usable, and the run
+   length derived from it fits the schedule.
+
+:func:`check` only reads. What it decides to change on disk (set damaged checkpoints aside,
+clear an old run for ``--overwrite``, write final outputs) is applied by :func:`apply` on the
+main process, so every process of a multi-process launch takes the same decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer import checkpoint as ckpt
+from trainer import final, models, targets
+from trainer.config import ConfigError, RunConfig, read_toml
+from trainer.data import DataError, Example, Prepared
+from trainer.lora import WEIGHTS_NAME
+from trainer.plan import Plan, plan_run
+from trainer.resume import check_resumable, comparable_config, config_diff
+
+log = logging.getLogger("sdlora")
+
+# What a run writes into output_dir (the disk latent cache is left alone: it is keyed by
+# content, so it stays valid for any later run).
+RUN_OUTPUTS = (
+    ckpt.CHECKPOINTS,
+    WEIGHTS_NAME,
+    ckpt.LR_SCHEDULER_STATE,
+    ckpt.CONFIG_NAME,
+    final.MANIFEST_NAME,
+    "metrics.jsonl",
+    "logs",
+    "samples",
+    "skipped_images.txt",
+)
+
+
+@dataclass
+class Checked:
+    """The decisions taken before any model is loaded."""
+
+    resume_from: Path | None = None
+    # The run is finished: its outputs verified, or will once `finalize_from` is written.
+    complete: bool = False
+    finalize_from: Path | None = None
+    updates_done: int = 0
+    quarantine: list[Path] = field(default_factory=list)
+    clear: bool = False  # --overwrite: remove the previous run's outputs first
+    prepared: Prepared | None = None
+    val_examples: list[Example] = field(default_factory=list)
+    plan: Plan | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+def check(config: RunConfig, num_processes: int, overwrite: bool = False) -> Checked:
+    """Decide how this run starts, and find every problem that would stop it later.
+
+    Args:
+        config: The validated config.
+        num_processes: Processes of this launch (the data order and run length depend on it).
+        overwrite: ``--overwrite``: replace whatever an earlier run left in ``output_dir``.
+
+    Raises:
+        ConfigError: with every problem found (data problems included), naming keys and files.
+        CheckpointError: an explicitly named checkpoint is missing or damaged.
+    """
+    problems = output_dir_problems(Path(config.output_dir))
+    if problems:
+        raise ConfigError(problems)
+    checked = decide_start(config, num_processes, overwrite)
+    if checked.complete:
+        return checked
+    problems = models.source_problems(config.model)
+    if not problems:
+        te_targets = config.lora.text_encoder_target_modules
+        problems += targets.lora_target_problems(
+            config.model.pretrained,
+            config.lora.target_modules,
+            te_targets if config.lora.train_text_encoder else None,
+        )
+    problems += _data_and_plan(config, num_processes, checked)
+    if checked.plan and checked.updates_done >= checked.plan.total_updates:
+        problems.append(
+            f"train.max_steps: the checkpoint {checked.resume_from} already has "
+            f"{checked.updates_done} updates and this run has {checked.plan.total_updates}; "
+            "raise train.max_steps and pass --allow-change max_steps to train further"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return checked
+
+
+def _data_and_plan(config: RunConfig, num_processes: int, checked: Checked) -> list[str]:
+    from trainer.feed import checked_examples
+
+    try:
+        checked.prepared, checked.val_examples = checked_examples(config)
+    except DataError as err:
+        return [str(err)]
+    try:
+        checked.plan = plan_run(config, checked.prepared.groups, num_processes)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def output_dir_problems(output_dir: Path) -> list[str]:
+    """Whether ``output_dir`` is (or can become) a folder this process can write into."""
+    key = f"output_dir = {str(output_dir)!r}"
+    if output_dir.exists() and not output_dir.is_dir():
+        return [f"{key}: is a file, not a folder; choose a folder path"]
+    probe = output_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return [f"{key}: cannot be created, because {str(probe)!r} is a file"]
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        where = "" if probe == output_dir else f" (its nearest existing parent {str(probe)!r})"
+        return [f"{key}: cannot write into it{where}: {err.strerror}; choose another folder"]
+    return []
+
+
+def decide_start(config: RunConfig, num_processes: int, overwrite: bool) -> Checked:
+    """Fresh, resumed, finished or refused: what the output folder and the flags say."""
+    output_dir = Path(config.output_dir)
+    resume = config.checkpoint.resume
+    if overwrite and resume:
+        raise ConfigError(
+            ["--overwrite starts over and --resume continues; pass one of them, not both"]
+        )
+    if overwrite:
+        found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+        if found:
+            log.warning("--overwrite: removing the previous run's %s", ", ".join(found))
+        return Checked(clear=bool(found))
+    current = comparable_config(config.to_dict(), num_processes)
+    done = finished_run(output_dir, current)
+    if done is not None:
+        return done
+    if resume:
+        return _resume_point(config, current, resume)
+    return _fresh_start(output_dir, current)
+
+
+def finished_run(output_dir: Path, current: dict) -> Checked | None:
+    """``complete`` when the outputs of this very run exist and verify, else None."""
+    manifest, problems = final.read_manifest(output_dir)
+    if manifest is None or problems:
+        for problem in problems:
+            log.warning("final outputs incomplete: %s", problem)
+        return None
+    if config_diff(manifest["config"], current):
+        return None
+    message = (
+        f"already complete: {manifest['global_step']} updates; the final outputs in "
+        f"{output_dir} verify against {final.MANIFEST_NAME}"
+    )
+    return Checked(complete=True, updates_done=int(manifest["global_step"]), messages=[message])
+
+
+def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
+    output_dir = Path(config.output_dir)
+    checked = Checked()
+    if resume == "latest":
+        folder, damaged = ckpt.newest_intact(output_dir)
+        for bad, why in damaged:
+            checked.quarantine.append(bad)
+            checked.messages.append(
+                f"checkpoint {bad.name} is damaged ({'; '.join(why)}); it is set aside as "
+                f"{bad.name}.damaged"
+            )
+        if folder is None and damaged:
+            raise ConfigError(
+                [
+                    f"--resume latest: no intact checkpoint in {output_dir / ckpt.CHECKPOINTS}: "
+                    + "; ".join(m for m in checked.messages)
+                    + ". Pass --overwrite to start over (the damaged folders are removed)"
+                ]
+            )
+        if folder is None:
+            if (output_dir / WEIGHTS_NAME).exists():
+                raise ConfigError(
+                    [
+                        f"--resume latest: {output_dir} holds final LoRA weights but no checkpoint "
+                        "to resume, and its outputs do not match this config; pass --overwrite "
+                        "to train again from scratch, or choose another output_dir"
+                    ]
+                )
+            checked.messages.append(
+                f"--resume latest: no checkpoint in {output_dir} yet; starting from update 0"
+            )
+            return checked
+        if damaged:
+            checked.messages.append(f"resuming from {folder.name}, the newest intact checkpoint")
+    else:
+        folder = ckpt.resolve(output_dir, resume)
+    saved = read_toml(folder / ckpt.CONFIG_NAME)
+    # lr_scheduler.json is the source of truth for the schedule (config.toml holds a copy).
+    schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
+    saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
+    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    saved = comparable_config(saved, state["num_processes"])
+    allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
+    for key, old, new in allowed:
+        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
+    checked.resume_from = folder
+    checked.updates_done = int(state["global_step"])
+    if not allowed and checked.updates_done >= int(state["total_updates"]):
+        # The run finished training; only its final outputs are missing or damaged.
+        checked.complete = True
+        checked.finalize_from = folder
+        checked.messages.append(
+            f"already trained: {checked.updates_done} updates; writing the final outputs "
+            f"from {folder.name}"
+        )
+    return checked
+
+
+def _fresh_start(output_dir: Path, current: dict) -> Checked:
+    steps = ckpt.step_folders(output_dir)
+    if steps:
+        raise ConfigError(
+            [
+                f"output_dir = {str(output_dir)!r} already holds checkpoints of a run (the "
+                f"newest: {steps[-1].name}); resume it with --resume latest, start over with "
+                "--overwrite, or choose another output_dir"
+            ]
+        )
+    if (output_dir / WEIGHTS_NAME).exists():
+        manifest, _ = final.read_manifest(output_dir)
+        why = "of an unfinished or damaged run"
+        if manifest is not None:
+            diff = config_diff(manifest["config"], current)[:3]
+            shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in diff)
+            why = f"trained with a different config ({shown})"
+        raise ConfigError(
+            [
+                f"output_dir = {str(output_dir)!r} holds LoRA weights {why}; they are not "
+                "replaced without --overwrite. Choose another output_dir, or pass --overwrite"
+            ]
+        )
+    if (output_dir / "metrics.jsonl").exists():
+        log.info("output_dir holds a run that saved no weights; starting it over")
+    return Checked()
+
+
+def apply(checked: Checked, config: RunConfig, num_processes: int) -> None:
+    """Make the changes on disk that :func:`check` decided (main process only)."""
+    output_dir = Path(config.output_dir)
+    if checked.clear:
+        for name in RUN_OUTPUTS:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    for folder in checked.quarantine:
+        ckpt.quarantine(folder)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_stale_tmp(output_dir)
+    if checked.finalize_from is not None:
+        final.write_outputs(
+            checked.finalize_from, output_dir, config, {"num_processes": num_processes}
+        )

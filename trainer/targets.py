@@ -1,0 +1,71 @@
+"""Which modules LoRA adapts: checking ``lora.target_modules`` before anything is trained.
+
+Names are matched as peft matches a list of targets: a module whose full name is the target,
+or ends with ``.`` + the target. A target that matches nothing is reported with a few valid
+names, from the model's config alone (built on the meta device, no weights read) when the
+model is a local diffusers folder, so a typo costs seconds, not a model load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def lora_target_problems(
+    source: str, targets: tuple[str, ...], text_encoder_targets: tuple[str, ...] | None
+) -> list[str]:
+    """Target module names that match nothing, checked on the model's config alone.
+
+    The UNet (and text encoder) are built on the meta device from their ``config.json``, so no
+    weights are read, and names are matched as peft matches a list: a module whose full name
+    is the target or ends with ``.target``. Only local diffusers folders are checked here; a
+    single-file checkpoint is checked when the adapters are attached.
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return []
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(folder, subfolder="unet")
+        )
+        models = [("lora.target_modules", targets, unet)]
+        if text_encoder_targets is not None:
+            te_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")
+            encoder = CLIPTextModel(te_config)
+            models.append(("lora.text_encoder_target_modules", text_encoder_targets, encoder))
+    problems = []
+    for key, names, model in models:
+        problems += target_problems(key, names, model)
+    return problems
+
+
+def adaptable_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the modules LoRA can adapt (Linear and Conv2d layers), e.g. ``to_q``,
+    ``to_out.0``, ``ff.net.2``: what ``lora.target_modules`` may list."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            parts = name.split(".")
+            # A numbered child (to_out.0) is named with its parent, as peft users write it.
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return sorted(names)
+
+
+def target_problems(key: str, targets: tuple[str, ...], model: torch.nn.Module) -> list[str]:
+    """The targets that match no module of ``model`` (peft's list-matching rule)."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not unmatched:
+        return []
+    valid = adaptable_names(model)
+    shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
+    return [
+        f"{key}: {', '.join(repr(t) for t in unmatched)} match no module of the "
+        f"{type(model).__name__}; valid names include {shown}"
+    ]
