@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Callable
@@ -34,6 +35,9 @@ log = logging.getLogger("sdlora")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# A caption file this large is not a caption (the text encoder reads 77 tokens, a few hundred
+# bytes); reading and tokenizing a 10 MB one costs gigabytes of memory for nothing.
+MAX_CAPTION_BYTES = 16 * 1024
 
 
 class DataError(ValueError):
@@ -76,6 +80,14 @@ def _read_caption(image: Path, extension: str) -> Record:
     for ext in dict.fromkeys((extension, ".caption", ".txt")):
         caption_file = image.with_suffix(ext)
         if caption_file.is_file():
+            size = caption_file.stat().st_size
+            if size > MAX_CAPTION_BYTES:
+                return Record(
+                    image,
+                    "",
+                    f"{caption_file}: {size:,} bytes is not a caption (the limit is "
+                    f"{MAX_CAPTION_BYTES // 1024} KiB; the text encoder reads 77 tokens)",
+                )
             try:
                 text = caption_file.read_text(encoding="utf-8").strip()
             except UnicodeDecodeError:
@@ -98,19 +110,55 @@ def _read_caption(image: Path, extension: str) -> Record:
     )
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def _broken_link(path: Path) -> str:
+    """Why a symbolic link named like an image leads to no file ("" when it does)."""
+    if not path.is_symlink() or path.is_file():
+        return ""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 signals a symlink loop this way
+        return f"{path}: a symbolic link loop; fix or remove the link"
+    except OSError as err:
+        if "loop" in str(err).lower() or getattr(err, "errno", None) == 40:  # ELOOP
+            return f"{path}: a symbolic link loop; fix or remove the link"
+        return f"{path}: a symbolic link to {os.readlink(path)!r}, which does not exist"
+    return f"{path}: a symbolic link to something that is not a file"
+
+
+def _images_in(folder: Path, caption_extension: str) -> list[Record]:
+    """A record per image-named entry of ``folder``, broken symbolic links included as bad
+    files (skipping them silently would hide a moved dataset)."""
+    records = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        broken = _broken_link(path)
+        if broken:
+            records.append(Record(path, "", broken))
+        elif path.is_file():
+            records.append(_read_caption(path, caption_extension))
+    return records
 
 
 def find_kohya(root: Path, caption_extension: str) -> list[Record]:
-    """Records of a kohya-style folder, with ``N_name`` subfolders repeated N times."""
-    records = [_read_caption(p, caption_extension) for p in _images_in(root)]
+    """Records of a kohya-style folder, with ``N_name`` subfolders repeated N times.
+
+    A subfolder that is (a link to) the root or to a folder already read is read once: a data
+    folder linked into itself would otherwise double the dataset without a word.
+    """
+    records = _images_in(root, caption_extension)
+    seen = {root.resolve()}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        real = sub.resolve()
+        if real in seen:
+            log.warning(
+                "data: %s is a link to a folder already read (%s); reading it once", sub, real
+            )
+            continue
+        seen.add(real)
         match = _REPEAT_FOLDER.match(sub.name)
         repeats = int(match.group(1)) if match else 1
-        records += [_read_caption(p, caption_extension) for p in _images_in(sub)] * repeats
+        records += _images_in(sub, caption_extension) * repeats
     return records
 
 
@@ -140,8 +188,20 @@ def find_imagefolder(root: Path) -> list[Record]:
             raise DataError(f"{source}:{n}: needs 'file_name' and 'text' fields")
         path = root / row["file_name"]
         text = str(row["text"] or "").strip()
-        if not path.is_file():
+        broken = _broken_link(path)
+        if broken:
+            records.append(Record(path, text, f"{source}:{n}: {broken}"))
+        elif not path.is_file():
             records.append(Record(path, text, f"{source}:{n}: image {path} does not exist"))
+        elif len(text.encode()) > MAX_CAPTION_BYTES:
+            records.append(
+                Record(
+                    path,
+                    "",
+                    f"{source}:{n}: a {len(text.encode()):,}-byte caption is not "
+                    f"a caption (the limit is {MAX_CAPTION_BYTES // 1024} KiB)",
+                )
+            )
         elif not text:
             records.append(Record(path, "", f"{source}:{n}: empty caption for {path}"))
         else:
@@ -268,6 +328,22 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
         max_length=tokenizer.model_max_length,
         return_tensors="pt",
     ).input_ids
+
+
+def long_captions(tokenizer, captions: list[str]) -> tuple[int, str, int]:
+    """Captions the text encoder would cut: (how many, one of them, its token count).
+
+    CLIP reads ``model_max_length`` tokens (77, two of them start/end markers); the rest of a
+    longer caption never reaches the model, which users should know rather than guess.
+    """
+    limit = tokenizer.model_max_length
+    distinct = list(dict.fromkeys(captions))
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False).input_ids]
+    over = [(n, c) for n, c in zip(lengths, distinct, strict=True) if n > limit]
+    if not over:
+        return 0, "", 0
+    n, caption = max(over)
+    return len(over), caption, n
 
 
 class CaptionedImages(torch.utils.data.Dataset):

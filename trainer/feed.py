@@ -133,6 +133,19 @@ def build_feed(
         val_examples: The held-out examples.
     """
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
+    if accelerator.is_main_process:
+        count, caption, tokens = data.long_captions(
+            parts.tokenizer, [e.caption for e in prepared.examples]
+        )
+        if count:
+            log.warning(
+                "%d caption(s) are longer than the text encoder's %d tokens and are cut there "
+                "(the longest has %d tokens: %.60r...)",
+                count,
+                parts.tokenizer.model_max_length,
+                tokens,
+                caption,
+            )
 
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)
     mode = latent_cache_mode(config)

@@ -9,6 +9,7 @@ converted. Files that cannot be decoded raise :class:`ImageProblem` naming the f
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,11 +82,25 @@ def open_rgb(path: Path) -> tuple[Image.Image, str]:
         image, note = _to_rgb(ImageOps.exif_transpose(opened) if rotated else opened)
     except UnidentifiedImageError as err:
         raise ImageProblem(f"{path}: not an image file, though named like one") from err
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageProblem(too_large(path, err)) from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise ImageProblem(f"{path}: corrupt or truncated image ({err})") from err
     if rotated:
         note = "; ".join(filter(None, [note, "EXIF rotation applied"]))
     return image, note
+
+
+def too_large(path: Path, err: Exception) -> str:
+    """The message for an image above PIL's decompression-bomb limit (it is not corrupt)."""
+    pixels = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels" if pixels else "too many pixels"
+    limit = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
+    return (
+        f"{path}: {size}, beyond the {limit:,.0f}-megapixel limit up to which images are "
+        "decoded (a guard against decompression bombs); downscale it first: training uses "
+        "far fewer pixels anyway"
+    )
 
 
 def _has_orientation(image: Image.Image) -> bool:
@@ -111,6 +126,8 @@ def inspect(path: Path, decode: bool = True) -> ImageInfo:
             width, height = opened.size
             if _has_orientation(opened) and opened.getexif().get(0x0112) in (5, 6, 7, 8):
                 width, height = height, width  # rotated by 90° when displayed
+    except Image.DecompressionBombError as err:
+        raise ImageProblem(too_large(path, err)) from err
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageProblem(f"{path}: not a readable image ({err})") from err
     return ImageInfo(width, height)
