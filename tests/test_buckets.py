@@ -132,10 +132,11 @@ def test_without_buckets_every_image_takes_the_one_square():
 # ---------------------------------------------------------------- the docs' reference
 
 
-def test_kohya_reference_matches_its_published_bucket_list():
+def test_kohya_reference_matches_its_bucket_list_worked_by_hand():
     from bucket_crop_table import kohya_grid
 
-    # kohya-ss sd-scripts' SD 1.x buckets at 512 (min 256, max 1024, steps 64), as it logs them.
+    # kohya-ss sd-scripts' SD 1.x buckets at 512 (min 256, max 1024, steps 64), worked out by
+    # hand from its rule: per width, the tallest grid height with area ≤ 512², and transposes.
     landscape = [(512, 512), (576, 448), (640, 384), (704, 320), (768, 320), (832, 256)]
     landscape += [(896, 256), (960, 256), (1024, 256)]
     expected = sorted(set(landscape) | {(h, w) for w, h in landscape})
