@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from schedulers.base import Schedule
+
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.figure import Figure
 
 
 def lr_curve(schedule: Schedule, total_steps: int, base_lrs: Sequence[float]) -> list[list[float]]:
@@ -39,32 +43,67 @@ def write_csv(path: str | Path, rows: Sequence[Sequence[float]]) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def write_png(path: str | Path, curves: Mapping[str, Sequence[float]], title: str) -> None:
-    """Plot one or more LR curves on shared axes and save a PNG.
+def lr_figure(
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    title: str,
+    group_names: Sequence[str] = (),
+) -> Figure:
+    """Plot the LR of every param group of one or more schedules on shared axes.
+
+    The x axis counts optimizer updates from 1, as the CSV and ``metrics.jsonl`` do. Each
+    schedule keeps one colour and each param group one line style, and the legend sits below
+    the axes, where it cannot hide a curve.
 
     Args:
-        path: Where to write the image.
-        curves: Label → LR per update.
+        curves: Schedule label → rows as :func:`lr_curve` returns them (one column per group).
         title: The plot title.
+        group_names: A name per param group, e.g. ("UNet", "text encoder"); curves are
+            labelled "schedule (group)". Without names, groups beyond the first are numbered.
+
+    Returns:
+        The figure, drawn on an off-screen canvas; its lines hold exactly the plotted data.
     """
     # The object API with the Agg canvas draws off-screen without touching pyplot's global
     # backend, so calling this never changes how the caller's own plots display.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, values in curves.items():
-        ax.plot(range(len(values)), values, label=label, linewidth=1.5)
+    styles = ("-", "--", ":", "-.")
+    for index, (label, rows) in enumerate(curves.items()):
+        colour = f"C{index % 10}"
+        width = len(rows[0]) if rows else 0
+        updates = range(1, len(rows) + 1)
+        for group in range(width):
+            if group < len(group_names):
+                name = f"{label} ({group_names[group]})"
+            else:
+                name = label if width == 1 else f"{label} (group {group})"
+            values = [row[group] for row in rows]
+            style = styles[group % len(styles)]
+            ax.plot(updates, values, style, color=colour, label=name, linewidth=1.5)
     ax.set_xlabel("optimizer update")
     ax.set_ylabel("learning rate")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    lines = len(ax.get_lines())
+    # "outside" places the legend in the constrained layout's margin, below the x label.
+    fig.legend(loc="outside lower center", ncols=min(lines, 3), fontsize="small")
+    return fig
+
+
+def write_png(
+    path: str | Path,
+    curves: Mapping[str, Sequence[Sequence[float]]],
+    title: str,
+    group_names: Sequence[str] = (),
+) -> Figure:
+    """Draw :func:`lr_figure` and save it as a PNG; return the figure for inspection."""
+    fig = lr_figure(curves, title, group_names)
     fig.savefig(path)
+    return fig
 
 
 def format_table(rows: Sequence[Sequence[float]], max_rows: int = 12) -> str:

@@ -277,8 +277,12 @@ def test_bucket_sizes_respect_area_grid_and_limits():
     assert (512, 512) in sizes
     assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in sizes)
     assert all(256 <= s <= 1024 for size in sizes for s in size)
-    ratios = [w / h for w, h in sizes]
-    assert len(ratios) == len(set(ratios)), "one (largest) size per aspect ratio"
+    # Every grid size, not only the largest per aspect ratio: an image just under 512 px
+    # needs the smaller 448×448 square, or it would be cut to a non-square bucket.
+    assert (448, 448) in sizes and (256, 256) in sizes
+    assert len(sizes) == sum(
+        1 for w in range(256, 1025, 64) for h in range(256, 1025, 64) if w * h <= 512 * 512
+    )
 
 
 def test_assign_picks_the_closest_aspect_without_upscaling():

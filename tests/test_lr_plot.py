@@ -6,6 +6,7 @@ import csv
 
 import pytest
 
+from schedulers import preview
 from trainer import loop, lr_plot
 from trainer.cli import main
 from trainer.tracking import read_metrics
@@ -17,6 +18,24 @@ def csv_rows(path) -> list[list[float]]:
         header = next(reader)
         assert header[0] == "step" and header[1:] == [f"lr_{i}" for i in range(len(header) - 1)]
         return [[float(x) for x in row[1:]] for row in reader]
+
+
+def csv_steps(path) -> list[int]:
+    with open(path) as f:
+        return [int(row[0]) for row in list(csv.reader(f))[1:]]
+
+
+def spy_on_png(monkeypatch) -> list:
+    """Collect the figures ``lr-plot`` draws (the real drawing still runs and saves)."""
+    figures = []
+    draw = preview.write_png
+
+    def spy(*args, **kwargs):
+        figures.append(draw(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(preview, "write_png", spy)
+    return figures
 
 
 @pytest.mark.parametrize(
@@ -42,14 +61,48 @@ def csv_rows(path) -> list[list[float]]:
     ],
     ids=["max_steps-two-groups", "epochs-accumulation"],
 )
-def test_csv_is_exactly_what_training_applies(make_config, tmp_path, settings):
+def test_csv_and_png_are_exactly_what_training_applies(
+    make_config, tmp_path, settings, monkeypatch
+):
     cfg = make_config(*settings)
     csv_path = tmp_path / "lr.csv"
-    lr_plot.run(cfg, str(csv_path), None)
+    figures = spy_on_png(monkeypatch)
+    lr_plot.run(cfg, str(csv_path), str(tmp_path / "lr.png"))
     result = loop.run(cfg)
-    applied = [r["lr"] for r in read_metrics(result.output_dir)]
+    metrics = read_metrics(result.output_dir)
+    applied = [r["lr"] for r in metrics]
     assert csv_rows(csv_path) == applied
     assert len(applied) == result.updates
+    # The plot: one line per param group, at the steps the CSV and metrics.jsonl number.
+    (fig,) = figures
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == len(cfg.base_lrs())
+    for group, line in enumerate(lines):
+        assert list(line.get_xdata()) == csv_steps(csv_path) == [r["step"] for r in metrics]
+        assert list(line.get_ydata()) == [lrs[group] for lrs in applied]
+
+
+def test_png_labels_every_param_group_of_every_schedule(make_config, tmp_path, monkeypatch):
+    cfg = make_config(
+        "train.max_steps=12", "lora.train_text_encoder=true", "train.text_encoder_lr=3e-4"
+    )
+    figures = spy_on_png(monkeypatch)
+    csv_path = tmp_path / "lr.csv"
+    lr_plot.run(cfg, str(csv_path), str(tmp_path / "lr.png"), compare=["linear"])
+    (fig,) = figures
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [
+        "cosine (UNet)",
+        "cosine (text encoder)",
+        "linear (UNet)",
+        "linear (text encoder)",
+    ]
+    rows = csv_rows(csv_path)
+    for group in (0, 1):
+        assert list(lines[group].get_ydata()) == [r[group] for r in rows]
+    assert max(lines[1].get_ydata()) == pytest.approx(3e-4)  # the text encoder's own LR
+    assert max(lines[3].get_ydata()) == pytest.approx(3e-4)  # in the compared schedule too
+    assert "0.0003 (text encoder)" in fig.axes[0].get_title()
 
 
 def test_processes_shorten_an_epoch_based_run(make_config):

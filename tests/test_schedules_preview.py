@@ -28,12 +28,50 @@ def test_csv_reads_back_to_the_same_floats(tmp_path):
 
 def test_png_overlays_curves(tmp_path):
     curves = {
-        name: [r[0] for r in lr_curve(schedulers.get(name)(warmup_steps=10), 100, [1e-4])]
+        name: lr_curve(schedulers.get(name)(warmup_steps=10), 100, [1e-4])
         for name in ("cosine", "linear", "rex")
     }
     path = tmp_path / "lr.png"
-    write_png(path, curves, "three schedules")
+    fig = write_png(path, curves, "three schedules")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["cosine", "linear", "rex"]
+    assert len({line.get_color() for line in lines}) == 3
+
+
+def test_png_plots_every_group_at_the_csv_steps(tmp_path):
+    rows = lr_curve(schedulers.get("cosine")(warmup_steps=5), 30, [1e-4, 3e-4])
+    csv_path = tmp_path / "lr.csv"
+    write_csv(csv_path, rows)
+    with csv_path.open() as f:
+        table = list(csv.reader(f))[1:]
+    fig = write_png(tmp_path / "lr.png", {"cosine": rows}, "t", ("UNet", "text encoder"))
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["cosine (UNet)", "cosine (text encoder)"]
+    for column, line in enumerate(lines, 1):
+        assert list(line.get_xdata()) == [int(r[0]) for r in table]  # 1..30, like the CSV
+        assert list(line.get_ydata()) == [float(r[column]) for r in table]
+    # Unnamed extra groups are still drawn, numbered.
+    fig = write_png(tmp_path / "lr2.png", {"cosine": rows}, "t")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == [
+        "cosine (group 0)",
+        "cosine (group 1)",
+    ]
+
+
+def test_png_legend_sits_outside_the_axes(tmp_path):
+    curves = {
+        name: lr_curve(schedulers.get(name)(warmup_steps=10), 200, [1e-4, 5e-5])
+        for name in ("cosine", "linear", "rex")
+    }
+    fig = write_png(tmp_path / "lr.png", curves, "t", ("UNet", "text encoder"))
+    renderer = fig.canvas.get_renderer()
+    axes_box = fig.axes[0].get_window_extent(renderer)
+    (legend,) = fig.legends
+    legend_box = legend.get_window_extent(renderer)
+    assert legend_box.y1 <= axes_box.y0  # wholly below the plotting area
+    assert legend_box.x0 >= 0 and legend_box.x1 <= fig.bbox.x1  # and inside the image
+    assert len(legend.get_texts()) == 6
 
 
 def test_format_table_shows_first_last_and_peak():

@@ -5,6 +5,7 @@
     sdlora schedules [NAME]
     sdlora export OUTPUT_DIR [--format kohya] [--out FILE] [--dtype fp16]
     sdlora config-help
+    sdlora --version
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
 """
@@ -23,6 +24,27 @@ from pathlib import Path
 from trainer.config import ConfigError
 
 
+def package_version() -> str:
+    """The installed sdlora version; from pyproject.toml when run from a source tree.
+
+    The installed metadata is what ``pip`` and bug reports see; the fallback keeps
+    ``--version`` working from a plain checkout (``python -m trainer.cli``) that was never
+    installed.
+    """
+    from importlib import metadata
+
+    try:
+        return metadata.version("sdlora")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown (not installed, and no pyproject.toml beside the package)"
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="TOML config file, e.g. configs/tiny.toml")
     parser.add_argument(
@@ -38,7 +60,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="sdlora", description="Stable Diffusion LoRA trainer")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {package_version()}",
+        help="print the installed sdlora version and exit",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h: its flags)"
+    )
     train = sub.add_parser("train", help="train LoRA adapters from a TOML config")
     _add_config_args(train)
     train.add_argument(

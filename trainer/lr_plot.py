@@ -17,6 +17,9 @@ from schedulers import preview
 from trainer.config import ConfigError, RunConfig
 from trainer.plan import plan_run
 
+# What each optimizer param group trains, in the order of ``RunConfig.base_lrs``.
+GROUP_NAMES = ("UNet", "text encoder")
+
 
 def total_updates(config: RunConfig, processes: int, examples: int | None = None) -> int:
     """Optimizer updates of the configured run, derived as training derives them.
@@ -86,16 +89,18 @@ def run(
     if csv_path:
         preview.write_csv(csv_path, rows)
     if png_path:
-        name = config.lr_scheduler.name
-        curves = {name: [r[0] for r in rows]}
+        # Every param group of every curve, so the text encoder's LR is seen, not just the UNet's.
+        curves = {config.lr_scheduler.name: rows}
         for spec in compare:
             label, other = compare_schedule(spec, config)
-            problems = other.check(total)
+            problems = other.check(total, base_lrs=lrs)
             if problems:
                 raise ConfigError(problems, f"--compare {spec}")
-            curves[label] = [r[0] for r in preview.lr_curve(other, total, lrs[:1])]
+            curves[label] = preview.lr_curve(other, total, lrs)
+        names = GROUP_NAMES[: len(lrs)]
+        bases = ", ".join(f"{lr:g} ({name})" for lr, name in zip(lrs, names, strict=True))
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        preview.write_png(png_path, curves, f"{total} optimizer updates, base LR {lrs[0]:g}")
+        preview.write_png(png_path, curves, f"{total} optimizer updates, base LR {bases}", names)
     header = (
         f"{config.lr_scheduler.name}: {total} optimizer updates on {processes} process(es), "
         f"base LRs {lrs}"
