@@ -21,7 +21,6 @@ from schedulers import (  # noqa: F401  (imported so every built-in registers it
     step,
     warmup_stable_decay,
 )
-from schedulers.adapter import ScheduleLR
 from schedulers.base import DecaySchedule, Schedule
 from schedulers.config import describe, from_table
 from schedulers.errors import ScheduleConfigError, ScheduleRegistryError, UnknownScheduleError
@@ -44,3 +43,13 @@ __all__ = [
     "schedule_from_state",
     "schedule_state",
 ]
+
+
+def __getattr__(name: str):
+    # The torch adapter is imported on first use, so the command line and config loading
+    # start without importing torch.
+    if name == "ScheduleLR":
+        from schedulers.adapter import ScheduleLR
+
+        return ScheduleLR
+    raise AttributeError(f"module 'schedulers' has no attribute {name!r}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -64,3 +66,28 @@ def test_every_flag_and_subcommand_has_help():
             if not action.help or action.help == argparse.SUPPRESS:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert missing == []
+
+
+def test_resume_command_keeps_every_flag_and_the_accelerate_launch():
+    from trainer.cli import resume_command
+
+    argv = ["train.py", "--config", "my run.toml", "--set", 'output_dir="out/a b"', "--resume",
+            "step-3", "--overwrite", "--allow-change", "max_steps"]  # fmt: skip
+    parent = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "2",
+              "train.py", "--config", "my run.toml"]  # fmt: skip
+    command = resume_command(argv, parent)
+    _, launched = command.split(" && ", 1)
+    assert shlex.split(launched) == [
+        "/venv/bin/accelerate", "launch", "--num_processes", "2", "train.py",
+        "--config", "my run.toml", "--set", 'output_dir="out/a b"',
+        "--allow-change", "max_steps", "--resume", "latest",
+    ]  # fmt: skip
+
+
+def test_resume_command_of_a_direct_python_run_uses_this_python():
+    from trainer.cli import resume_command
+
+    command = resume_command(["train.py", "--config", "c.toml"], parent=["bash"])
+    assert shlex.split(command.split(" && ", 1)[1]) == [
+        sys.executable, "train.py", "--config", "c.toml", "--resume", "latest"
+    ]  # fmt: skip

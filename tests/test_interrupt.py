@@ -22,6 +22,7 @@ from trainer.lora import WEIGHTS_NAME
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 SETTINGS = (
     "train.max_steps=30",
     "train.batch_size=2",
@@ -119,3 +120,23 @@ def test_sigterm_saves_prints_the_resume_command_and_resumes_exactly(
     run_to_end([*cmd, "--resume", "latest"])
     assert_same_run(out, reference)
     assert list_checkpoints(out)[-1].name == "step-000030"
+
+
+def test_following_the_printed_resume_command_after_ctrl_c_ends_like_the_uninterrupted_run(
+    reference, tiny_model, tiny_data, tmp_path
+):
+    """The command printed after Ctrl-C, pasted into a shell as is, continues this run (its
+    --set flags included) in its output_dir, and ends bit for bit like the reference."""
+    out = tmp_path / "interrupted"
+    cmd = command(tiny_model, tiny_data, out)
+    code, output = start_and_signal(cmd, out, signal.SIGINT, after_checkpoint=4)
+    if code == 0:
+        pytest.skip("the run finished before the signal landed (machine too fast)")
+    assert code == 130, output[-2000:]
+    printed = output.split("resume with:\n", 1)[1].splitlines()[0].strip()
+    assert "--set" in printed and printed.endswith("--resume latest")
+    done = subprocess.run(
+        printed, shell=True, env=environment(), capture_output=True, text=True, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(out, reference)

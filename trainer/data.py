@@ -280,7 +280,9 @@ def prepare(
         if record.problem or isinstance(info, str):
             problems.append(record.problem or info)
             continue
-        size = buckets.assign((info.width, info.height), grid, config.max_upscale)
+        size = buckets.assign(
+            (info.width, info.height), grid, config.max_upscale, config.bucket_max_crop
+        )
         if size is None:
             smallest = min(grid, key=lambda b: buckets.upscale_needed((info.width, info.height), b))
             problems.append(
@@ -338,7 +340,9 @@ def long_captions(tokenizer, captions: list[str]) -> tuple[int, str, int]:
     """
     limit = tokenizer.model_max_length
     distinct = list(dict.fromkeys(captions))
-    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False).input_ids]
+    # verbose=False: the tokenizer's own warning would be a second line saying the same.
+    ids = tokenizer(distinct, truncation=False, verbose=False).input_ids
+    lengths = [len(x) for x in ids]
     over = [(n, c) for n, c in zip(lengths, distinct, strict=True) if n > limit]
     if not over:
         return 0, "", 0

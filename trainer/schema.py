@@ -113,6 +113,11 @@ class DataConfig:
         "Largest upscaling an image may get to fill its bucket; smaller images are bad input",
         1.0,
     )
+    bucket_max_crop: float = doc(
+        "Largest share of a picture a bucket may cut away when a closer-shaped bucket is "
+        "smaller (see docs/buckets.md)",
+        0.05,
+    )
     on_bad_image: Literal["error", "skip"] = doc(
         "Unusable image or caption: 'error' stops listing them all; 'skip' trains without "
         "them and writes output_dir/skipped_images.txt",
@@ -148,6 +153,8 @@ class DataConfig:
             p.append(f"{where}.num_workers: must be >= 0")
         if self.bucket_step < 8 or self.bucket_step % 8:
             p.append(f"{where}.bucket_step: {self.bucket_step} must be a positive multiple of 8")
+        if not 0 <= self.bucket_max_crop < 1:
+            p.append(f"{where}.bucket_max_crop: {self.bucket_max_crop} must be in [0, 1)")
         if self.max_upscale < 1:
             p.append(f"{where}.max_upscale: {self.max_upscale} must be >= 1 (1 = never upscale)")
         if self.keep_tokens < 0:

@@ -45,16 +45,28 @@ def lora_target_problems(
     return problems
 
 
+# The names users target most, listed first when suggesting valid names.
+COMMON_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+)  # fmt: skip
+
+
 def adaptable_names(model: torch.nn.Module) -> list[str]:
     """Short names of the modules LoRA can adapt (Linear and Conv2d layers), e.g. ``to_q``,
-    ``to_out.0``, ``ff.net.2``: what ``lora.target_modules`` may list."""
+    ``to_out.0``: what ``lora.target_modules`` may list; the common targets first."""
+    full = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    common = [t for t in COMMON_TARGETS if any(n == t or n.endswith(f".{t}") for n in full)]
     names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            parts = name.split(".")
-            # A numbered child (to_out.0) is named with its parent, as peft users write it.
-            names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
-    return sorted(names)
+    for name in full:
+        parts = name.split(".")
+        # A numbered child (to_out.0) is named with its parent, as peft users write it.
+        names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
+    return common + sorted(names - set(common))
 
 
 def target_problems(key: str, targets: tuple[str, ...], model: torch.nn.Module) -> list[str]:
