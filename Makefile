@@ -22,11 +22,10 @@ tiny/data/img_000.png: $(VENV)/.installed scripts/make_tiny_dataset.py
 	$(PY) scripts/make_tiny_dataset.py tiny/data
 
 quickstart: tiny/model/model_index.json tiny/data/img_000.png
-	# A fresh run each time: an output_dir holding checkpoints is only entered with --resume.
-	rm -rf output/tiny
+	# A fresh run each time: --overwrite replaces what an earlier quickstart left in output/tiny.
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process 2 \
-		train.py --config configs/tiny.toml
+		train.py --config configs/tiny.toml --overwrite
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

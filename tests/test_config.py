@@ -170,6 +170,22 @@ def test_describe_lists_every_key():
         assert f"[{table}]" in text and f"  {key} (" in text
 
 
+def test_describe_shows_toml_values_every_table_and_the_schedule_name():
+    import tomllib
+
+    text = config.describe()
+    assert "configs/lora.toml is a recipe" in text
+    assert '  name (str, default "constant"): the LR schedule' in text
+    lines = [line for line in text.splitlines() if ", default " in line]
+    assert len(lines) > 60
+    for line in lines:
+        shown = line.split(", default ", 1)[1].split("): ", 1)[0]
+        # Every default is written as TOML, so it can be pasted into a config as is.
+        tomllib.loads(f"v = {shown}")
+    assert "default False" not in text and "default ()" not in text
+    assert "adam_epsilon (float, default 1e-8)" in text
+
+
 def test_schedule_problems_are_config_problems(tmp_path):
     text = MINIMAL + (
         "[train]\nmax_steps = 100\nlearning_rate = 1e-4\n"

@@ -83,13 +83,14 @@ def train_cli(config, *flags: str) -> int:
 
 
 def test_a_finished_run_resumed_is_complete_without_loading_models(
-    reference, tiny_config, tmp_path, no_model_load, capsys
+    reference, tiny_config, tmp_path, no_model_load, capsys, caplog
 ):
     out = copy_run(reference, tmp_path / "run")
     before = (out / WEIGHTS_NAME).read_bytes()
-    assert train_cli(tiny_config(out, *SETTINGS), "--resume", "latest") == 0
-    printed = capsys.readouterr().out
-    assert "already complete: 6 updates" in printed
+    with caplog.at_level("INFO", logger="sdlora"):
+        assert train_cli(tiny_config(out, *SETTINGS), "--resume", "latest") == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert "already complete: 6 updates" in caplog.text
     assert (out / WEIGHTS_NAME).read_bytes() == before
     assert read_metrics(out) == read_metrics(reference)
 

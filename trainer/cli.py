@@ -142,8 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     if result.already_complete:
-        for message in result.messages:
-            print(message)
+        # What was verified or written was logged as it happened; this is the verdict.
         print(f"nothing to train: the run in {result.output_dir} is complete")
         return 0
     print(f"done: {result.updates} updates; LoRA weights in {result.output_dir}")
