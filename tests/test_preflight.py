@@ -284,3 +284,19 @@ def test_train_py_refuses_without_a_traceback(
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and expected in done.stderr
+
+
+def test_images_alone_in_a_bucket_smaller_than_a_batch_are_named_in_a_warning(
+    make_config, tiny_data, tmp_path
+):
+    from PIL import Image
+
+    from trainer import preflight
+
+    data = make_data(tmp_path, tiny_data)
+    Image.new("RGB", (160, 64), "red").save(data / "wide.png")
+    (data / "wide.txt").write_text("a wide red image")
+    cfg = make_config(f'data.path="{data}"', "data.buckets=true", "data.bucket_step=8")
+    checked = preflight.check(cfg, num_processes=1, show_progress=False)
+    (warning,) = checked.warnings
+    assert warning.startswith("1 image(s) sit in 1 aspect bucket(s) holding fewer than one batch")

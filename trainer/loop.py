@@ -77,11 +77,15 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
         had already finished), and whether the run stopped early on a signal.
     """
     accelerator = make_accelerator(config)
-    checked = preflight.check(config, accelerator.num_processes, overwrite)
+    checked = preflight.check(
+        config, accelerator.num_processes, overwrite, accelerator.is_main_process
+    )
     if accelerator.is_main_process:
         preflight.apply(checked, config, accelerator.num_processes)
+        for message in checked.warnings:
+            log.warning(message)
         for message in checked.messages:
-            log.warning(message) if "damaged" in message else log.info(message)
+            log.info(message)
     accelerator.wait_for_everyone()
     if checked.complete:
         return TrainResult(
@@ -91,7 +95,7 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
             None,
             is_main_process=accelerator.is_main_process,
             already_complete=True,
-            messages=tuple(checked.messages),
+            messages=tuple(checked.warnings + checked.messages),
         )
     state = setup(config, accelerator, checked)
     interrupted = train(state)

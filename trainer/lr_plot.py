@@ -66,7 +66,7 @@ def compare_schedule(spec: str, config: RunConfig) -> tuple[str, schedulers.Sche
             table[key.strip()] = raw
     try:
         return spec, schedulers.from_table(table, where=f"--compare {name}")
-    except schedulers.ScheduleConfigError as err:
+    except ConfigError as err:  # the schedule's own problems, named for the flag
         raise ConfigError(err.problems, "--compare") from err
 
 

@@ -65,16 +65,20 @@ class Checked:
     prepared: Prepared | None = None
     val_examples: list[Example] = field(default_factory=list)
     plan: Plan | None = None
-    messages: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # logged as warnings
+    messages: list[str] = field(default_factory=list)  # logged as information
 
 
-def check(config: RunConfig, num_processes: int, overwrite: bool = False) -> Checked:
+def check(
+    config: RunConfig, num_processes: int, overwrite: bool = False, show_progress: bool = True
+) -> Checked:
     """Decide how this run starts, and find every problem that would stop it later.
 
     Args:
         config: The validated config.
         num_processes: Processes of this launch (the data order and run length depend on it).
         overwrite: ``--overwrite``: replace whatever an earlier run left in ``output_dir``.
+        show_progress: Show the image check's progress bar (the main process does).
 
     Raises:
         ConfigError: with every problem found (data problems included), naming keys and files.
@@ -94,7 +98,7 @@ def check(config: RunConfig, num_processes: int, overwrite: bool = False) -> Che
             config.lora.target_modules,
             te_targets if config.lora.train_text_encoder else None,
         )
-    problems += _data_and_plan(config, num_processes, checked)
+    problems += _data_and_plan(config, num_processes, checked, show_progress)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
         problems.append(
             f"train.max_steps: the checkpoint {checked.resume_from} already has "
@@ -106,17 +110,28 @@ def check(config: RunConfig, num_processes: int, overwrite: bool = False) -> Che
     return checked
 
 
-def _data_and_plan(config: RunConfig, num_processes: int, checked: Checked) -> list[str]:
+def _data_and_plan(
+    config: RunConfig, num_processes: int, checked: Checked, show_progress: bool
+) -> list[str]:
     from trainer.feed import checked_examples
 
     try:
-        checked.prepared, checked.val_examples = checked_examples(config)
+        checked.prepared, checked.val_examples = checked_examples(config, show_progress)
     except DataError as err:
         return [str(err)]
     try:
         checked.plan = plan_run(config, checked.prepared.groups, num_processes)
     except ConfigError as err:
         return err.problems
+    batch = config.train.batch_size * num_processes
+    idle = [g for g in checked.prepared.groups if len(g) < batch]
+    if idle:
+        # A batch never mixes buckets, so these images would never be trained on.
+        checked.warnings.append(
+            f"{sum(len(g) for g in idle)} image(s) sit in {len(idle)} aspect bucket(s) holding "
+            f"fewer than one batch ({batch}) and are never trained on; lower train.batch_size, "
+            "or widen data.bucket_max_crop / data.bucket_step so they share a bucket"
+        )
     return []
 
 
@@ -186,7 +201,7 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
         folder, damaged = ckpt.newest_intact(output_dir)
         for bad, why in damaged:
             checked.quarantine.append(bad)
-            checked.messages.append(
+            checked.warnings.append(
                 f"checkpoint {bad.name} is damaged ({'; '.join(why)}); it is set aside as "
                 f"{bad.name}.damaged"
             )
@@ -194,7 +209,7 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
             raise ConfigError(
                 [
                     f"--resume latest: no intact checkpoint in {output_dir / ckpt.CHECKPOINTS}: "
-                    + "; ".join(m for m in checked.messages)
+                    + "; ".join(checked.warnings)
                     + ". Pass --overwrite to start over (the damaged folders are removed)"
                 ]
             )
@@ -212,7 +227,7 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
             )
             return checked
         if damaged:
-            checked.messages.append(f"resuming from {folder.name}, the newest intact checkpoint")
+            checked.warnings.append(f"resuming from {folder.name}, the newest intact checkpoint")
     else:
         folder = ckpt.resolve(output_dir, resume)
     saved = read_toml(folder / ckpt.CONFIG_NAME)

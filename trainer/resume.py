@@ -1,7 +1,8 @@
 """Writing a run's checkpoint, and resuming from one.
 
 What a checkpoint holds is listed in ``trainer/checkpoint.py``; this module fills it from a
-live run and restores a run from it.
+live run and restores a run from it. Which checkpoint a run resumes from (and whether it needs
+to train at all) is decided before any model loads, in ``trainer/preflight.py``.
 
 Whether a checkpoint may be resumed under the current config:
 
