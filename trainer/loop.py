@@ -88,6 +88,7 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
             log.info(message)
     accelerator.wait_for_everyone()
     if checked.complete:
+        accelerator.end_training()  # no trackers were started; this ends the process group
         return TrainResult(
             Path(config.output_dir),
             checked.updates_done,
