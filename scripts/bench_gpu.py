@@ -243,6 +243,9 @@ def launch(spec: dict, log: Path, timeout: float) -> dict[str, Any]:
     env.pop("WORLD_SIZE", None)  # one process: our loop refuses a world it did not set up
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if spec.get("compile_cache"):
+        env["TORCHINDUCTOR_CACHE_DIR"] = spec["compile_cache"]
+        env["TRITON_CACHE_DIR"] = str(Path(spec["compile_cache"]) / "triton")
     cmd = [sys.executable, __file__, "--_child", json.dumps(spec)]
     start = time.perf_counter()
     try:
@@ -314,10 +317,16 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for variant in matrix(args):
         out = work / "runs" / variant.name()
         spec = {**common, "kind": "train", "variant": dataclasses.asdict(variant), "out": str(out)}
+        if variant.compile:
+            # Compiling takes a few updates (the backward graph compiles on first use), and a
+            # fresh compile cache per run makes start-up the cold compile a user pays.
+            spec["warmup"] = args.compile_warmup_updates
+            spec["compile_cache"] = str(work / "compile-cache" / variant.name())
+            shutil.rmtree(spec["compile_cache"], ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)  # an output_dir holding checkpoints is refused
         print(f"{variant.name():60} ...", end=" ", flush=True)
         measured = launch(spec, work / "logs" / f"{variant.name()}.log", args.timeout)
-        row = {**dataclasses.asdict(variant), **measured}
+        row = {**dataclasses.asdict(variant), "warmup_updates": spec["warmup"], **measured}
         runs.append(finish_row(row, cal, args))
         print(row.get("error") or f"{row['images_per_s']:.2f} images/s", flush=True)
     meta = {
@@ -327,6 +336,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "commit": _git_commit(),
         "model": args.model or f"{args.arch} {args.preset} (make_tiny_sd.py, random weights)",
         **{k: common[k] for k in ("resolution", "accum", "rank", "warmup", "updates", "tf32")},
+        "compile_warmup": args.compile_warmup_updates,
         "images": args.images,
         "num_workers": args.num_workers,
     }
@@ -395,6 +405,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--images", type=int, default=64, help="dataset size (cache fill scales with it)"
     )
     p.add_argument("--warmup-updates", type=int, default=5)
+    p.add_argument(
+        "--compile-warmup-updates", type=int, default=10, help="warm-up of torch.compile runs"
+    )
     p.add_argument("--updates", type=int, default=20, help="steady-state updates measured")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, both trainers")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in both trainers")
@@ -410,7 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", type=Path, help="write the tables here")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup_updates < 1 or args.updates < 1:
+    if min(args.warmup_updates, args.compile_warmup_updates, args.updates) < 1:
         p.error(
             "--warmup-updates and --updates must be >= 1 (the steady window starts after warm-up)"
         )

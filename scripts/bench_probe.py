@@ -171,6 +171,8 @@ class Probe:
             "warmup_extra_s": (ends[warm - 1] - ends[0]) - (warm - 1) * s_per_update,
             "encode_before_first_update_s": self.encode_before_first_s,
             "xformers_calls": self.xformers_calls,
+            # Every update's duration, warm-up included, to see where steady state begins.
+            "update_intervals_s": [b - a for a, b in itertools.pairwise(ends)],
         }
         out.update(self.memory())
         return out

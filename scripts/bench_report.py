@@ -91,7 +91,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- model: {meta['model']}; {meta['resolution']} px, LoRA rank {meta['rank']}, "
         f"accumulation {meta['accum']}, {meta['images']} images, DataLoader workers "
         f"{meta['num_workers']}, TF32 {'on' if meta['tf32'] else 'off'}",
-        f"- steady state: {meta['updates']} updates after {meta['warmup']} warm-up updates",
+        f"- steady state: {meta['updates']} updates after {meta['warmup']} warm-up updates "
+        f"({meta.get('compile_warmup', '—')} with torch.compile, from a cold compile cache)",
         f"- peak: {peak['dtype']} matmul {peak['size']}³ = {peak['flop_per_s'] / 1e12:.1f} "
         f"TFLOP/s; FLOPs per image: UNet forward + backward "
         f"{flops['unet_train'] / 1e9:.1f} G, VAE encode {flops['vae_encode'] / 1e9:.1f} G, "

@@ -90,7 +90,9 @@ def test_every_run_reports_finite_positive_figures(bench):
             assert finite_positive(run[key]), (run["trainer"], key, run[key])
         assert run["updates_seen"] == 3 and run["steady_updates"] == 2
         assert run["skipped_updates"] == 0 and run["mem_kind"] == "cpu_peak_rss"
-        assert run["startup_s"] >= 0
+        assert run["startup_s"] >= 0 and run["warmup_updates"] == 1
+        assert len(run["update_intervals_s"]) == 2
+        assert all(finite_positive(x) for x in run["update_intervals_s"])
     assert finite_positive(report["peak"]["flop_per_s"])
     assert all(finite_positive(v) for v in report["flops_per_image"].values())
 
