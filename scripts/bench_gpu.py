@@ -7,7 +7,8 @@ Every run is its own process, so memory peaks and ``torch.compile`` caches never
 runs. Our trainer runs through its public API (``trainer.config.load`` and
 ``trainer.loop.run``), with the settings ``bench_vs_diffusers.ours_cmd`` gives it; the diffusers
 script ``train_text_to_image_lora.py`` runs unmodified with ``bench_vs_diffusers.diffusers_cmd``'s
-equal settings. ``bench_probe.Probe`` times both from outside their loops:
+equal settings (``bench_runs.py`` is what each process runs). ``bench_probe.Probe`` times both
+from outside their loops:
 
 - steady state: the updates after ``--warmup-updates``, from the end of the last warm-up
   update to the end of the last update; updates/s, images/s (updates/s × batch × accumulation);
@@ -38,22 +39,18 @@ import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 RESULT = "BENCH_RESULT "  # prefix of the one stdout line a child process answers with
-BASE_CONFIG = "configs/tiny.toml"  # the base bench_vs_diffusers.ours_cmd builds on
 
 from bench_report import compare, markdown, targets  # noqa: E402
-from bench_vs_diffusers import diffusers_cmd, launcher, ours_cmd  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,137 +101,6 @@ def matrix(args: argparse.Namespace) -> list[Variant]:
 
 
 # ---------------------------------------------------------------- child processes
-
-
-def _settings(spec: dict) -> SimpleNamespace:
-    """The attributes bench_vs_diffusers' command builders read."""
-    return SimpleNamespace(
-        threads=spec["threads"],
-        resolution=spec["resolution"],
-        batch=spec["variant"]["batch"],
-        accum=spec["accum"],
-        lr=spec["lr"],
-        rank=spec["rank"],
-    )
-
-
-def run_ours(spec: dict, updates: int) -> None:
-    """Our trainer in this process, through ``config.load`` and ``loop.run``."""
-    import bench_probe
-    import torch
-
-    from trainer import config, loop, models
-
-    v = spec["variant"]
-    cached = v["latents"] == "cached"
-    cmd = ours_cmd(spec["model"], spec["data"], spec["out"], updates, _settings(spec), cached)
-    sets = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
-    sets += [
-        f'train.mixed_precision="{v["precision"]}"',
-        f"train.xformers={str(v['attention'] == 'xformers').lower()}",
-        f"train.gradient_checkpointing={str(v['checkpointing']).lower()}",
-        f"train.compile={str(v['compile']).lower()}",
-        f"data.num_workers={spec['num_workers']}",
-    ]
-    shim = bench_probe.channels_last_shim(models) if v["channels_last"] else None
-    if spec["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    result = loop.run(config.load(REPO / BASE_CONFIG, sets))
-    if result.updates != updates:
-        raise RuntimeError(f"our trainer ran {result.updates} updates, not {updates}")
-    if shim is not None and not shim["converted"]:
-        raise RuntimeError(
-            "channels_last shim did not apply: the loop no longer loads through "
-            "trainer.models.load_components; add a train.channels_last option instead"
-        )
-
-
-def run_diffusers(spec: dict, updates: int) -> None:
-    """The diffusers example script in this process, with ``diffusers_cmd``'s settings."""
-    import runpy
-
-    v = spec["variant"]
-    settings = _settings(spec)
-    script = Path(spec["diffusers_script"])
-    cmd = diffusers_cmd(script, spec["model"], spec["data"], spec["out"], updates, settings)
-    argv = cmd[len(launcher(settings.threads)) :]  # [script, its arguments...]
-    argv[argv.index("--mixed_precision") + 1] = v["precision"]
-    argv[argv.index("--dataloader_num_workers") + 1] = str(spec["num_workers"])
-    if v["attention"] == "xformers":
-        argv.append("--enable_xformers_memory_efficient_attention")
-    if v["checkpointing"]:
-        argv.append("--gradient_checkpointing")
-    if spec["tf32"]:
-        argv.append("--allow_tf32")
-    sys.argv = argv
-    runpy.run_path(str(script), run_name="__main__")
-
-
-def child(spec: dict) -> dict[str, Any]:
-    """Run one job in this process and return its JSON-able result."""
-    import bench_probe
-    import torch
-
-    device = spec["device"]
-    if device == "cpu":
-        torch.set_num_threads(spec["threads"])
-    elif not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available in this process")
-    if spec["kind"] == "calibrate":
-        return calibrate(spec)
-    updates = spec["warmup"] + spec["updates"]
-    variant = spec["variant"]
-    probe = bench_probe.Probe(device, spec["warmup"], STARTED)
-    probe.install(count_xformers=variant["attention"] == "xformers")
-    if variant["trainer"] == "ours":
-        run_ours(spec, updates)
-    else:
-        run_diffusers(spec, updates)
-    return probe.report(updates)
-
-
-def calibrate(spec: dict) -> dict[str, Any]:
-    """Device facts, library versions, the matmul peak and the FLOPs per image."""
-    import bench_probe
-    import diffusers
-    import torch
-    import transformers
-
-    device = spec["device"]
-    facts: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if device != "cpu" else _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import xformers
-
-        facts["xformers"] = xformers.__version__
-        facts["xformers_extension_loaded"] = bool(getattr(xformers, "_has_cpp_library", False))
-    except ImportError:
-        facts["xformers"] = None
-    peak = bench_probe.measure_peak(device, spec["peak_size"], "bf16", spec["peak_seconds"])
-    counting_dtype = "bf16" if device != "cpu" else "no"
-    flops = bench_probe.count_flops(
-        spec["model"], spec["resolution"], spec["rank"], spec["targets"], device, counting_dtype
-    )
-    return {"facts": facts, "peak": peak, "flops_per_image": flops}
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def launch(spec: dict, log: Path, timeout: float) -> dict[str, Any]:
@@ -437,7 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args._child:
-        print(RESULT + json.dumps(child(json.loads(args._child))), flush=True)
+        from bench_runs import child
+
+        print(RESULT + json.dumps(child(json.loads(args._child), STARTED)), flush=True)
         return
     report = run_all(args)
     text = markdown(report)
