@@ -1,21 +1,33 @@
-"""Write a tiny, random, offline Stable Diffusion 1.x model in the diffusers folder layout.
+"""Write a random, offline Stable Diffusion 1.x model in the diffusers folder layout.
 
 The folder loads with ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` under
-``HF_HUB_OFFLINE=1``, so the trainer's real loading path is the one the tests exercise.
+``HF_HUB_OFFLINE=1``, so the trainer's real loading path is the one the tests exercise. Every
+preset uses the same locally built CLIP tokenizer (77 tokens) and noise scheduler config.
 
-SD-1.x proportions are kept where they change code paths or cost shape: the VAE downsamples
-by 8 (four blocks) into 4 latent channels with SD's scaling factor, the tokenizer pads to 77
-tokens, and the UNet has cross-attention blocks. Channel widths and layer counts are tiny.
+Presets (``--preset``), per architecture (``--arch``; only ``sd15`` so far):
+- ``tiny`` (default): SD-1.x proportions where they change code paths or cost shape: the VAE
+  downsamples by 8 (four blocks) into 4 latent channels with SD's scaling factor, and the UNet
+  has cross-attention blocks. Channel widths and layer counts are tiny (about 6 MB, fp32).
+- ``sd15-shape``: the published SD-1.5 shapes (UNet 860 M parameters, VAE 84 M, CLIP ViT-L/14
+  text encoder 123 M), randomly initialised and written in fp16 (about 2.1 GB), so throughput
+  and memory can be measured at real scale without a download. Its outputs mean nothing.
+
+A new architecture (SDXL: two text encoders) adds an :class:`Arch` to :data:`ARCHS` with its
+own writer and presets (``tiny``, ``sdxl-shape``); the command line picks it up unchanged.
 
 Usage:
-    python scripts/make_tiny_sd.py OUT_DIR [--prediction-type v_prediction] [--seed 0]
+    python scripts/make_tiny_sd.py OUT_DIR [--preset tiny|sd15-shape] [--arch sd15]
+        [--dtype fp32|fp16|bf16] [--prediction-type v_prediction] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,28 +86,36 @@ def write_tokenizer(out: Path) -> int:
     return len(vocab)
 
 
-def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Create the tiny model folder and return its path.
+@dataclass(frozen=True)
+class Preset:
+    """Constructor arguments of one model size.
 
-    Args:
-        out_dir: Folder to write (created; existing files are overwritten).
-        prediction_type: ``epsilon`` or ``v_prediction`` for the noise scheduler config.
-        seed: Seed for the random weights, so two calls give identical models.
+    Attributes:
+        unet: ``UNet2DConditionModel`` keyword arguments.
+        vae: ``AutoencoderKL`` keyword arguments.
+        text_encoder: ``CLIPTextConfig`` keyword arguments; ``vocab_size`` None means the
+            local tokenizer's size, and the special-token ids always come from the tokenizer.
+        dtype: dtype of the written weights unless the caller asks for another.
     """
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    out = Path(out_dir)
-    vocab_size = write_tokenizer(out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    dtype: str = "fp32"
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+
+@dataclass(frozen=True)
+class Arch:
+    """One model family: how to write its folder, and its presets by name."""
+
+    write: Callable[..., Path]
+    presets: dict[str, Preset] = field(default_factory=dict)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+TINY_SD15 = Preset(
+    unet=dict(
         sample_size=8,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -104,8 +124,8 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
+    ),
+    vae=dict(
         sample_size=64,
         in_channels=3,
         out_channels=3,
@@ -116,20 +136,155 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         latent_channels=4,
         norm_num_groups=16,
         scaling_factor=SD_SCALING_FACTOR,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
+    ),
+    text_encoder=dict(
+        vocab_size=None,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
+        projection_dim=32,
+    ),
+)
+
+# The values of stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json (the text
+# encoder is CLIP ViT-L/14's). Written out in full, not left to library defaults, so a change
+# of a default in diffusers or transformers cannot change the shapes.
+SD15_SHAPE = Preset(
+    unet=dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        center_input_sample=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ),
+    vae=dict(
+        sample_size=512,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=SD_SCALING_FACTOR,
+    ),
+    text_encoder=dict(
+        # The real vocabulary size keeps the embedding's real shape; the local tokenizer's
+        # ids are all below it.
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+    ),
+    dtype="fp16",  # 2.1 GB instead of 4.3; training loads it in its own compute dtype
+)
+
+
+def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Create the tiny model folder and return its path.
+
+    Args:
+        out_dir: Folder to write (created; existing files are overwritten).
+        prediction_type: ``epsilon`` or ``v_prediction`` for the noise scheduler config.
+        seed: Seed for the random weights, so two calls give identical models.
+    """
+    return make_sd(out_dir, "sd15", "tiny", prediction_type=prediction_type, seed=seed)
+
+
+def make_sd(
+    out_dir: str | Path,
+    arch: str = "sd15",
+    preset: str = "tiny",
+    *,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    dtype: str | None = None,
+) -> Path:
+    """Write a random model of one architecture and preset; return the folder.
+
+    Args:
+        out_dir: Folder to write (created; existing files are overwritten).
+        arch: Key of :data:`ARCHS`.
+        preset: One of that architecture's presets.
+        prediction_type: ``epsilon`` or ``v_prediction`` for the noise scheduler config.
+        seed: Seed for the random weights, so two calls give identical models.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` for the written weights; None: the preset's.
+
+    Raises:
+        ValueError: for an unknown architecture, preset or dtype.
+    """
+    spec = preset_spec(arch, preset)
+    dtype = dtype or spec.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    return ARCHS[arch].write(Path(out_dir), spec, prediction_type, seed, DTYPES[dtype])
+
+
+def preset_spec(arch: str, preset: str) -> Preset:
+    """The constructor arguments of ``preset`` for ``arch``, with an error naming the choices."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    presets = ARCHS[arch].presets
+    if preset not in presets:
+        raise ValueError(f"arch {arch!r} has no preset {preset!r}; choose one of {sorted(presets)}")
+    return presets[preset]
+
+
+def text_encoder_config(spec: Preset, tokenizer):
+    """The ``CLIPTextConfig`` of a preset, with the tokenizer's vocabulary and special ids."""
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(spec.text_encoder)
+    kwargs["vocab_size"] = kwargs["vocab_size"] or len(tokenizer.get_vocab())
+    return CLIPTextConfig(
+        **kwargs,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        projection_dim=32,
     )
-    text_encoder = CLIPTextModel(text_config)
+
+
+def _write_sd15(
+    out: Path, spec: Preset, prediction_type: str, seed: int, dtype: torch.dtype
+) -> Path:
+    """Build an SD-1.x pipeline from ``spec`` with seeded random weights and save it."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    write_tokenizer(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+
+    # One seed, then the three models in a fixed order: the same seed gives the same weights.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    vae = AutoencoderKL(**spec.vae)
+    text_encoder = CLIPTextModel(text_encoder_config(spec, tokenizer))
     # SD-1.5 ships a PNDM config; training reads the same file through DDPMScheduler.
     noise_scheduler = PNDMScheduler(
         num_train_timesteps=1000,
@@ -151,6 +306,8 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)  # initialised in fp32 (seeded the same), stored smaller
     pipe.save_pretrained(out, safe_serialization=True)
     # save_pretrained (transformers 5) rewrites the tokenizer folder as tokenizer.json only;
     # write the classic files again so every CLIP loader can read it.
@@ -158,15 +315,37 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
     return out
 
 
+ARCHS: dict[str, Arch] = {
+    "sd15": Arch(write=_write_sd15, presets={"tiny": TINY_SD15, "sd15-shape": SD15_SHAPE}),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write the diffusers model into")
+    parser.add_argument("--arch", default="sd15", choices=sorted(ARCHS))
+    presets = sorted({name for arch in ARCHS.values() for name in arch.presets})
+    parser.add_argument("--preset", default="tiny", choices=presets)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="dtype of the written weights (default: preset's)"
+    )
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    path = make_tiny_sd(args.out_dir, args.prediction_type, args.seed)
+    try:
+        preset_spec(args.arch, args.preset)
+    except ValueError as err:
+        parser.error(str(err))
+    path = make_sd(
+        args.out_dir,
+        args.arch,
+        args.preset,
+        prediction_type=args.prediction_type,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote tiny SD model to {path} ({size / 1e6:.1f} MB)")
+    print(f"wrote {args.arch} {args.preset} model to {path} ({size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,15 @@ def test_disk_cache_hits_and_invalidation(vae, tiny_data, tmp_path):
     assert cache.module_fingerprint(other) != cache.module_fingerprint(vae)
 
 
+def test_vae_fingerprint_does_not_depend_on_the_memory_format(vae):
+    # channels_last (a GPU speed option) must neither break the key nor change it.
+    layout = AutoencoderKL.from_config(vae.config)
+    layout.load_state_dict(vae.state_dict())
+    layout.to(memory_format=torch.channels_last)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in layout.parameters())
+    assert cache.module_fingerprint(layout) == cache.module_fingerprint(vae)
+
+
 def test_cached_entry_equals_a_fresh_encode(vae, tiny_data, tmp_path):
     from trainer import images, step
 

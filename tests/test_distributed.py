@@ -52,7 +52,7 @@ def launch(model, data, out, processes: int, batch: int, *extra: str) -> str:
     ]
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:  # the example config shipped in docker/ (MULTI_CPU over gloo)
-        launcher += ["--config_file", str(REPO / "docker" / "accelerate-cpu2.yaml")]
+        launcher += ["--config_file", str(REPO / "docker" / "accelerate" / "cpu2.yaml")]
         launcher += ["--num_processes", str(processes), "--main_process_port", "0"]
     else:
         launcher += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]

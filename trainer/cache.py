@@ -40,7 +40,10 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.blake2b(digest_size=12)
     for name, tensor in module.state_dict().items():
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        # reshape(-1), not contiguous(): a channels_last weight with a 1×1 kernel counts as
+        # contiguous yet has a last stride above 1, which view(uint8) refuses. The bytes are
+        # in logical order either way, so the key does not depend on the memory format.
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
