@@ -26,7 +26,9 @@ from trainer import checkpoint as ckpt
 from trainer import lora, models, step
 from trainer.config import ConfigError, RunConfig, to_toml
 from trainer.feed import build_feed, checked_examples
+from trainer.lora_metadata import collect_run_facts
 from trainer.order import seed_for
+from trainer.outputs import write_final
 from trainer.plan import plan_run
 from trainer.resume import find_resume_point, restore_checkpoint, save_checkpoint
 from trainer.signals import StopRequest
@@ -109,21 +111,6 @@ def build_optimizer(
         weight_decay=train.weight_decay,
         **kernel,
     )
-
-
-def training_metadata(config: RunConfig, update: int, base_lrs: list[float]) -> dict:
-    """The facts about a run stored in the LoRA file header."""
-    return {
-        "base_model": config.model.pretrained,
-        "rank": config.lora.rank,
-        "alpha": config.lora.alpha,
-        "steps": update,
-        "seed": config.train.seed,
-        "resolution": config.data.resolution,
-        "text_encoder_trained": config.lora.train_text_encoder,
-        "lr_scheduler": {"name": config.lr_scheduler.name, **config.lr_scheduler.params()},
-        "base_lrs": base_lrs,
-    }
 
 
 def encode_latents(
@@ -331,13 +318,15 @@ def run(config: RunConfig) -> TrainResult:
         args = (config, accelerator, plan, update, unet, text_encoder, optimizer)
         save_checkpoint(*args, base_lrs, resume_from)
         if accelerator.is_main_process:
-            path = lora.save(
-                output_dir,
-                final_unet,
-                final_te,
-                dtype=config.lora.save_dtype,
-                training_metadata=training_metadata(config, update, base_lrs),
+            facts = collect_run_facts(
+                feed.prepared.examples,
+                steps=update,
+                epochs=-(-micro // plan.micro_batches_per_epoch),
+                optimizer=optimizer,
+                num_processes=accelerator.num_processes,
+                prediction_type=parts.noise_scheduler.config.prediction_type,
             )
+            path = ", ".join(map(str, write_final(output_dir, final_unet, final_te, config, facts)))
             last_lrs = [group["lr"] for group in optimizer.param_groups]
             state = schedule_state(schedule, plan.total_updates, update, base_lrs, last_lrs)
             ckpt.write_json(output_dir / ckpt.LR_SCHEDULER_STATE, state)

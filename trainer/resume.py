@@ -43,6 +43,8 @@ log = logging.getLogger("sdlora")
 HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
 FREE_KEYS = ("output_dir", "logging.", "checkpoint.", "data.num_workers")
+# How the final files are written (format, dtype, name) never changes the trained weights.
+FREE_KEYS += ("output.", "lora.save_dtype")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
