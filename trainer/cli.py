@@ -3,7 +3,7 @@
     sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
     sdlora schedules [NAME]
-    sdlora export OUTPUT_DIR [--format kohya] [--out FILE] [--dtype fp16]
+    sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
     sdlora config-help
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
@@ -71,17 +71,45 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
-    export = sub.add_parser(
-        "export", help="write a trained LoRA in the kohya format (A1111, ComfyUI, SD.Next)"
-    )
-    export.add_argument("source", help="an output_dir or checkpoint folder, or its weights file")
-    export.add_argument("--format", choices=["kohya"], default="kohya")
-    export.add_argument("--out", help="destination file (default: beside the source)")
-    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    _add_export(sub)
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a saved LoRA (final or checkpoint) for diffusers and/or A1111, ComfyUI, "
+        "SD.Next (kohya format)",
+    )
+    export.add_argument(
+        "source", help="an output_dir or checkpoints/step-NNNNNN folder, or its weights file"
+    )
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "kohya", "both"],
+        default="both",
+        help="'diffusers' = pytorch_lora_weights.safetensors, 'kohya' = NAME.safetensors for "
+        "A1111/ComfyUI/SD.Next, 'both' (default)",
+    )
+    export.add_argument(
+        "--out",
+        metavar="DIR",
+        help="destination folder (default: output_dir/export/step-NNNNNN for a checkpoint, "
+        "else SOURCE/export)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["fp16", "bf16", "fp32"],
+        help="dtype of the weights (default: the run's output.save_dtype, else fp16)",
+    )
+    export.add_argument(
+        "--name",
+        help="LoRA name: kohya file name and the name A1111 lists (default: the run's "
+        "output.name or its output_dir's name)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -125,14 +153,11 @@ def cmd_lr_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Convert a saved LoRA to another key format."""
-    from trainer.export import to_kohya
+    """Write a saved LoRA in the client formats."""
+    from trainer.export import export
 
-    try:
-        path = to_kohya(args.source, args.out, args.dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError([str(err)], "sdlora export") from err
-    print(f"wrote {path}")
+    for path in export(args.source, args.format, args.out, args.dtype, args.name):
+        print(f"wrote {path}")
     return 0
 
 
@@ -173,13 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a bad config or dataset prints its problems and exits with 2."""
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
+    from trainer.export import ExportError
     from trainer.models import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError) as err:
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        CheckpointError,
+        ExportError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
