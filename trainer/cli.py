@@ -4,6 +4,7 @@
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
     sdlora schedules [NAME]
     sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
+    sdlora inspect FILE [--against MODEL] [--modules] [--json]
     sdlora config-help
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
     _add_export(sub)
+    _add_inspect(sub)
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
@@ -109,6 +111,27 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--name",
         help="LoRA name: kohya file name and the name A1111 lists (default: the run's "
         "output.name or its output_dir's name)",
+    )
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="show what a LoRA file holds (any trainer's): format, base model, ranks, targets, "
+        "metadata, hash; with --against, the keys a client would drop",
+    )
+    inspect.add_argument("file", help="a LoRA .safetensors file (kohya, LyCORIS or diffusers)")
+    inspect.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="a diffusers model folder: list every key that names no module of that model "
+        "(exit status 1 when there is one)",
+    )
+    inspect.add_argument(
+        "--modules", action="store_true", help="also list every module with its rank and alpha"
+    )
+    inspect.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of text"
     )
 
 
@@ -161,6 +184,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe a LoRA file, and what a client would drop."""
+    from trainer.inspect_lora import format_report, inspect
+
+    report = inspect(args.file, args.against)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report, list_modules=args.modules))
+    # Like a linter: a LoRA that would lose keys in a client fails a script that checks it.
+    return 1 if report.unmatched or report.wrong_shape else 0
+
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     """List the registered schedules, or describe one with its fields."""
     import schedulers
@@ -190,6 +226,7 @@ COMMANDS = {
     "lr-plot": cmd_lr_plot,
     "schedules": cmd_schedules,
     "export": cmd_export,
+    "inspect": cmd_inspect,
     "config-help": cmd_config_help,
 }
 
@@ -199,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.export import ExportError
+    from trainer.lora_files import LoraFileError
     from trainer.models import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -210,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError,
         ModelLoadError,
         CheckpointError,
+        LoraFileError,
         ExportError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
