@@ -5,6 +5,7 @@
     sdlora schedules [NAME]
     sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
     sdlora inspect FILE [--against MODEL] [--modules] [--json]
+    sdlora sample --lora FILE --model MODEL --prompt TEXT [--scales 0,0.5,1] [--out grid.png]
     sdlora config-help
 
 ``train.py`` at the repository root is the ``accelerate launch`` target for ``sdlora train``.
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_export(sub)
     _add_inspect(sub)
+    _add_sample(sub)
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
@@ -132,6 +134,42 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument(
         "--json", action="store_true", help="print the report as JSON instead of text"
+    )
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    sample = sub.add_parser(
+        "sample",
+        help="fixed-seed images of the base model and of a LoRA at several scales, as one PNG",
+    )
+    sample.add_argument("--lora", required=True, help="the LoRA file (any format diffusers reads)")
+    sample.add_argument(
+        "--model", required=True, help="the base model: a diffusers folder or hub id"
+    )
+    sample.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        required=True,
+        help="a prompt; repeat for one grid row per prompt",
+    )
+    sample.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    sample.add_argument(
+        "--scales", default="0,0.5,1", help="LoRA scales, one column each (default 0,0.5,1)"
+    )
+    sample.add_argument("--seed", type=int, default=0, help="seed of every image (default 0)")
+    sample.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    sample.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+    )
+    sample.add_argument(
+        "--resolution",
+        type=int,
+        help="image side in pixels (default: the LoRA's modelspec.resolution, else 512)",
+    )
+    sample.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
+    sample.add_argument(
+        "--device", default="", help="torch device, e.g. cuda or cpu (default: cuda if present)"
     )
 
 
@@ -197,6 +235,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if report.unmatched or report.wrong_shape else 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Render the base-vs-LoRA comparison grid."""
+    from trainer import sample
+
+    side = args.resolution or sample.default_resolution(args.lora)
+    settings = sample.SampleSettings(
+        prompts=tuple(args.prompts),
+        scales=sample.parse_scales(args.scales),
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=side,
+        height=side,
+        negative_prompt=args.negative_prompt,
+    )
+    print(f"wrote {sample.sample(args.lora, args.model, settings, args.out, args.device)}")
+    return 0
+
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     """List the registered schedules, or describe one with its fields."""
     import schedulers
@@ -227,6 +284,7 @@ COMMANDS = {
     "schedules": cmd_schedules,
     "export": cmd_export,
     "inspect": cmd_inspect,
+    "sample": cmd_sample,
     "config-help": cmd_config_help,
 }
 
