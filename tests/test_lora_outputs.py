@@ -332,3 +332,13 @@ def test_saved_weights_load_back_under_either_transformers_layout(run, tmp_path)
         lora.load_into(source, result.unet, target)
         after = lora.adapter_state(result.unet, flat)
         assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_mistyped_output_key_is_a_config_error(tiny_config, tmp_path):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, 'output.format="safetensors"', 'output.nmae="x"')
+    problems = "\n".join(err.value.problems)
+    assert "output.format" in problems and "'both'" in problems
+    assert "output.nmae" in problems and "did you mean 'name'" in problems

@@ -174,13 +174,6 @@ def read_metadata(path: str | Path) -> dict[str, object]:
     return json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
 
 
-def read_adapter_metadata(path: str | Path) -> dict[str, object]:
-    """diffusers' packed adapter config stored in a LoRA file's header (``unet.r``, ...)."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    return json.loads(header.get(ADAPTER_METADATA_KEY, "{}"))
-
-
 def _live_state(
     state: Mapping[str, torch.Tensor], component: str, model: torch.nn.Module
 ) -> dict[str, torch.Tensor]:
