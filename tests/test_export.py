@@ -1,34 +1,46 @@
-"""The kohya export loads in diffusers exactly like the diffusers-format file."""
+"""``sdlora export``: any checkpoint in the client formats, loading in diffusers as before."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import loop
+from trainer import loop, lora_hashes
 from trainer.cli import main
-from trainer.export import KOHYA_NAME
 from trainer.lora import WEIGHTS_NAME
+
+NAME = "exp"
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_config, tmp_path_factory):
-    """A LoRA whose alpha differs from its rank, on the UNet and the text encoder."""
-    out = tmp_path_factory.mktemp("export")
+    """A LoRA whose alpha differs from its rank, on the UNet and the text encoder, with a
+    checkpoint at update 2 and the final weights at update 3."""
+    out = tmp_path_factory.mktemp("export") / "run"
     cfg = tiny_config(
         out,
         "train.max_steps=3",
+        "checkpoint.every_n_steps=2",
         "train.learning_rate=1e-2",
         "lora.rank=4",
         "lora.alpha=8.0",
         "lora.train_text_encoder=true",
-        'lora.save_dtype="fp32"',
+        'output.save_dtype="fp32"',
+        f'output.name="{NAME}"',
     )
     loop.run(cfg)
     return out
+
+
+def header(path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
 
 
 def unet_prediction(pipe) -> torch.Tensor:
@@ -46,21 +58,49 @@ def predict_with(tiny_model, lora_file) -> torch.Tensor:
     return unet_prediction(pipe)
 
 
-def test_kohya_export_matches_the_diffusers_file(trained, tiny_model, capsys):
-    assert main(["export", str(trained), "--dtype", "fp32"]) == 0
-    kohya = trained / KOHYA_NAME
-    keys = load_file(kohya)
-    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
-    assert any(k.startswith("lora_te1_") for k in keys)
+def test_checkpoint_export_writes_both_formats_outside_the_checkpoint(trained, capsys):
+    assert main(["export", str(trained / "checkpoints" / "step-000002")]) == 0
+    folder = trained / "export" / "step-000002"
+    kohya_file = folder / f"{NAME}-step00000002.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([WEIGHTS_NAME, kohya_file.name])
+    assert str(kohya_file) in capsys.readouterr().out
+    keys = load_file(kohya_file)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
     assert {v.item() for k, v in keys.items() if k.endswith(".alpha")} == {8.0}
+    assert {v.dtype for v in keys.values()} == {torch.float32}  # the run's output.save_dtype
+    meta = header(kohya_file)
+    assert meta["ss_steps"] == "2" and meta["ss_output_name"] == NAME
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_alpha"] == "8.0"
+    assert all(lora_hashes.verify(kohya_file, meta).values())
+    diffusers_keys = load_file(folder / WEIGHTS_NAME)
+    assert any(k.startswith("text_encoder.text_model.encoder.") for k in diffusers_keys)
+
+
+def test_exporting_the_last_checkpoint_gives_the_final_files(trained, tmp_path):
+    out = tmp_path / "last"
+    checkpoint = trained / "checkpoints" / "step-000003"
+    assert main(["export", str(checkpoint), "--out", str(out), "--name", NAME]) == 0
+    for exported, final in (
+        (out / WEIGHTS_NAME, trained / WEIGHTS_NAME),
+        (out / f"{NAME}-step00000003.safetensors", trained / f"{NAME}.safetensors"),
+    ):
+        a, b = load_file(exported), load_file(final)
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kohya_export_predicts_like_the_diffusers_file(trained, tiny_model, tmp_path):
+    assert main(["export", str(trained), "--format", "kohya", "--out", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [f"{NAME}.safetensors"]
     ours = predict_with(tiny_model, trained / WEIGHTS_NAME)
-    torch.testing.assert_close(predict_with(tiny_model, kohya), ours, rtol=1e-5, atol=1e-6)
+    kohya = predict_with(tiny_model, tmp_path / f"{NAME}.safetensors")
+    torch.testing.assert_close(kohya, ours, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_conversion_with_alpha_equal_to_rank_would_load_at_the_wrong_scale(
     trained, tiny_model, tmp_path
 ):
-    """The reason export rewrites alpha: diffusers' converter writes alpha = rank."""
+    """Why the exporter writes the trained alpha: diffusers' converter writes alpha = rank."""
     plain = convert_state_dict_to_kohya(load_file(trained / WEIGHTS_NAME))
     assert {v.item() for k, v in plain.items() if k.endswith(".alpha")} == {4}
     path = tmp_path / "plain.safetensors"
@@ -69,6 +109,41 @@ def test_plain_conversion_with_alpha_equal_to_rank_would_load_at_the_wrong_scale
     assert not torch.allclose(predict_with(tiny_model, path), ours, rtol=1e-5, atol=1e-6)
 
 
-def test_export_of_a_missing_file_is_a_clear_error(tmp_path, capsys):
+def test_old_files_without_text_model_are_renamed_on_export(trained, tmp_path):
+    """Files trained under transformers 5 before the fix hold text_encoder.encoder.… keys."""
+    source = tmp_path / "old"
+    source.mkdir()
+    final = trained / WEIGHTS_NAME
+    old = {
+        k.replace("text_encoder.text_model.", "text_encoder."): v
+        for k, v in load_file(final).items()
+    }
+    save_file(old, str(source / WEIGHTS_NAME), metadata=header(final))
+    assert main(["export", str(source), "--name", "old"]) == 0
+    kohya = load_file(source / "export" / "old.safetensors")
+    text = [k for k in kohya if k.startswith("lora_te")]
+    assert text and all(k.startswith("lora_te_text_model_encoder_layers_") for k in text)
+    renamed = load_file(source / "export" / WEIGHTS_NAME)
+    assert set(renamed) == set(load_file(final))
+
+
+def test_export_errors_are_one_clear_line(trained, tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     assert "no LoRA weights" in capsys.readouterr().err
+    assert main(["export", str(trained), "--out", str(trained)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "overwrite" in err and "Traceback" not in err
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    save_file({"unet.a.lora_A.weight": torch.zeros(1, 1)}, str(stray / WEIGHTS_NAME))
+    assert main(["export", str(stray)]) == 2
+    assert "lora_adapter_metadata" in capsys.readouterr().err
+
+
+def test_export_record_of_a_checkpoint_comes_from_its_config(trained, tmp_path):
+    checkpoint = trained / "checkpoints" / "step-000002"
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--out", str(tmp_path)]) == 0
+    meta = header(tmp_path / WEIGHTS_NAME)
+    record = json.loads(meta["sdlora_training"])
+    assert record["steps"] == 2 and record["alpha"] == 8.0 and record["architecture"] == "sd1"
+    assert record["base_model"] == "model"

@@ -2,7 +2,7 @@
 
 The SD-1.5 shapes are checked on the meta device (no memory, no time) against the parameter
 counts of the published checkpoint's components; building the 2.1 GB folder itself is marked
-slow.
+heavy (opt-in with -m heavy).
 """
 
 from __future__ import annotations

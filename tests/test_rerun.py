@@ -32,6 +32,7 @@ SETTINGS = (
     "train.gradient_accumulation_steps=2",
     "data.random_flip=true",
     "checkpoint.every_n_steps=2",
+    'output.name="tiny"',  # not the folder's name, which differs between the copies here
 )
 
 
@@ -113,6 +114,10 @@ def test_a_run_killed_before_its_final_outputs_is_finished_from_its_checkpoint(
     assert train_cli(tiny_config(out, *SETTINGS), "--resume", "latest") == 0
     assert_same_weights(out, reference)
     assert header(out) == header(reference)
+    kohya = load_file(out / "tiny.safetensors")
+    assert all(
+        torch.equal(v, load_file(reference / "tiny.safetensors")[k]) for k, v in kohya.items()
+    )
     assert final.read_manifest(out)[1] == []
     lr_state = ckpt.LR_SCHEDULER_STATE
     assert (out / lr_state).read_bytes() == (reference / lr_state).read_bytes()

@@ -3,7 +3,9 @@
     sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
     sdlora schedules [NAME]
-    sdlora export OUTPUT_DIR [--format kohya] [--out FILE] [--dtype fp16]
+    sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
+    sdlora inspect FILE [--against MODEL] [--modules] [--json]
+    sdlora sample --lora FILE --model MODEL --prompt TEXT [--scales 0,0.5,1] [--out grid.png]
     sdlora config-help
     sdlora --version
 
@@ -108,17 +110,104 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
-    export = sub.add_parser(
-        "export", help="write a trained LoRA in the kohya format (A1111, ComfyUI, SD.Next)"
-    )
-    export.add_argument("source", help="an output_dir or checkpoint folder, or its weights file")
-    export.add_argument("--format", choices=["kohya"], default="kohya")
-    export.add_argument("--out", help="destination file (default: beside the source)")
-    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    _add_export(sub)
+    _add_inspect(sub)
+    _add_sample(sub)
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a saved LoRA (final or checkpoint) for diffusers and/or A1111, ComfyUI, "
+        "SD.Next (kohya format)",
+    )
+    export.add_argument(
+        "source", help="an output_dir or checkpoints/step-NNNNNN folder, or its weights file"
+    )
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "kohya", "both"],
+        default="both",
+        help="'diffusers' = pytorch_lora_weights.safetensors, 'kohya' = NAME.safetensors for "
+        "A1111/ComfyUI/SD.Next, 'both' (default)",
+    )
+    export.add_argument(
+        "--out",
+        metavar="DIR",
+        help="destination folder (default: output_dir/export/step-NNNNNN for a checkpoint, "
+        "else SOURCE/export)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["fp16", "bf16", "fp32"],
+        help="dtype of the weights (default: the run's output.save_dtype, else fp16)",
+    )
+    export.add_argument(
+        "--name",
+        help="LoRA name: kohya file name and the name A1111 lists (default: the run's "
+        "output.name or its output_dir's name)",
+    )
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    inspect = sub.add_parser(
+        "inspect",
+        help="show what a LoRA file holds (any trainer's): format, base model, ranks, targets, "
+        "metadata, hash; with --against, the keys a client would drop",
+    )
+    inspect.add_argument("file", help="a LoRA .safetensors file (kohya, LyCORIS or diffusers)")
+    inspect.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="a diffusers model folder: list every key that names no module of that model "
+        "(exit status 1 when there is one)",
+    )
+    inspect.add_argument(
+        "--modules", action="store_true", help="also list every module with its rank and alpha"
+    )
+    inspect.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of text"
+    )
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    sample = sub.add_parser(
+        "sample",
+        help="fixed-seed images of the base model and of a LoRA at several scales, as one PNG",
+    )
+    sample.add_argument("--lora", required=True, help="the LoRA file (any format diffusers reads)")
+    sample.add_argument(
+        "--model", required=True, help="the base model: a diffusers folder or hub id"
+    )
+    sample.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        required=True,
+        help="a prompt; repeat for one grid row per prompt",
+    )
+    sample.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    sample.add_argument(
+        "--scales", default="0,0.5,1", help="LoRA scales, one column each (default 0,0.5,1)"
+    )
+    sample.add_argument("--seed", type=int, default=0, help="seed of every image (default 0)")
+    sample.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    sample.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
+    )
+    sample.add_argument(
+        "--resolution",
+        type=int,
+        help="image side in pixels (default: the LoRA's modelspec.resolution, else 512)",
+    )
+    sample.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
+    sample.add_argument(
+        "--device", default="", help="torch device, e.g. cuda or cpu (default: cuda if present)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -213,14 +302,43 @@ def cmd_lr_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Convert a saved LoRA to another key format."""
-    from trainer.export import to_kohya
+    """Write a saved LoRA in the client formats."""
+    from trainer.export import export
 
-    try:
-        path = to_kohya(args.source, args.out, args.dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError([str(err)], "sdlora export") from err
-    print(f"wrote {path}")
+    for path in export(args.source, args.format, args.out, args.dtype, args.name):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe a LoRA file, and what a client would drop."""
+    from trainer.inspect_lora import format_report, inspect
+
+    report = inspect(args.file, args.against)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_report(report, list_modules=args.modules))
+    # Like a linter: a LoRA that would lose keys in a client fails a script that checks it.
+    return 1 if report.unmatched or report.wrong_shape else 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Render the base-vs-LoRA comparison grid."""
+    from trainer import sample
+
+    side = args.resolution or sample.default_resolution(args.lora)
+    settings = sample.SampleSettings(
+        prompts=tuple(args.prompts),
+        scales=sample.parse_scales(args.scales),
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=side,
+        height=side,
+        negative_prompt=args.negative_prompt,
+    )
+    print(f"wrote {sample.sample(args.lora, args.model, settings, args.out, args.device)}")
     return 0
 
 
@@ -253,6 +371,8 @@ COMMANDS = {
     "lr-plot": cmd_lr_plot,
     "schedules": cmd_schedules,
     "export": cmd_export,
+    "inspect": cmd_inspect,
+    "sample": cmd_sample,
     "config-help": cmd_config_help,
 }
 
@@ -261,13 +381,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a bad config or dataset prints its problems and exits with 2."""
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
+    from trainer.export import ExportError
+    from trainer.lora_files import LoraFileError
     from trainer.models import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError) as err:
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        CheckpointError,
+        LoraFileError,
+        ExportError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,72 +1,167 @@
-"""Export a trained LoRA to the kohya key format read by A1111, ComfyUI, SD.Next and kohya.
+"""``sdlora export``: write any saved LoRA (final output or checkpoint) in the client formats.
 
-The key renaming is diffusers' ``convert_state_dict_to_kohya``. Its ``.alpha`` entries,
-though, are set to the rank, which is only right when ``lora.alpha == lora.rank``; a LoRA
-trained with another alpha would load at the wrong strength. Here every ``.alpha`` is the
-alpha the adapter was trained with, read from the file's own adapter metadata.
+The source is a folder this trainer wrote (``output_dir`` or ``checkpoints/step-NNNNNN``) or
+its ``pytorch_lora_weights.safetensors``. The files are written by the same writer as the end
+of a run (``trainer/outputs.py``), so an exported checkpoint gets the same key names, metadata
+and hashes as a final LoRA. Older files, whose text-encoder keys lack ``text_model.`` (trained
+under transformers 5 before keys were made canonical), are renamed on the way.
+
+The run record comes from the file's header when it has one (final outputs); a checkpoint's
+is rebuilt from the ``config.toml`` and ``trainer_state.json`` beside it, and facts nobody
+recorded there (image count, tags, optimizer) are left out of the metadata rather than guessed.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers.utils import convert_state_dict_to_kohya
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from trainer.lora import ADAPTER_METADATA_KEY, DTYPES, TRAINING_METADATA_KEY, WEIGHTS_NAME
+from trainer import architectures, lora_keys, outputs
+from trainer import checkpoint as ckpt
+from trainer import lora_metadata as meta
+from trainer.lora import ADAPTER_METADATA_KEY, TRAINING_METADATA_KEY, WEIGHTS_NAME
 
-KOHYA_NAME = "pytorch_lora_weights_kohya.safetensors"
-_PREFIXES = {"unet.": "lora_unet_", "text_encoder.": "lora_te1_"}
+EXPORT_DIR = "export"
+
+
+class ExportError(ValueError):
+    """The source cannot be exported; the message names the file and the fix."""
 
 
 def _weights_file(source: Path) -> Path:
     path = source / WEIGHTS_NAME if source.is_dir() else source
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no LoRA weights; pass an output_dir or its {WEIGHTS_NAME}"
+        raise ExportError(
+            f"{path}: no LoRA weights; pass an output_dir or checkpoint folder, or its "
+            f"{WEIGHTS_NAME}"
         )
     return path
 
 
-def to_kohya(source: str | Path, out: str | Path | None = None, dtype: str = "fp16") -> Path:
-    """Write the kohya-format file for a LoRA saved by this trainer; return its path.
+def default_out(folder: Path) -> Path:
+    """Where an export goes unless ``--out`` says otherwise.
+
+    A checkpoint's export goes to ``output_dir/export/step-NNNNNN/``, outside the checkpoint,
+    so ``checkpoint.keep_last`` pruning never deletes it; any other source's to ``export/``
+    inside its folder.
+    """
+    if folder.parent.name == ckpt.CHECKPOINTS:
+        return folder.parent.parent / EXPORT_DIR / folder.name
+    return folder / EXPORT_DIR
+
+
+def _cross_attention_width(state: dict[str, torch.Tensor]) -> int | None:
+    for key, value in state.items():
+        if ".attn2.to_k." in key and key.endswith(lora_keys.PEFT_DOWN):
+            return int(value.shape[1])
+    return None
+
+
+def _prediction_type(config: Any) -> str:
+    """The config's override, else the local base model's scheduler config, else epsilon."""
+    if config.model.prediction_type:
+        return config.model.prediction_type
+    scheduler = Path(config.model.pretrained) / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        return json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+    return "epsilon"
+
+
+def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) -> dict:
+    """A run record for a file whose header has none: from the files beside it."""
+    from trainer import config as config_module
+
+    texts = {lora_keys.split_peft_key(k)[0] for k in state} - {lora_keys.UNET}
+    arch = architectures.detect_from_width(_cross_attention_width(state), len(texts))
+    trainer_state = {}
+    if (folder / ckpt.TRAINER_STATE).is_file():
+        trainer_state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    steps = int(trainer_state.get("global_step", old.get("steps", 0)))
+    if not (folder / ckpt.CONFIG_NAME).is_file():
+        # A lone file: only what its header and tensors say.
+        return meta.strip_paths(
+            {**old, "architecture": arch.name, "steps": steps, "finished_at": finished_at}
+        )
+    config = config_module.load(folder / ckpt.CONFIG_NAME)
+    facts = meta.RunFacts(
+        steps=steps,
+        epochs=int(trainer_state["epoch"]) + 1 if "epoch" in trainer_state else 0,
+        num_processes=int(trainer_state.get("num_processes", 1)),
+        prediction_type=_prediction_type(config),
+    )
+    return meta.training_record(config, arch.name, facts, finished_at)
+
+
+def _default_name(folder: Path) -> tuple[str, str | None]:
+    """(LoRA name, save dtype) from the run's config beside the source, if there is one."""
+    from trainer import config as config_module
+
+    if (folder / ckpt.CONFIG_NAME).is_file():
+        config = config_module.load(folder / ckpt.CONFIG_NAME)
+        return outputs.output_name(config), outputs.save_dtype(config)
+    root = folder.parent.parent if folder.parent.name == ckpt.CHECKPOINTS else folder
+    return outputs.clean_name(root.resolve().name), None
+
+
+def export(
+    source: str | Path,
+    fmt: str = "both",
+    out: str | Path | None = None,
+    dtype: str | None = None,
+    name: str | None = None,
+) -> list[Path]:
+    """Write a saved LoRA as ``fmt`` (``diffusers``, ``kohya`` or ``both``); return the files.
 
     Args:
-        source: An ``output_dir`` or checkpoint folder, or its LoRA weights file.
-        out: Destination file; default ``pytorch_lora_weights_kohya.safetensors`` beside it.
-        dtype: ``fp16``, ``bf16`` or ``fp32`` for the weights.
+        source: An ``output_dir`` or checkpoint folder, or its weights file.
+        fmt: Which files to write.
+        out: Destination folder (default: :func:`default_out`).
+        dtype: ``fp16``, ``bf16`` or ``fp32`` (default: the run's ``output.save_dtype``, else
+            fp16).
+        name: The LoRA's name (default: the run's ``output.name`` or output folder's name).
+
+    Raises:
+        ExportError: a missing source, a file without adapter metadata, or an export that
+            would overwrite its own source.
     """
     path = _weights_file(Path(source))
+    folder = path.parent
+    target = Path(out) if out else default_out(folder)
+    if fmt in ("diffusers", "both") and target.resolve() == folder.resolve():
+        raise ExportError(
+            f"{target}: exporting the diffusers file here would overwrite the source "
+            f"{path.name}; pass --out with another folder"
+        )
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-    adapters = json.loads(header.get(ADAPTER_METADATA_KEY, "{}"))
+    if ADAPTER_METADATA_KEY not in header:
+        raise ExportError(
+            f"{path}: no {ADAPTER_METADATA_KEY} in its header, so rank and alpha are unknown; "
+            "only LoRAs saved by sdlora can be exported (`sdlora inspect` reads any LoRA)"
+        )
+    adapters = json.loads(header[ADAPTER_METADATA_KEY])
     state = load_file(str(path))
-    converted = convert_state_dict_to_kohya(state)
-    for key in converted:
-        if key.endswith(".alpha"):
-            part = next((p for p, k in _PREFIXES.items() if key.startswith(k)), None)
-            alpha = adapters.get(f"{part}lora_alpha") if part else None
-            if alpha is None:
-                raise ValueError(f"{path}: no lora_alpha in its header for {key}")
-            converted[key] = torch.tensor(float(alpha))
-    tensors = {
-        k: v.to(torch.float32 if k.endswith(".alpha") else DTYPES[dtype]).contiguous()
-        for k, v in converted.items()
-    }
-    training = json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
-    metadata = {
-        TRAINING_METADATA_KEY: header.get(TRAINING_METADATA_KEY, "{}"),
-        # The ss_* keys are what kohya-trained files carry and UIs display.
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(adapters.get("unet.r", "")),
-        "ss_network_alpha": str(adapters.get("unet.lora_alpha", "")),
-        "ss_base_model_version": "sd_v1",
-        "ss_sd_model_name": str(training.get("base_model", "")),
-        "ss_steps": str(training.get("steps", "")),
-    }
-    target = Path(out) if out else path.with_name(KOHYA_NAME)
-    save_file(tensors, str(target), metadata=metadata)
-    return target
+    old = json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
+    if old.get("format", 0) >= meta.RECORD_FORMAT:
+        record = old
+    else:
+        record = _rebuilt_record(folder, old, state, path.stat().st_mtime)
+    run_name, run_dtype = _default_name(folder)
+    name = outputs.clean_name(name) if name else run_name
+    is_checkpoint = folder.parent.name == ckpt.CHECKPOINTS
+    steps = int(record.get("steps", 0)) if is_checkpoint else None
+    return outputs.write_lora_files(
+        target,
+        state,
+        adapters,
+        record,
+        fmt,
+        name,
+        dtype or run_dtype or "fp16",
+        kohya_file=outputs.kohya_file_name(name, steps),
+    )

@@ -1,10 +1,11 @@
 """A run's final outputs: written from its last checkpoint, verified by a manifest.
 
 The final files are derived from the final checkpoint's files alone, with no model loaded:
-the LoRA weights cast to ``lora.save_dtype`` with the training facts in their header, the
-schedule state, and the resolved config. A normal run and a rerun that finishes a run killed
-between its last checkpoint and its final weights go through this one function, so their
-outputs are the same bit for bit.
+the LoRA in the formats ``output.format`` asks for (``trainer/outputs.py``: key names, metadata
+and hashes the clients read), cast to ``output.save_dtype``, with the run's facts that the
+checkpoint recorded; the schedule state; and the resolved config. A normal run and a rerun
+that finishes a run killed between its last checkpoint and its final weights go through this
+one function, so their outputs are the same bit for bit.
 
 ``manifest.json`` is written last. It records the run's config, its length, and the size and
 SHA-256 of every final file, so a rerun can tell "complete" from "half-written" without
@@ -22,64 +23,65 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
-from trainer import files
+from trainer import files, outputs
+from trainer import lora_metadata as meta
 from trainer.config import RunConfig, to_toml
-from trainer.dtypes import DTYPES
-from trainer.lora import TRAINING_METADATA_KEY, WEIGHTS_NAME
+from trainer.lora import ADAPTER_METADATA_KEY, WEIGHTS_NAME
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 
 
-def training_metadata(config: RunConfig, update: int, base_lrs: list[float]) -> dict[str, Any]:
-    """The facts about a run stored in the final LoRA file's header."""
-    return {
-        "base_model": config.model.pretrained,
-        "rank": config.lora.rank,
-        "alpha": config.lora.alpha,
-        "steps": update,
-        "seed": config.train.seed,
-        "resolution": config.data.resolution,
-        "text_encoder_trained": config.lora.train_text_encoder,
-        "lr_scheduler": {"name": config.lr_scheduler.name, **config.lr_scheduler.params()},
-        "base_lrs": base_lrs,
-    }
-
-
-def write_outputs(checkpoint: Path, output_dir: Path, config: RunConfig, launch: dict) -> Path:
-    """Write the final outputs of ``config``'s run from its last checkpoint; return the weights.
+def write_outputs(
+    checkpoint: Path, output_dir: Path, config: RunConfig, launch: dict
+) -> list[Path]:
+    """Write the final outputs of ``config``'s run from its last checkpoint; return the LoRA
+    files written (``output.format``: the diffusers file, the kohya file, or both).
 
     Args:
         checkpoint: The run's final ``checkpoints/step-NNNNNN`` folder (verified).
         output_dir: Where the final files go.
-        config: The run's config (``lora.save_dtype`` and the metadata come from it).
+        config: The run's config (``output.*`` and the metadata come from it).
         launch: Launch facts that shape the run (``{"num_processes": N}``), for the manifest.
     """
     state = ckpt.read_json(checkpoint, ckpt.TRAINER_STATE)
-    update = int(state["global_step"])
-    schedule_state = ckpt.read_json(checkpoint, ckpt.LR_SCHEDULER_STATE)
     source = checkpoint / WEIGHTS_NAME
     with safe_open(str(source), framework="pt") as f:
-        header = dict(f.metadata() or {})
-    dtype = DTYPES[config.lora.save_dtype]
-    tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(source)).items()}
-    facts = training_metadata(config, update, schedule_state["base_lrs"])
-    header[TRAINING_METADATA_KEY] = json.dumps(facts, sort_keys=True)
-    weights = files.save_safetensors(output_dir / WEIGHTS_NAME, tensors, header)
+        adapters = json.loads((f.metadata() or {}).get(ADAPTER_METADATA_KEY, "{}"))
+    facts = meta.RunFacts(**state.get("run_facts", {"steps": int(state["global_step"])}))
+    # The checkpoint's own save time, so outputs written again from it are the same.
+    record = meta.training_record(
+        config, state.get("architecture", "sd1"), facts, finished_at=state.get("saved_at")
+    )
+    written = outputs.write_lora_files(
+        output_dir,
+        load_file(str(source)),
+        adapters,
+        record,
+        config.output.format,
+        outputs.output_name(config),
+        outputs.save_dtype(config),
+    )
     files.write_text(
         output_dir / ckpt.LR_SCHEDULER_STATE, (checkpoint / ckpt.LR_SCHEDULER_STATE).read_text()
     )
     files.write_text(output_dir / ckpt.CONFIG_NAME, to_toml(config.to_dict()))
-    names = [WEIGHTS_NAME, ckpt.LR_SCHEDULER_STATE, ckpt.CONFIG_NAME]
+    names = [p.name for p in written] + [ckpt.LR_SCHEDULER_STATE, ckpt.CONFIG_NAME]
     manifest = {
         "format": FORMAT,
-        "global_step": update,
+        "global_step": int(state["global_step"]),
         "total_updates": int(state["total_updates"]),
         "config": {**config.to_dict(), "launch": dict(launch)},
         "files": ckpt.record_files(output_dir, names),
     }
     files.write_json(output_dir / MANIFEST_NAME, manifest)
-    return weights
+    return written
+
+
+def manifest_files(output_dir: Path) -> list[str]:
+    """The final files a finished run's manifest lists (empty without a readable manifest)."""
+    manifest, _ = read_manifest(output_dir)
+    return sorted(manifest["files"]) if manifest else []
 
 
 def read_manifest(output_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:

@@ -34,7 +34,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
-from trainer import final, lora, models, preflight, step
+from trainer import architectures, final, lora, models, preflight, step
 from trainer.config import ConfigError, RunConfig, to_toml
 from trainer.dtypes import DTYPES
 from trainer.feed import build_feed
@@ -195,6 +195,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         validator=validator,
         weight_dtype=weight_dtype,
         resumed_from=checked.resume_from,
+        architecture=architectures.detect(dict(parts.unet.config)).name,
     )
 
     # ---- resume: weights, optimizer, scaler; the data position follows from the update
@@ -417,8 +418,8 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
         folder = save_checkpoint(state)
         if accelerator.is_main_process:
             launch = {"num_processes": accelerator.num_processes}
-            path = final.write_outputs(folder, state.output_dir, state.config, launch)
-            state.tracker.message(f"saved {path}")
+            written = final.write_outputs(folder, state.output_dir, state.config, launch)
+            state.tracker.message(f"saved {', '.join(str(p) for p in written)}")
     state.tracker.close()
     accelerator.wait_for_everyone()
     # Last: it finishes the trackers and destroys the process group, so nothing collective

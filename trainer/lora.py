@@ -4,6 +4,10 @@ The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.`` 
 ``text_encoder.`` prefixes, plus the adapter config (rank, alpha, targets) in the header under
 diffusers' ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights(folder)`` restores the
 exact scale. Our own training metadata sits beside it in the same header.
+
+Text-encoder keys are written in canonical form (``text_encoder.text_model.encoder…``) whatever
+the installed transformers calls the modules, and mapped back onto the live model on load; see
+``trainer/lora_keys.py``. The file is written atomically with normal permissions.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from trainer import files
+from trainer import lora_keys
 from trainer.config import ConfigError, LoraConfig
 from trainer.dtypes import DTYPES
+from trainer.files import save_safetensors
+from trainer.lora_metadata import strip_paths
 from trainer.targets import target_problems
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -80,12 +87,11 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
-    """All LoRA tensors, keyed as the diffusers LoRA file keys them."""
-    state = {f"unet.{k}": v for k, v in _lora_tensors(unet).items()}
+    """All LoRA tensors, keyed as the diffusers LoRA file keys them (canonical names)."""
+    components = {"unet": unet}
     if text_encoder is not None:
-        te = _lora_tensors(text_encoder)
-        state.update({f"text_encoder.{k}": v for k, v in te.items()})
-    return state
+        components["text_encoder"] = text_encoder
+    return collect(components)[0]
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
@@ -100,6 +106,7 @@ def save(
     text_encoder: torch.nn.Module | None,
     dtype: str = "fp32",
     training_metadata: Mapping[str, object] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` and return its path.
 
@@ -108,25 +115,66 @@ def save(
         unet: The UNet with adapters (unwrapped from DDP).
         text_encoder: The text encoder with adapters, or None when it was not trained.
         dtype: ``fp16``, ``bf16`` or ``fp32``.
-        training_metadata: JSON-able facts about the run for the header.
+        training_metadata: JSON-able facts about the run for the header; absolute paths in
+            it are reduced to their last part, so a shared file does not reveal a user's
+            folders.
+        extra_metadata: More header entries (string values), e.g. the ``modelspec.*`` keys.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v.detach().to("cpu", DTYPES[dtype]).contiguous()
-        for k, v in adapter_state(unet, text_encoder).items()
-    }
-    packed = {f"unet.{k}": v for k, v in _adapter_metadata(unet).items()}
+    components = {"unet": unet}
     if text_encoder is not None:
-        packed.update({f"text_encoder.{k}": v for k, v in _adapter_metadata(text_encoder).items()})
+        components["text_encoder"] = text_encoder
+    state, packed = collect(components)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    return save_state(folder, tensors, packed, training_metadata, extra_metadata)
+
+
+def collect(
+    components: Mapping[str, torch.nn.Module],
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """The LoRA tensors (canonical keys, on the CPU) and diffusers' packed adapter config.
+
+    Args:
+        components: The adapted models by diffusers component name (``unet``,
+            ``text_encoder``, and for SDXL ``text_encoder_2``), unwrapped from DDP.
+    """
+    state: dict[str, torch.Tensor] = {}
+    packed: dict[str, object] = {}
+    for name, model in components.items():
+        state.update({f"{name}.{k}": v.detach().cpu() for k, v in _lora_tensors(model).items()})
+        packed.update({f"{name}.{k}": v for k, v in _adapter_metadata(model).items()})
+    return lora_keys.canonical_state(state), packed
+
+
+def save_state(
+    folder: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    adapter_metadata: Mapping[str, object],
+    training_metadata: Mapping[str, object] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write collected LoRA tensors as ``folder/pytorch_lora_weights.safetensors``.
+
+    Args:
+        folder: Destination folder (created).
+        tensors: Diffusers-format tensors (``unet.…lora_A.weight``), in the dtype to store.
+        adapter_metadata: diffusers' packed adapter config (``unet.r``, ``unet.lora_alpha``,
+            ...), which ``load_lora_weights`` reads to restore the scale.
+        training_metadata: JSON-able facts about the run (absolute paths are reduced).
+        extra_metadata: More header entries (string values).
+    """
     header = {
+        **dict(extra_metadata or {}),
         "format": "pt",
-        ADAPTER_METADATA_KEY: json.dumps(packed, sort_keys=True, default=str),
-        TRAINING_METADATA_KEY: json.dumps(dict(training_metadata or {}), sort_keys=True),
+        # peft records base_model_name_or_path, the local model folder: reduced like the rest.
+        ADAPTER_METADATA_KEY: json.dumps(
+            strip_paths(dict(adapter_metadata)), sort_keys=True, default=str
+        ),
+        TRAINING_METADATA_KEY: json.dumps(
+            strip_paths(dict(training_metadata or {})), sort_keys=True
+        ),
     }
-    path = folder / WEIGHTS_NAME
-    files.save_safetensors(path, tensors, header)
-    return path
+    tensors = lora_keys.canonical_state(tensors)
+    return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)
 
 
 def read_metadata(path: str | Path) -> dict[str, object]:
@@ -134,6 +182,24 @@ def read_metadata(path: str | Path) -> dict[str, object]:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     return json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
+
+
+def _live_state(
+    state: Mapping[str, torch.Tensor], component: str, model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """The file's tensors of one component, keyed as that live model's peft state dict.
+
+    Files hold canonical text-encoder paths (``text_model.encoder…``); older files trained
+    under transformers 5 hold ``encoder…``. Both are mapped onto whichever the model has.
+    """
+    sub = {k[len(component) + 1 :]: v for k, v in state.items() if k.startswith(component + ".")}
+    if not lora_keys.is_text_component(component):
+        return sub
+    nested = lora_keys.has_text_model_level(model)
+    return {
+        lora_keys.live_text_path(lora_keys.canonical_text_path(k), nested): v
+        for k, v in sub.items()
+    }
 
 
 def load_into(
@@ -144,18 +210,16 @@ def load_into(
     Raises:
         ValueError: if the file's tensors do not match the adapters exactly.
     """
-    from safetensors.torch import load_file
-
     state = load_file(str(path))
     parts = {"unet": unet, "text_encoder": text_encoder}
     for prefix, model in parts.items():
-        sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         if model is None:
-            if sub:
+            if any(k.startswith(prefix + ".") for k in state):
                 raise ValueError(
                     f"{path}: holds text-encoder LoRA but lora.train_text_encoder is false"
                 )
             continue
+        sub = _live_state(state, prefix, model)
         expected = _lora_tensors(model)
         if set(sub) != set(expected):
             missing = sorted(set(expected) - set(sub))[:3]

@@ -165,7 +165,8 @@ def decide_start(config: RunConfig, num_processes: int, overwrite: bool) -> Chec
             ["--overwrite starts over and --resume continues; pass one of them, not both"]
         )
     if overwrite:
-        found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+        names = dict.fromkeys([*RUN_OUTPUTS, *final.manifest_files(output_dir)])
+        found = [name for name in names if (output_dir / name).exists()]
         if found:
             log.warning("--overwrite: removing the previous run's %s", ", ".join(found))
         return Checked(clear=bool(found))
@@ -214,7 +215,7 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
                 ]
             )
         if folder is None:
-            if (output_dir / WEIGHTS_NAME).exists():
+            if trained_weights(output_dir):
                 raise ConfigError(
                     [
                         f"--resume latest: {output_dir} holds final LoRA weights but no checkpoint "
@@ -262,7 +263,7 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
                 "--overwrite, or choose another output_dir"
             ]
         )
-    if (output_dir / WEIGHTS_NAME).exists():
+    if trained_weights(output_dir):
         manifest, _ = final.read_manifest(output_dir)
         why = "of an unfinished or damaged run"
         if manifest is not None:
@@ -280,11 +281,19 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
     return Checked()
 
 
+def trained_weights(output_dir: Path) -> list[Path]:
+    """The final LoRA files an earlier run left: the diffusers file, and whatever its manifest
+    lists (the kohya file is named after the run)."""
+    names = [WEIGHTS_NAME, *final.manifest_files(output_dir)]
+    return [output_dir / n for n in dict.fromkeys(names) if n.endswith(".safetensors")
+            and (output_dir / n).exists()]  # fmt: skip
+
+
 def apply(checked: Checked, config: RunConfig, num_processes: int) -> None:
     """Make the changes on disk that :func:`check` decided (main process only)."""
     output_dir = Path(config.output_dir)
     if checked.clear:
-        for name in RUN_OUTPUTS:
+        for name in dict.fromkeys([*RUN_OUTPUTS, *final.manifest_files(output_dir)]):
             path = output_dir / name
             if path.is_dir():
                 shutil.rmtree(path)

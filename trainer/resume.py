@@ -24,7 +24,9 @@ What an allowed change does, since the schedule is a pure function of (update, t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from schedulers import schedule_state
 from trainer import checkpoint as ckpt
 from trainer import lora
+from trainer import lora_metadata as meta
 from trainer.config import ConfigError, flatten, tables_hash, to_toml
 
 if TYPE_CHECKING:
@@ -42,7 +45,15 @@ log = logging.getLogger("sdlora")
 # Tables whose change alters the trained weights; their hashes go in trainer_state.json.
 HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
-FREE_KEYS = ("output_dir", "logging.", "checkpoint.", "data.num_workers")
+# How the final files are written (format, dtype, name) never changes the trained weights.
+FREE_KEYS = (
+    "output_dir",
+    "logging.",
+    "checkpoint.",
+    "data.num_workers",
+    "output.",
+    "lora.save_dtype",
+)
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -117,6 +128,11 @@ def save_checkpoint(run: RunState) -> Path:
             "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+            # What the final LoRA's metadata needs, so the final files can be written from
+            # this checkpoint alone, with no model loaded (trainer/final.py).
+            "architecture": run.architecture,
+            "run_facts": dataclasses.asdict(run_facts(run)),
+            "saved_at": time.time(),
         }
         base_lrs = config.base_lrs()
         last_lrs = [group["lr"] for group in run.optimizer.param_groups]
@@ -145,6 +161,20 @@ def save_checkpoint(run: RunState) -> Path:
     return folder
 
 
+def run_facts(run: RunState) -> meta.RunFacts:
+    """What only the loop knows about the run, for the LoRA's metadata."""
+    micro = run.update * run.plan.accumulation
+    return meta.collect_run_facts(
+        run.feed.prepared.examples,
+        steps=run.update,
+        epochs=-(-micro // run.plan.micro_batches_per_epoch),
+        optimizer=run.optimizer,
+        num_processes=run.accelerator.num_processes,
+        prediction_type=run.parts.noise_scheduler.config.prediction_type,
+        started_at=run.started_at,
+    )
+
+
 def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
@@ -155,4 +185,5 @@ def restore_checkpoint(run: RunState, folder: Path) -> int:
     scaler = run.accelerator.scaler
     if scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
         scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
+    run.started_at = state.get("run_facts", {}).get("started_at") or run.started_at
     return int(state["global_step"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,8 +67,8 @@ class LoraConfig:
     text_encoder_target_modules: tuple[str, ...] = doc(
         "Text-encoder module names that get adapters", ["q_proj", "k_proj", "v_proj", "out_proj"]
     )
-    save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
-        "dtype of the final exported weights (checkpoints always keep fp32)", "fp16"
+    save_dtype: Literal["", "fp16", "bf16", "fp32"] = doc(
+        "Deprecated: use output.save_dtype (still read for one release; when set, it wins)", ""
     )
 
     def problems(self, where: str) -> list[str]:
@@ -84,6 +85,14 @@ class LoraConfig:
             if not names or any(not n.strip() for n in names):
                 p.append(f"{where}.{key}: name at least one module and no empty names, e.g. 'to_q'")
         return p
+
+    def __post_init__(self) -> None:
+        if self.save_dtype:
+            logging.getLogger("sdlora").warning(
+                "lora.save_dtype is deprecated; set output.save_dtype = %r instead "
+                "(lora.save_dtype is still read for this release)",
+                self.save_dtype,
+            )
 
 
 @dataclass(frozen=True)
@@ -306,6 +315,25 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    """[output]: the final LoRA files, and what `sdlora export` writes by default."""
+
+    format: Literal["diffusers", "kohya", "both"] = doc(
+        "'diffusers' = pytorch_lora_weights.safetensors (load_lora_weights); 'kohya' = "
+        "<name>.safetensors for A1111/Forge, ComfyUI, SD.Next; 'both'",
+        "both",
+    )
+    save_dtype: Literal["fp16", "bf16", "fp32"] = doc(
+        "dtype of the final weights (checkpoints always keep fp32)", "fp16"
+    )
+    name: str = doc(
+        "LoRA name: the kohya file is <name>.safetensors, and A1111 lists it under this name "
+        "(ss_output_name, modelspec.title); empty = the output_dir folder's name",
+        "",
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """[logging]: where progress goes."""
 
@@ -329,6 +357,7 @@ class RunConfig:
     )
     validation: ValidationConfig = doc("[validation] table", ValidationConfig())
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
+    output: OutputConfig = doc("[output] table", OutputConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
     def base_lrs(self) -> list[float]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ class RunState:
     resumed_from: Path | None = None
     update: int = 0
     tracker: Tracker | None = None  # set once the resumed update is known
+    started_at: float = field(default_factory=time.time)  # the first start, kept on resume
+    architecture: str = "sd1"  # trainer/architectures.py: sd1, sd2 or sdxl
 
     @property
     def output_dir(self) -> Path:

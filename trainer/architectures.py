@@ -1,0 +1,144 @@
+"""The base-model families a LoRA can be made for, and what the clients call each of them.
+
+One row per family. Everything that differs between SD 1.x, SD 2.x and SDXL in the files we
+write comes from here: which text encoders there are and the kohya prefix of each, how the
+kohya file names UNet blocks, and the version strings A1111/Forge and the SAI model spec read.
+Adding a family (or SDXL training) means adding or using a row, not editing the writers.
+
+Sources of the strings (read in the clients' code):
+- ``ss_base_model_version``: kohya sd-scripts ``library/model_util.py`` (``sd_v1``, ``sd_v2``,
+  with ``_v`` appended for v-prediction) and ``library/sdxl_model_util.py``
+  (``sdxl_base_v1-0``). A1111 ``extensions-builtin/Lora/network.py`` shows a LoRA as SDXL
+  when this starts with ``sdxl_``, as SD2 when ``ss_v2`` is the string ``"True"``.
+- ``modelspec.architecture``: kohya ``library/sai_model_spec.py`` and the SAI ModelSpec
+  README (``stable-diffusion-v1``, ``stable-diffusion-v2-512``, ``stable-diffusion-v2-768-v``,
+  ``stable-diffusion-xl-v1-base``), with ``/lora`` appended for a LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ArchName = Literal["sd1", "sd2", "sdxl"]
+
+# kohya and SAI spell the implementation of an SD1/SD2 LoRA "diffusers" and of an SDXL LoRA as
+# Stability's repository (sai_model_spec.py: LoRA + SDXL -> generative-models).
+_IMPL_DIFFUSERS = "diffusers"
+_IMPL_SGM = "https://github.com/Stability-AI/generative-models"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one base-model family is named in LoRA files.
+
+    Attributes:
+        name: ``sd1``, ``sd2`` or ``sdxl``.
+        text_encoders: The diffusers pipeline components holding text encoders, in order.
+        kohya_text_prefixes: The kohya key prefix of each of those text encoders: ``lora_te``
+            for a model with one, ``lora_te1``/``lora_te2`` for SDXL's two.
+        kohya_unet_style: ``diffusers`` when the kohya file names UNet modules by diffusers'
+            paths (``down_blocks_1_attentions_0_…``: kohya's SD1/SD2 UNet uses them);
+            ``ldm`` when it names them by the original checkpoint's paths
+            (``input_blocks_4_1_…``: kohya's SDXL UNet uses those).
+        base_model_version: kohya's ``ss_base_model_version`` for epsilon prediction.
+        v2: kohya's ``ss_v2``.
+        resolution: The family's native training resolution (side, pixels).
+        implementation: ``modelspec.implementation`` of a LoRA for this family.
+    """
+
+    name: ArchName
+    text_encoders: tuple[str, ...]
+    kohya_text_prefixes: tuple[str, ...]
+    kohya_unet_style: Literal["diffusers", "ldm"]
+    base_model_version: str
+    v2: bool
+    resolution: int
+    implementation: str
+
+    def version_string(self, prediction_type: str) -> str:
+        """``ss_base_model_version``; kohya appends ``_v`` for v-prediction on SD1/SD2."""
+        if self.name != "sdxl" and prediction_type == "v_prediction":
+            return self.base_model_version + "_v"
+        return self.base_model_version
+
+    def modelspec_architecture(self, prediction_type: str) -> str:
+        """``modelspec.architecture`` of a LoRA for this family, e.g. ``stable-diffusion-v1/lora``.
+
+        SD 2.x is two architectures in the spec: 512 px epsilon and 768 px v-prediction.
+        """
+        base = {
+            "sd1": "stable-diffusion-v1",
+            "sd2": "stable-diffusion-v2-768-v"
+            if prediction_type == "v_prediction"
+            else "stable-diffusion-v2-512",
+            "sdxl": "stable-diffusion-xl-v1-base",
+        }[self.name]
+        return f"{base}/lora"
+
+    def kohya_text_prefix(self, component: str) -> str:
+        """The kohya prefix of a text-encoder component (``text_encoder`` → ``lora_te``)."""
+        try:
+            return self.kohya_text_prefixes[self.text_encoders.index(component)]
+        except ValueError:
+            raise ValueError(
+                f"{self.name} has text encoders {list(self.text_encoders)}, not {component!r}"
+            ) from None
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd1": Architecture(
+        "sd1", ("text_encoder",), ("lora_te",), "diffusers", "sd_v1", False, 512, _IMPL_DIFFUSERS
+    ),
+    "sd2": Architecture(
+        "sd2", ("text_encoder",), ("lora_te",), "diffusers", "sd_v2", True, 768, _IMPL_DIFFUSERS
+    ),
+    "sdxl": Architecture(
+        "sdxl",
+        ("text_encoder", "text_encoder_2"),
+        ("lora_te1", "lora_te2"),
+        "ldm",
+        "sdxl_base_v1-0",
+        False,
+        1024,
+        _IMPL_SGM,
+    ),
+}
+
+
+def get(name: str) -> Architecture:
+    """The architecture called ``name``; a clear error for anything else."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}"
+        ) from None
+
+
+def detect(unet_config: Mapping[str, Any], text_encoder_count: int = 1) -> Architecture:
+    """Tell the family from a diffusers UNet config (and how many text encoders it has).
+
+    SDXL conditions on added time ids (``addition_embed_type = "text_time"``) and has two
+    text encoders; SD 2.x cross-attends to OpenCLIP-H states of width 1024; everything else
+    (SD 1.x's 768, and the tests' tiny models) is treated as SD 1.x, as kohya does without
+    ``--v2``/``--sdxl``.
+    """
+    if unet_config.get("addition_embed_type") == "text_time" or text_encoder_count > 1:
+        return ARCHITECTURES["sdxl"]
+    if unet_config.get("cross_attention_dim") == 1024:
+        return ARCHITECTURES["sd2"]
+    return ARCHITECTURES["sd1"]
+
+
+def detect_from_width(cross_attention_dim: int | None, text_encoder_count: int) -> Architecture:
+    """Tell the family from tensor shapes alone: the width the cross-attention keys read.
+
+    Used for files without the facts in their header (checkpoints, other trainers' files).
+    """
+    if text_encoder_count > 1 or cross_attention_dim == 2048:
+        return ARCHITECTURES["sdxl"]
+    if cross_attention_dim == 1024:
+        return ARCHITECTURES["sd2"]
+    return ARCHITECTURES["sd1"]

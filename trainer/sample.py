@@ -1,0 +1,149 @@
+"""``sdlora sample``: the base model and a LoRA at several strengths, side by side, same seed.
+
+One row per prompt; the first column is the base model without the LoRA, then one column per
+LoRA scale. Every image of a row starts from the same noise (the same seed), so the columns
+differ only by the LoRA and its scale. The grid is one PNG whose text chunks hold the prompts
+and every setting, so the picture documents how it was made.
+
+The LoRA is loaded by diffusers (``load_lora_weights``, any format it reads, kohya included)
+and scaled with ``set_adapters``, which scales the UNet and text-encoder parts together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from trainer.files import write_atomic
+from trainer.lora_files import LoraFileError, read_header
+from trainer.lora_formats import parse
+from trainer.lora_metadata import model_name
+
+ADAPTER = "lora"
+_LABEL_HEIGHT = 16
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How the grid is drawn; all of it goes into the PNG's metadata."""
+
+    prompts: tuple[str, ...]
+    scales: tuple[float, ...] = (0.0, 0.5, 1.0)
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    negative_prompt: str = ""
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` → ``(0.0, 0.5, 1.0)``.
+
+    Raises:
+        LoraFileError: for anything that is not a comma-separated list of numbers.
+    """
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise LoraFileError(f"--scales {text!r}: expected numbers separated by commas") from None
+    if not scales:
+        raise LoraFileError("--scales: give at least one LoRA scale, e.g. 0,0.5,1")
+    return scales
+
+
+def default_resolution(lora: str | Path) -> int:
+    """The LoRA's own training side (``modelspec.resolution``), else 512."""
+    spec = read_header(lora).metadata.get("modelspec.resolution", "")
+    side = spec.split("x", 1)[0]
+    return int(side) if side.isdigit() else 512
+
+
+def _check_lora(path: Path) -> None:
+    header = read_header(path)
+    if parse(header) is None:
+        raise LoraFileError(f"{path}: holds no LoRA tensors; `sdlora inspect` tells what it is")
+
+
+def _render(pipe, prompt: str, settings: SampleSettings) -> Image.Image:
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    return pipe(
+        prompt,
+        negative_prompt=settings.negative_prompt or None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        width=settings.width,
+        height=settings.height,
+        generator=generator,
+    ).images[0]
+
+
+def render(
+    lora: Path, model: str, settings: SampleSettings, device: str
+) -> list[list[Image.Image]]:
+    """Images per prompt: the base model's, then the LoRA's at each scale."""
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    rows = [[_render(pipe, prompt, settings)] for prompt in settings.prompts]
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+    for scale in settings.scales:
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+        for row, prompt in zip(rows, settings.prompts, strict=True):
+            row.append(_render(pipe, prompt, settings))
+    return rows
+
+
+def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str]) -> Image.Image:
+    """Images in rows and columns under a strip of column labels."""
+    width, height = rows[0][0].size
+    canvas = Image.new("RGB", (width * len(labels), _LABEL_HEIGHT + height * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(labels):
+        draw.text((c * width + 2, 2), label, fill="black")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            canvas.paste(image.convert("RGB"), (c * width, _LABEL_HEIGHT + r * height))
+    return canvas
+
+
+def png_metadata(lora: Path, model: str, settings: SampleSettings, labels: list[str]) -> PngInfo:
+    """tEXt chunks: the prompts, and every setting as JSON (names without local folders)."""
+    info = PngInfo()
+    info.add_text("prompt", "\n".join(settings.prompts))
+    record = {
+        **asdict(settings),
+        "lora": lora.name,
+        "model": model_name(model),
+        "columns": labels,
+    }
+    info.add_text("sdlora_sample", json.dumps(record))
+    return info
+
+
+def sample(
+    lora: str | Path, model: str, settings: SampleSettings, out: str | Path, device: str = ""
+) -> Path:
+    """Render the comparison grid and write it to ``out`` (PNG); return its path.
+
+    Raises:
+        LoraFileError: the LoRA file is missing, truncated or not a LoRA.
+    """
+    lora = Path(lora)
+    _check_lora(lora)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = render(lora, model, settings, device)
+    labels = ["base"] + [f"lora x{s:g}" for s in settings.scales]
+    image = grid(rows, labels)
+    info = png_metadata(lora, model, settings, labels)
+    return write_atomic(out, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
