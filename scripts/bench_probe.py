@@ -196,28 +196,6 @@ class Probe:
         }
 
 
-def channels_last_shim(models: ModuleType) -> dict[str, int]:
-    """Make ``models.load_components`` return a UNet and VAE in ``channels_last``.
-
-    A bench-only stand-in for a ``train.channels_last`` option, to measure whether the option
-    is worth adding. The returned dict counts the loads it converted; zero after a run means
-    the loop no longer loads through ``trainer.models.load_components``.
-    """
-    seen = {"converted": 0}
-    original = models.load_components
-
-    @functools.wraps(original)
-    def load(*args, **kwargs):
-        parts = original(*args, **kwargs)
-        parts.unet.to(memory_format=torch.channels_last)
-        parts.vae.to(memory_format=torch.channels_last)
-        seen["converted"] += 1
-        return parts
-
-    models.load_components = load
-    return seen
-
-
 def measure_peak(device: str, size: int, dtype: str = "bf16", seconds: float = 2.0) -> dict:
     """FLOP/s of a large square matmul on ``device``: the peak that MFU is measured against.
 

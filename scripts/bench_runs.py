@@ -35,10 +35,8 @@ def _settings(spec: dict) -> SimpleNamespace:
 
 def run_ours(spec: dict, updates: int) -> None:
     """Our trainer in this process, through ``config.load`` and ``loop.run``."""
-    import bench_probe
-    import torch
 
-    from trainer import config, loop, models
+    from trainer import config, loop
 
     v = spec["variant"]
     cached = v["latents"] == "cached"
@@ -50,19 +48,12 @@ def run_ours(spec: dict, updates: int) -> None:
         f"train.gradient_checkpointing={str(v['checkpointing']).lower()}",
         f"train.compile={str(v['compile']).lower()}",
         f"data.num_workers={spec['num_workers']}",
+        f"train.channels_last={str(v['channels_last']).lower()}",
+        f"train.tf32={str(bool(spec['tf32'])).lower()}",
     ]
-    shim = bench_probe.channels_last_shim(models) if v["channels_last"] else None
-    if spec["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     result = loop.run(config.load(REPO / BASE_CONFIG, sets))
     if result.updates != updates:
         raise RuntimeError(f"our trainer ran {result.updates} updates, not {updates}")
-    if shim is not None and not shim["converted"]:
-        raise RuntimeError(
-            "channels_last shim did not apply: the loop no longer loads through "
-            "trainer.models.load_components; add a train.channels_last option instead"
-        )
 
 
 def run_diffusers(spec: dict, updates: int) -> None:

@@ -116,6 +116,11 @@ def make_accelerator(config: RunConfig) -> Accelerator:
                 "use 'bf16' (runs on CPU) or 'no'"
             ]
         )
+    if torch.cuda.is_available():
+        # PyTorch leaves TF32 matmuls off by default; they are the fast path on every GPU
+        # this trainer targets, and the LoRA's fp32 master weights lose nothing by it.
+        torch.backends.cuda.matmul.allow_tf32 = config.train.tf32
+        torch.backends.cudnn.allow_tf32 = config.train.tf32
     tracker = config.logging.tracker
     # accelerate keeps process-wide singletons; a second run in the same process (tests,
     # sweeps) may use another precision. The distributed state (PartialState) is kept.
@@ -151,6 +156,9 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     parts = models.load_components(config.model, weight_dtype)
     for module in (parts.vae, parts.text_encoder, parts.unet):
         module.to(accelerator.device)
+    if train_cfg.channels_last:
+        parts.unet.to(memory_format=torch.channels_last)
+        parts.vae.to(memory_format=torch.channels_last)
     text_encoder = parts.text_encoder if config.lora.train_text_encoder else None
     lora.attach(parts.unet, text_encoder, config.lora)
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)

@@ -210,6 +210,16 @@ class TrainConfig:
         "torch.compile the UNet (the first updates are slow while it compiles)", False
     )
     gradient_checkpointing: bool = doc("Recompute UNet activations to save memory", False)
+    tf32: bool = doc(
+        "Allow TF32 matmuls and convolutions on CUDA (Ampere and newer): much faster fp32 "
+        "math at about fp16's precision in the mantissa; no effect on CPU",
+        True,
+    )
+    channels_last: bool = doc(
+        "Keep the UNet (and the VAE when latents are not cached) in channels_last memory "
+        "format, which some GPUs run faster; see BENCHMARKS.md",
+        False,
+    )
     xformers: bool = doc(
         "Use xformers attention when importable on CUDA, else PyTorch SDPA (logged)", False
     )
