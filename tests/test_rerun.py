@@ -285,3 +285,25 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomic(target, fail)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_key_added_since_a_checkpoint_was_written_compares_as_its_default(
+    reference, tiny_config, tmp_path, no_model_load
+):
+    """A newer version knows more keys; an older checkpoint that lacks one must still resume
+    (or be recognised as complete) when the current value is the default."""
+    out = copy_run(reference, tmp_path / "run")
+    for path in [out / final.MANIFEST_NAME]:
+        manifest = json.loads(path.read_text())
+        del manifest["config"]["train"]["channels_last"]
+        path.write_text(json.dumps(manifest))
+    assert loop.run(tiny_config(out, *SETTINGS)).already_complete  # by the manifest
+    (out / WEIGHTS_NAME).unlink()  # and by the checkpoint
+    for folder in ckpt.list_checkpoints(out):
+        text = (folder / ckpt.CONFIG_NAME).read_text().replace("channels_last = false\n", "")
+        (folder / ckpt.CONFIG_NAME).write_text(text)
+        state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+        state["files"][ckpt.CONFIG_NAME] = ckpt.file_record(folder / ckpt.CONFIG_NAME)
+        (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    result = loop.run(tiny_config(out, *SETTINGS, 'checkpoint.resume="latest"'))
+    assert result.already_complete

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from trainer import checkpoint as ckpt
 from trainer import final, models, targets
-from trainer.config import ConfigError, RunConfig, read_toml
+from trainer.config import ConfigError, RunConfig, build, read_toml
 from trainer.data import DataError, Example, Prepared
 from trainer.lora import WEIGHTS_NAME
 from trainer.plan import Plan, plan_run
@@ -186,7 +186,7 @@ def finished_run(output_dir: Path, current: dict) -> Checked | None:
         for problem in problems:
             log.warning("final outputs incomplete: %s", problem)
         return None
-    if config_diff(manifest["config"], current):
+    if config_diff(saved_run(manifest), current):
         return None
     message = (
         f"already complete: {manifest['global_step']} updates; the final outputs in "
@@ -235,6 +235,7 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     # lr_scheduler.json is the source of truth for the schedule (config.toml holds a copy).
     schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
     saved["lr_scheduler"] = {"name": schedule_json["name"], **schedule_json["params"]}
+    saved = with_defaults(saved)
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
     saved = comparable_config(saved, state["num_processes"])
     allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
@@ -253,6 +254,23 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     return checked
 
 
+def saved_run(manifest: dict) -> dict:
+    """A manifest's config with defaults filled in, launch facts kept (to compare)."""
+    config = dict(manifest["config"])
+    launch = config.pop("launch", {})
+    return {**with_defaults(config), "launch": launch}
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config with every key this version knows, so a key added since it was written
+    compares as its default rather than as a difference (a config this version cannot read
+    is compared as written, and the diff shows why)."""
+    try:
+        return build(saved, "the checkpoint's config.toml").to_dict()
+    except ConfigError:
+        return saved
+
+
 def _fresh_start(output_dir: Path, current: dict) -> Checked:
     steps = ckpt.step_folders(output_dir)
     if steps:
@@ -267,7 +285,7 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
         manifest, _ = final.read_manifest(output_dir)
         why = "of an unfinished or damaged run"
         if manifest is not None:
-            diff = config_diff(manifest["config"], current)[:3]
+            diff = config_diff(saved_run(manifest), current)[:3]
             shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in diff)
             why = f"trained with a different config ({shown})"
         raise ConfigError(
