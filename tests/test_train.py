@@ -183,7 +183,7 @@ def test_channels_last_trains_the_same_adapters(make_config, tmp_path):
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
-        sets = ("train.max_steps=2", "data.cache_latents=\"off\"", f"train.channels_last={flag}")
+        sets = ("train.max_steps=2", 'data.cache_latents="off"', f"train.channels_last={flag}")
         loop.run(make_config(*sets, output=out))
         runs[flag] = read_metrics(out)
     # The same loss to float rounding (Adam would amplify rounding in near-zero gradients
