@@ -1,22 +1,32 @@
-"""Write a random, offline Stable Diffusion 1.x model in the diffusers folder layout.
+"""Write a random, offline Stable Diffusion model (SD 1.x or SDXL) in the diffusers layout.
 
-The folder loads with ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` under
-``HF_HUB_OFFLINE=1``, so the trainer's real loading path is the one the tests exercise. Every
-preset uses the same locally built CLIP tokenizer (77 tokens) and noise scheduler config.
+The folder loads with ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` (SDXL:
+``StableDiffusionXLPipeline``) under ``HF_HUB_OFFLINE=1``, so the trainer's real loading path
+is the one the tests exercise. Every preset uses the same locally built CLIP tokenizer (77
+tokens); SDXL's second tokenizer differs from the first only by its padding token, as in the
+published model.
 
-Presets (``--preset``), per architecture (``--arch``; only ``sd15`` so far):
-- ``tiny`` (default): SD-1.x proportions where they change code paths or cost shape: the VAE
-  downsamples by 8 (four blocks) into 4 latent channels with SD's scaling factor, and the UNet
-  has cross-attention blocks. Channel widths and layer counts are tiny (about 6 MB, fp32).
-- ``sd15-shape``: the published SD-1.5 shapes (UNet 860 M parameters, VAE 84 M, CLIP ViT-L/14
-  text encoder 123 M), randomly initialised and written in fp16 (about 2.1 GB), so throughput
-  and memory can be measured at real scale without a download. Its outputs mean nothing.
+Presets (``--preset``), per architecture (``--arch``):
+- ``sd15`` ``tiny`` (default): SD-1.x proportions where they change code paths or cost shape:
+  the VAE downsamples by 8 (four blocks) into 4 latent channels with SD's scaling factor, and
+  the UNet has cross-attention blocks. Channel widths and layer counts are tiny (about 6 MB).
+- ``sd15`` ``sd15-shape``: the published SD-1.5 shapes (UNet 860 M parameters, VAE 84 M, CLIP
+  ViT-L/14 text encoder 123 M), randomly initialised and written in fp16 (about 2.1 GB), so
+  throughput and memory can be measured at real scale without a download.
+- ``sdxl`` ``tiny``: SDXL's layout where it changes code paths: two text encoders (a
+  ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``) whose penultimate states together
+  are the cross-attention width, the pooled projection and six size/crop ids as added
+  conditioning (``addition_embed_type = "text_time"``), SDXL's block layout (three levels, two
+  resnets each, no attention at the first, deeper transformers at the last) so kohya's
+  original-layout key names apply, a VAE of factor 8 with SDXL's scaling factor and
+  ``force_upcast``, and an Euler noise scheduler config. Widths are tiny (about 5 MB).
+- ``sdxl`` ``sdxl-shape``: the published SDXL base 1.0 shapes (UNet 2.57 G parameters, VAE
+  84 M, CLIP ViT-L 123 M, OpenCLIP ViT-bigG 695 M), in fp16 (about 6.9 GB).
 
-A new architecture (SDXL: two text encoders) adds an :class:`Arch` to :data:`ARCHS` with its
-own writer and presets (``tiny``, ``sdxl-shape``); the command line picks it up unchanged.
+The ``*-shape`` presets are random: their outputs mean nothing.
 
 Usage:
-    python scripts/make_tiny_sd.py OUT_DIR [--preset tiny|sd15-shape] [--arch sd15]
+    python scripts/make_tiny_sd.py OUT_DIR [--arch sd15|sdxl] [--preset tiny|sd15-shape|sdxl-shape]
         [--dtype fp32|fp16|bf16] [--prediction-type v_prediction] [--seed 0]
 """
 
@@ -32,6 +42,7 @@ from typing import Any
 import torch
 
 SD_SCALING_FACTOR = 0.18215
+SDXL_SCALING_FACTOR = 0.13025
 MAX_TOKENS = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -57,8 +68,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def write_tokenizer(out: Path) -> int:
-    """Write a CLIP byte-level BPE tokenizer built from scratch; return its vocab size."""
+def write_tokenizer(out: Path, pad_token: str = EOS) -> int:
+    """Write a CLIP byte-level BPE tokenizer built from scratch; return its vocab size.
+
+    Args:
+        out: The tokenizer folder.
+        pad_token: SD's tokenizers pad with the end token; SDXL's second pads with ``!``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
@@ -74,7 +90,7 @@ def write_tokenizer(out: Path) -> int:
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # Loaders other than transformers 5 (kohya, transformers 4) also read these two files.
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -96,12 +112,15 @@ class Preset:
         text_encoder: ``CLIPTextConfig`` keyword arguments; ``vocab_size`` None means the
             local tokenizer's size, and the special-token ids always come from the tokenizer.
         dtype: dtype of the written weights unless the caller asks for another.
+        text_encoder_2: SDXL's second text encoder (``CLIPTextModelWithProjection``), in the
+            same form; None for one text encoder.
     """
 
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     dtype: str = "fp32"
+    text_encoder_2: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +219,130 @@ SD15_SHAPE = Preset(
     dtype="fp16",  # 2.1 GB instead of 4.3; training loads it in its own compute dtype
 )
 
+# SDXL's component layout at tiny widths. The UNet keeps SDXL base's block structure (kohya's
+# original-layout key names depend on it: two resnets per level, attention only at levels 1
+# and 2, up blocks mirrored) and its added conditioning: 6 time ids of `addition_time_embed_dim`
+# each, concatenated with text_encoder_2's projection (6 × 8 + 32 = 80; SDXL: 6 × 256 + 1280).
+# The cross-attention width is the two encoders' hidden widths together (32 + 64; SDXL: 768 +
+# 1280).
+TINY_SDXL = Preset(
+    unet=dict(
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=96,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+    ),
+    vae=dict(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        scaling_factor=SDXL_SCALING_FACTOR,
+        force_upcast=True,  # SDXL's own VAE overflows in fp16; its config says so
+    ),
+    text_encoder=dict(
+        vocab_size=None,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        projection_dim=32,
+    ),
+    text_encoder_2=dict(
+        vocab_size=None,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="gelu",
+        projection_dim=32,
+    ),
+)
+
+# The values of stable-diffusion-xl-base-1.0's unet/, vae/, text_encoder/ (CLIP ViT-L/14) and
+# text_encoder_2/ (OpenCLIP ViT-bigG/14) config.json, written out in full.
+SDXL_SHAPE = Preset(
+    unet=dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        center_input_sample=False,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    vae=dict(
+        sample_size=1024,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        act_fn="silu",
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=SDXL_SCALING_FACTOR,
+        force_upcast=True,
+    ),
+    text_encoder=dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+    ),
+    text_encoder_2=dict(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=1280,
+    ),
+    dtype="fp16",  # 6.9 GB instead of 13.9
+)
+
 
 def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Create the tiny model folder and return its path.
@@ -210,6 +353,11 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         seed: Seed for the random weights, so two calls give identical models.
     """
     return make_sd(out_dir, "sd15", "tiny", prediction_type=prediction_type, seed=seed)
+
+
+def make_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Create the tiny SDXL folder and return its path (arguments as :func:`make_tiny_sd`)."""
+    return make_sd(out_dir, "sdxl", "tiny", prediction_type=prediction_type, seed=seed)
 
 
 def make_sd(
@@ -251,11 +399,12 @@ def preset_spec(arch: str, preset: str) -> Preset:
     return presets[preset]
 
 
-def text_encoder_config(spec: Preset, tokenizer):
-    """The ``CLIPTextConfig`` of a preset, with the tokenizer's vocabulary and special ids."""
+def text_encoder_config(spec: Preset, tokenizer, which: str = "text_encoder"):
+    """The ``CLIPTextConfig`` of a preset's ``text_encoder`` (or ``text_encoder_2``), with the
+    tokenizer's vocabulary and special ids."""
     from transformers import CLIPTextConfig
 
-    kwargs = dict(spec.text_encoder)
+    kwargs = dict(getattr(spec, which))
     kwargs["vocab_size"] = kwargs["vocab_size"] or len(tokenizer.get_vocab())
     return CLIPTextConfig(
         **kwargs,
@@ -315,8 +464,62 @@ def _write_sd15(
     return out
 
 
+def _write_sdxl(
+    out: Path, spec: Preset, prediction_type: str, seed: int, dtype: torch.dtype
+) -> Path:
+    """Build an SDXL pipeline from ``spec`` with seeded random weights and save it."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_tokenizer(out / "tokenizer")
+    write_tokenizer(out / "tokenizer_2", pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    vae = AutoencoderKL(**spec.vae)
+    text_encoder = CLIPTextModel(text_encoder_config(spec, tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        text_encoder_config(spec, tokenizer_2, "text_encoder_2")
+    )
+    # SDXL base ships an Euler config; training reads the same betas through DDPMScheduler.
+    noise_scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=noise_scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_tokenizer(out / "tokenizer")
+    write_tokenizer(out / "tokenizer_2", pad_token="!")
+    return out
+
+
 ARCHS: dict[str, Arch] = {
     "sd15": Arch(write=_write_sd15, presets={"tiny": TINY_SD15, "sd15-shape": SD15_SHAPE}),
+    "sdxl": Arch(write=_write_sdxl, presets={"tiny": TINY_SDXL, "sdxl-shape": SDXL_SHAPE}),
 }
 
 

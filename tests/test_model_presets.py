@@ -14,13 +14,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from make_tiny_sd import SD15_SHAPE, make_sd, make_tiny_sd, preset_spec, text_encoder_config
+from make_tiny_sd import (
+    SD15_SHAPE,
+    SDXL_SHAPE,
+    make_sd,
+    make_tiny_sd,
+    make_tiny_sdxl,
+    preset_spec,
+    text_encoder_config,
+)
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Parameter counts of stable-diffusion-v1-5's unet/, vae/ and text_encoder/ (CLIP ViT-L/14).
 SD15_PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+# And of stable-diffusion-xl-base-1.0's (text_encoder_2: OpenCLIP ViT-bigG/14 with projection).
+SDXL_PARAMS = {
+    "unet": 2_567_463_684,
+    "vae": 83_653_863,
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 694_659_840,
+}
 
 
 def _tokenizer(tmp_path: Path):
@@ -65,6 +80,44 @@ def test_sd15_shape_has_the_published_sizes(tmp_path):
     assert SD15_SHAPE.dtype == "fp16"
 
 
+def test_sdxl_shape_has_the_published_sizes(tmp_path):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tokenizer(tmp_path)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_SHAPE.unet)
+        vae = AutoencoderKL(**SDXL_SHAPE.vae)
+        te1 = CLIPTextModel(text_encoder_config(SDXL_SHAPE, tokenizer))
+        te2 = CLIPTextModelWithProjection(
+            text_encoder_config(SDXL_SHAPE, tokenizer, "text_encoder_2")
+        )
+    counts = {
+        "unet": _count(unet),
+        "vae": _count(vae),
+        "text_encoder": _count(te1),
+        "text_encoder_2": _count(te2),
+    }
+    assert counts == SDXL_PARAMS
+    assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
+    assert unet.add_embedding.linear_1.in_features == 6 * 256 + te2.config.projection_dim
+    assert vae.config.scaling_factor == 0.13025 and vae.config.force_upcast
+    assert SDXL_SHAPE.dtype == "fp16"
+
+
+def test_tiny_sdxl_is_seeded_and_written_in_the_dtype_asked(tmp_path):
+    a = make_tiny_sdxl(tmp_path / "a", seed=3)
+    b = make_sd(tmp_path / "b", "sdxl", "tiny", seed=3, dtype="fp16")
+    for part, name in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder_2", "model.safetensors"),
+    ):
+        with safe_open(a / part / name, "pt") as fa, safe_open(b / part / name, "pt") as fb:
+            for key in fa.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                assert torch.equal(fb.get_tensor(key), fa.get_tensor(key).half()), key
+
+
 def test_fp16_folder_loads_and_equals_the_fp32_weights_rounded(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -91,8 +144,10 @@ def test_fp16_folder_loads_and_equals_the_fp32_weights_rounded(tmp_path):
 def test_unknown_presets_and_dtypes_name_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"no preset 'sdxl-shape'.*sd15-shape"):
         preset_spec("sd15", "sdxl-shape")
-    with pytest.raises(ValueError, match=r"unknown arch 'sdxl'.*sd15"):
-        preset_spec("sdxl", "tiny")
+    with pytest.raises(ValueError, match=r"unknown arch 'sd3'.*sd15.*sdxl"):
+        preset_spec("sd3", "tiny")
+    with pytest.raises(ValueError, match=r"no preset 'sd15-shape'.*sdxl-shape"):
+        preset_spec("sdxl", "sd15-shape")
     with pytest.raises(ValueError, match="dtype"):
         make_sd(tmp_path / "x", dtype="fp8")
     script = REPO / "scripts" / "make_tiny_sd.py"
@@ -130,3 +185,15 @@ def test_sd15_shape_folder_builds_and_loads(tmp_path):
     with torch.no_grad():
         hidden = text_encoder.float()(ids)[0]
     assert hidden.shape == (1, 77, 768) and torch.isfinite(hidden).all()
+
+
+@pytest.mark.heavy
+def test_sdxl_shape_folder_builds_and_loads(tmp_path):
+    """Writes the 6.9 GB folder (minutes on 2 CPU cores) and loads its UNet offline."""
+    from diffusers import UNet2DConditionModel
+
+    out = make_sd(tmp_path / "sdxl", "sdxl", "sdxl-shape")
+    size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    assert 6.8e9 < size < 7.1e9  # 3.469 G parameters × 2 bytes
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet", torch_dtype=torch.float16)
+    assert _count(unet) == SDXL_PARAMS["unet"]
