@@ -104,15 +104,26 @@ def cross_checks(config: RunConfig) -> list[str]:
     lora, data, train = config.lora, config.data, config.train
     if not config.output_dir.strip():
         p.append("output_dir: required; the folder the run writes into")
-    if data.cache_text == "on" and (data.shuffle_tags or lora.train_text_encoder):
-        why = "the text encoder is trained" if lora.train_text_encoder else "tags are shuffled"
+    text_trained = lora.train_text_encoder or lora.train_text_encoder_2
+    if data.cache_text == "on" and (data.shuffle_tags or text_trained):
+        why = "a text encoder is trained" if text_trained else "tags are shuffled"
         p.append(
             f"data.cache_text: 'on' while {why} would serve stale outputs; use 'auto' or 'off'"
         )
-    if train.text_encoder_lr and not lora.train_text_encoder:
+    if train.text_encoder_lr and not text_trained:
         p.append(
             "train.text_encoder_lr: set, but lora.train_text_encoder is false; "
             "enable it or drop the key"
+        )
+    if train.text_encoder_2_lr and not lora.train_text_encoder_2:
+        p.append(
+            "train.text_encoder_2_lr: set, but lora.train_text_encoder_2 is false; "
+            "enable it or drop the key"
+        )
+    if lora.train_text_encoder_2 and config.model.arch in ("sd1", "sd2"):
+        p.append(
+            f"lora.train_text_encoder_2: model.arch = {config.model.arch!r} has one text "
+            "encoder; the second exists only in SDXL"
         )
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())

@@ -77,10 +77,16 @@ def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) ->
     from trainer import config as config_module
 
     texts = {lora_keys.split_peft_key(k)[0] for k in state} - {lora_keys.UNET}
-    arch = architectures.detect_from_width(_cross_attention_width(state), len(texts))
     trainer_state = {}
     if (folder / ckpt.TRAINER_STATE).is_file():
         trainer_state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
+    # A checkpoint records its family; the tensors' widths only guess it (a UNet-only SDXL
+    # LoRA of another width than 2048 would read as SD 1.x).
+    recorded = trainer_state.get("architecture") or old.get("architecture")
+    if recorded in architectures.ARCHITECTURES:
+        arch = architectures.get(recorded)
+    else:
+        arch = architectures.detect_from_width(_cross_attention_width(state), len(texts))
     steps = int(trainer_state.get("global_step", old.get("steps", 0)))
     if not (folder / ckpt.CONFIG_NAME).is_file():
         # A lone file: only what its header and tensors say.

@@ -204,8 +204,9 @@ def training_record(
         "dropout": lora.dropout,
         "target_modules": list(lora.target_modules),
         "text_encoder_trained": lora.train_text_encoder,
+        "text_encoder_2_trained": lora.train_text_encoder_2,
         "text_encoder_target_modules": list(lora.text_encoder_target_modules)
-        if lora.train_text_encoder
+        if lora.train_text_encoder or lora.train_text_encoder_2
         else [],
         "steps": facts.steps,
         "epochs": facts.epochs,
@@ -222,6 +223,11 @@ def training_record(
         "learning_rate": train.learning_rate,
         "text_encoder_lr": (train.text_encoder_lr or train.learning_rate)
         if lora.train_text_encoder
+        else None,
+        "text_encoder_2_lr": (
+            train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate
+        )
+        if lora.train_text_encoder_2
         else None,
         "lr_scheduler": {"name": schedule.name, **schedule.params()},
         "warmup_updates": schedule.warmup_updates(facts.steps),
@@ -294,7 +300,8 @@ def kohya_metadata(record: Mapping[str, Any], name: str) -> dict[str, str]:
         "ss_dataset_dirs": record.get("dataset_dirs") or None,
         "ss_learning_rate": record.get("learning_rate"),
         "ss_unet_lr": record.get("learning_rate"),
-        "ss_text_encoder_lr": record.get("text_encoder_lr"),
+        # kohya records one text-encoder LR; for SDXL the first trained encoder's.
+        "ss_text_encoder_lr": record.get("text_encoder_lr") or record.get("text_encoder_2_lr"),
         "ss_lr_scheduler": schedule.get("name"),
         "ss_lr_warmup_steps": record.get("warmup_updates"),
         "ss_optimizer": record.get("optimizer") or None,

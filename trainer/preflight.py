@@ -10,8 +10,9 @@ A config error found after a multi-GB model load costs minutes, so this runs bef
    - a damaged checkpoint is named, set aside as ``step-NNNNNN.damaged``, and ``--resume
      latest`` falls back to the newest intact one.
 2. **Every remaining problem at once**: the output folder is writable, the model source
-   exists and is a model, the LoRA targets exist in it, the dataset is usable, and the run
-   length derived from it fits the schedule.
+   exists and is a model of the family ``model.arch`` names (SD 1.x, 2.x, SDXL: read from its
+   configs or checkpoint header), ``model.vae`` exists, the LoRA targets exist in it, the
+   dataset is usable, and the run length derived from it fits the schedule.
 
 :func:`check` only reads. What it decides to change on disk (set damaged checkpoints aside,
 clear an old run for ``--overwrite``, write final outputs) is applied by :func:`apply` on the
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer import checkpoint as ckpt
-from trainer import final, models, targets
+from trainer import final, model_arch, models, targets
 from trainer.config import ConfigError, RunConfig, build, read_toml
 from trainer.data import DataError, Example, Prepared
 from trainer.lora import WEIGHTS_NAME
@@ -67,6 +68,7 @@ class Checked:
     plan: Plan | None = None
     warnings: list[str] = field(default_factory=list)  # logged as warnings
     messages: list[str] = field(default_factory=list)  # logged as information
+    architecture: str = "sd1"  # model.arch resolved: sd1, sd2 or sdxl
 
 
 def check(
@@ -92,12 +94,8 @@ def check(
         return checked
     problems = models.source_problems(config.model)
     if not problems:
-        te_targets = config.lora.text_encoder_target_modules
-        problems += targets.lora_target_problems(
-            config.model.pretrained,
-            config.lora.target_modules,
-            te_targets if config.lora.train_text_encoder else None,
-        )
+        problems += _model_problems(config, checked)
+    problems += models.vae_problems(config.model)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
         problems.append(
@@ -108,6 +106,38 @@ def check(
     if problems:
         raise ConfigError(problems)
     return checked
+
+
+def _model_problems(config: RunConfig, checked: Checked) -> list[str]:
+    """The model's family against ``model.arch``, and the LoRA targets in its modules."""
+    detected = model_arch.detect(config.model)
+    problems = model_arch.problems(config.model, detected)
+    checked.architecture = model_arch.resolve(config.model, detected)
+    lora = config.lora
+    if lora.train_text_encoder_2 and checked.architecture != "sdxl":
+        problems.append(
+            "lora.train_text_encoder_2: the model has one text encoder (it is not SDXL); "
+            "use lora.train_text_encoder"
+        )
+    folder = Path(config.model.pretrained).expanduser()
+    if checked.architecture == "sdxl" and folder.is_dir():
+        missing = [
+            f"{name}/" for name in ("text_encoder_2", "tokenizer_2") if not (folder / name).is_dir()
+        ]
+        if missing:
+            problems.append(
+                f"model.pretrained = {config.model.pretrained!r}: an SDXL folder needs "
+                f"{' and '.join(missing)} beside text_encoder/ and tokenizer/"
+            )
+    if problems:
+        return problems
+    te_targets = lora.text_encoder_target_modules
+    return targets.lora_target_problems(
+        config.model.pretrained,
+        lora.target_modules,
+        te_targets if lora.train_text_encoder else None,
+        te_targets if lora.train_text_encoder_2 else None,
+    )
 
 
 def _data_and_plan(

@@ -6,7 +6,8 @@ differ only by the LoRA and its scale. The grid is one PNG whose text chunks hol
 and every setting, so the picture documents how it was made.
 
 The LoRA is loaded by diffusers (``load_lora_weights``, any format it reads, kohya included)
-and scaled with ``set_adapters``, which scales the UNet and text-encoder parts together.
+and scaled with ``set_adapters``, which scales the UNet and text-encoder parts together. An
+SDXL model (``trainer/model_arch.py`` tells) is drawn with the SDXL pipeline.
 """
 
 from __future__ import annotations
@@ -88,12 +89,19 @@ def render(
     lora: Path, model: str, settings: SampleSettings, device: str
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from trainer import model_arch
+    from trainer.config import ModelConfig
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+    if model_arch.detect(ModelConfig(pretrained=model)).name == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     rows = [[_render(pipe, prompt, settings)] for prompt in settings.prompts]
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)

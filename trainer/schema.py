@@ -43,6 +43,16 @@ class ModelConfig:
     prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
         "Override the noise scheduler's prediction type; empty reads it from the model", ""
     )
+    arch: Literal["auto", "sd1", "sd2", "sdxl"] = doc(
+        "Model family: 'auto' reads it from model_index.json or the checkpoint's keys; an "
+        "explicit value must agree with the model",
+        "auto",
+    )
+    vae: str = doc(
+        "A VAE to use instead of the model's own: diffusers folder, hub id or .safetensors "
+        "file (e.g. madebyollin/sdxl-vae-fp16-fix, which runs in fp16); empty = the model's",
+        "",
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
@@ -63,9 +73,16 @@ class LoraConfig:
     target_modules: tuple[str, ...] = doc(
         "UNet module names that get adapters", ["to_q", "to_k", "to_v", "to_out.0"]
     )
-    train_text_encoder: bool = doc("Also train LoRA adapters on the CLIP text encoder", False)
+    train_text_encoder: bool = doc(
+        "Also train LoRA adapters on the CLIP text encoder (SDXL: the first, CLIP ViT-L)", False
+    )
+    train_text_encoder_2: bool = doc(
+        "SDXL only: also train LoRA adapters on the second text encoder (OpenCLIP ViT-bigG)",
+        False,
+    )
     text_encoder_target_modules: tuple[str, ...] = doc(
-        "Text-encoder module names that get adapters", ["q_proj", "k_proj", "v_proj", "out_proj"]
+        "Text-encoder module names that get adapters (in each trained text encoder)",
+        ["q_proj", "k_proj", "v_proj", "out_proj"],
     )
     save_dtype: Literal["", "fp16", "bf16", "fp32"] = doc(
         "Deprecated: use output.save_dtype (still read for one release; when set, it wins)", ""
@@ -192,6 +209,11 @@ class TrainConfig:
     epochs: int = doc("Passes over the dataset when `max_steps` is 0", 1)
     learning_rate: float = doc("Base LR of the UNet adapters", 1e-4)
     text_encoder_lr: float = doc("Base LR of the text-encoder adapters; 0 uses learning_rate", 0.0)
+    text_encoder_2_lr: float = doc(
+        "SDXL: base LR of the second text encoder's adapters; 0 uses text_encoder_lr (or "
+        "learning_rate)",
+        0.0,
+    )
     optimizer: Literal["adamw", "sgd"] = doc("Optimizer", "adamw")
     adam_beta1: float = doc("AdamW beta1", 0.9)
     adam_beta2: float = doc("AdamW beta2", 0.999)
@@ -245,6 +267,7 @@ class TrainConfig:
             p.append(f"{where}.learning_rate: {self.learning_rate} must be > 0")
         for key in (
             "text_encoder_lr",
+            "text_encoder_2_lr",
             "weight_decay",
             "max_grad_norm",
             "noise_offset",
@@ -371,10 +394,16 @@ class RunConfig:
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
     def base_lrs(self) -> list[float]:
-        """One base LR per optimizer param group, in order: UNet, then text encoder."""
-        lrs = [self.train.learning_rate]
+        """One base LR per optimizer param group, in order: the UNet, then each trained text
+        encoder (SDXL: the first, then the second)."""
+        train = self.train
+        lrs = [train.learning_rate]
         if self.lora.train_text_encoder:
-            lrs.append(self.train.text_encoder_lr or self.train.learning_rate)
+            lrs.append(train.text_encoder_lr or train.learning_rate)
+        if self.lora.train_text_encoder_2:
+            # One text-encoder LR for both unless the second is given its own (as kohya's
+            # single --text_encoder_lr value applies to both).
+            lrs.append(train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate)
         return lrs
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,35 +14,43 @@ import torch
 
 
 def lora_target_problems(
-    source: str, targets: tuple[str, ...], text_encoder_targets: tuple[str, ...] | None
+    source: str,
+    targets: tuple[str, ...],
+    text_encoder_targets: tuple[str, ...] | None,
+    text_encoder_2_targets: tuple[str, ...] | None = None,
 ) -> list[str]:
     """Target module names that match nothing, checked on the model's config alone.
 
-    The UNet (and text encoder) are built on the meta device from their ``config.json``, so no
-    weights are read, and names are matched as peft matches a list: a module whose full name
-    is the target or ends with ``.target``. Only local diffusers folders are checked here; a
-    single-file checkpoint is checked when the adapters are attached.
+    The UNet (and the trained text encoders: SDXL's second is a
+    ``CLIPTextModelWithProjection``) are built on the meta device from their ``config.json``,
+    so no weights are read, and names are matched as peft matches a list: a module whose full
+    name is the target or ends with ``.target``. Only local diffusers folders are checked
+    here; a single-file checkpoint is checked when the adapters are attached.
     """
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return []
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    key = "lora.text_encoder_target_modules"
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(
             UNet2DConditionModel.load_config(folder, subfolder="unet")
         )
         models = [("lora.target_modules", targets, unet)]
-        if text_encoder_targets is not None:
-            te_config = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")
-            encoder = CLIPTextModel(te_config)
-            models.append(("lora.text_encoder_target_modules", text_encoder_targets, encoder))
+        for names, subfolder, cls in (
+            (text_encoder_targets, "text_encoder", CLIPTextModel),
+            (text_encoder_2_targets, "text_encoder_2", CLIPTextModelWithProjection),
+        ):
+            if names is not None:
+                encoder = cls(CLIPTextConfig.from_pretrained(folder, subfolder=subfolder))
+                models.append((key, names, encoder))
     problems = []
     for key, names, model in models:
         problems += target_problems(key, names, model)
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 # The names users target most, listed first when suggesting valid names.
