@@ -6,6 +6,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from trainer import step
+from trainer.conditioning import Conditioning
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_diffusion_loss_is_reproducible_from_the_seeds(tiny_model):
         rand = step.ExampleRandom([seed, seed + 1])
         with torch.no_grad():
             return step.diffusion_loss(
-                unet, noise_scheduler, latents, hidden, rand, snr_gamma=gamma
+                unet, noise_scheduler, latents, Conditioning(hidden), rand, snr_gamma=gamma
             )
 
     assert torch.equal(loss(7), loss(7))

@@ -3,7 +3,9 @@
 Caching the VAE posterior saves its encode, the largest single cost of a step at SD scale
 (about 44% of a step's FLOPs at 512 px). We cache the posterior's (mean, std), not a sample,
 and sample it each step from the step's generator, so training on cached latents draws the
-same latents as training on pixels.
+same latents as training on pixels. Each entry also stores the crop it was encoded from as
+SDXL's six size and crop ids (``images.Geometry.time_ids``), so cached latents are always
+conditioned on the crop they show.
 
 A latent entry is keyed by the image file's content hash, the VAE's weights fingerprint, the
 target size, the crop mode and the flip, so changing any of them misses the cache instead of
@@ -14,14 +16,15 @@ a resumed run sees exactly the values the original run saw.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trainer import images, step
+from trainer import conditioning, images, step
 
 CHUNK = 8  # images per VAE call while filling the cache; fixed so values never depend on the run
 
@@ -52,12 +55,18 @@ def latent_key(digest: str, vae_id: str, size: tuple[int, int], crop: str, flip:
     return f"{digest}-{vae_id}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}"
 
 
+# The tensors of an entry; a disk entry written before time ids were cached lacks one and is
+# encoded again.
+_ENTRY = ("mean", "std", "time_ids")
+
+
 class LatentCache:
-    """VAE posteriors (mean, std) by key, held in memory or as safetensors files on disk."""
+    """VAE posteriors (mean, std) and their crop's time ids by key, held in memory or as
+    safetensors files on disk."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder  # None: memory only
-        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -65,28 +74,41 @@ class LatentCache:
         return self.folder / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        """True when the entry is cached (in memory, or on disk)."""
-        return key in self.memory or (self.folder is not None and self._file(key).is_file())
+        """True when the entry is cached (in memory, or complete on disk)."""
+        if key in self.memory:
+            return True
+        if self.folder is None or not self._file(key).is_file():
+            return False
+        try:
+            with safe_open(str(self._file(key)), framework="pt") as f:
+                return set(_ENTRY) <= set(f.keys())
+        except (OSError, ValueError):  # a damaged entry is encoded again
+            return False
 
-    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store one entry (CPU, fp32)."""
+    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor) -> None:
+        """Store one entry (CPU; mean and std fp32)."""
         mean, std = (
             mean.detach().float().cpu().contiguous(),
             std.detach().float().cpu().contiguous(),
         )
+        time_ids = time_ids.detach().float().cpu().contiguous()
         if self.folder is None:
-            self.memory[key] = (mean, std)
+            self.memory[key] = (mean, std, time_ids)
             return
         tmp = self._file(key).with_suffix(".tmp")
-        save_file({"mean": mean, "std": std}, str(tmp))
+        save_file(dict(zip(_ENTRY, (mean, std, time_ids), strict=True)), str(tmp))
         tmp.replace(self._file(key))  # a killed fill never leaves a half-written entry
 
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean, std) of an entry."""
+    def get_entry(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (mean, std, time_ids) of an entry."""
         if self.folder is None:
             return self.memory[key]
         tensors = load_file(str(self._file(key)))
-        return tensors["mean"], tensors["std"]
+        return tensors["mean"], tensors["std"], tensors["time_ids"]
+
+    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean, std) of an entry."""
+        return self.get_entry(key)[:2]
 
 
 def fill_latents(
@@ -109,49 +131,55 @@ def fill_latents(
     for size, group in sorted(by_size.items()):
         for start in range(0, len(group), CHUNK):
             chunk = group[start : start + CHUNK]
-            pixels = torch.stack(
-                [images.to_tensor(path, size, True, flip, None) for _, path, _, flip in chunk]
-            )
+            loaded = [
+                images.load_example(path, size, True, flip, None) for _, path, _, flip in chunk
+            ]
+            pixels = torch.stack([p for p, _ in loaded])
             with torch.no_grad():
                 mean, std = step.posterior(vae, pixels.to(device, dtype))
             for i, (key, *_) in enumerate(chunk):
-                cache.put(key, mean[i], std[i])
+                cache.put(key, mean[i], std[i], torch.tensor(loaded[i][1].time_ids()))
             bar.update(len(chunk))
     bar.close()
     return len(missing)
 
 
 class TextCache:
-    """Text-encoder hidden states by caption, for a frozen encoder and fixed captions.
+    """Text-encoder outputs by caption, for frozen encoders and fixed captions: the hidden
+    states, and for SDXL also the second encoder's pooled projection.
 
-    Keyed by the caption text, so serving a cached example needs no tokenizer call.
+    Keyed by the caption text, so serving a cached example needs no tokenizer call. Filled
+    through ``conditioning.encode_ids``, the function training calls without the cache.
     """
 
     def __init__(self) -> None:
-        self.entries: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, caption: str) -> torch.Tensor:
-        """Hidden states of one caption."""
+    def get(self, caption: str) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` (and ``text_embeds``) of one caption."""
         return self.entries[caption]
 
     def fill(
         self,
-        text_encoder: torch.nn.Module,
-        tokenize: Callable[[str], torch.Tensor],
+        text_encoders: Sequence[torch.nn.Module],
+        tokenizers: Sequence,
         captions: Iterable[str],
         show_progress: bool = True,
     ) -> int:
         """Encode every caption not cached yet, in sorted order; return how many were encoded."""
         missing = sorted(set(captions) - set(self.entries))
-        device = next(text_encoder.parameters()).device
+        device = next(text_encoders[0].parameters()).device
         bar = tqdm(total=len(missing), desc="caching text", unit="cap", disable=not show_progress)
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start : start + CHUNK]
-            ids = torch.stack([tokenize(c) for c in chunk]).to(device)
+            ids = [t.to(device) for t in conditioning.tokenize(tokenizers, chunk)]
             with torch.no_grad():
-                hidden = text_encoder(ids, return_dict=False)[0]
-            for caption, h in zip(chunk, hidden, strict=True):
-                self.entries[caption] = h.cpu()
+                hidden, pooled = conditioning.encode_ids(text_encoders, ids)
+            for i, caption in enumerate(chunk):
+                entry = {"encoder_hidden_states": hidden[i].cpu()}
+                if pooled is not None:
+                    entry["text_embeds"] = pooled[i].cpu()
+                self.entries[caption] = entry
             bar.update(len(chunk))
         bar.close()
         return len(missing)

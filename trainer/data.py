@@ -356,7 +356,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     The draw seed makes the crop, flip, tag order and caption dropout of an example a function
     of where it sits in the run, so they are reproduced exactly on resume. With a latent cache
     the example's VAE posterior is served instead of its pixels; with a text cache, the
-    hidden states instead of re-encoding the caption.
+    text-encoder outputs instead of token ids. For SDXL (``time_ids``) each item also carries
+    its size and crop ids (``Geometry.time_ids``), from the decoded image or the cache entry.
     """
 
     def __init__(
@@ -364,20 +365,35 @@ class CaptionedImages(torch.utils.data.Dataset):
         examples: list[Example],
         config: DataConfig,
         tokenizer,
-        latents: Callable[[int, bool], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        text: Callable[[str], torch.Tensor] | None = None,
+        latents: Callable[[int, bool], tuple[torch.Tensor, ...]] | None = None,
+        text: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        time_ids: bool = False,
     ) -> None:
+        """Args:
+        examples: The checked examples.
+        config: The ``[data]`` table.
+        tokenizer: The tokenizer, or SDXL's two in order.
+        latents: ``(index, flip) -> (mean, std, time_ids)`` from the latent cache.
+        text: ``caption -> {"encoder_hidden_states": ..., ["text_embeds": ...]}``.
+        time_ids: Serve SDXL's ``time_ids``.
+        """
         self.examples = examples
         self.config = config
-        self.tokenizer = tokenizer
+        self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         self.latents = latents
         self.text = text
+        self.time_ids = time_ids
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer (the only one before SDXL)."""
+        return self.tokenizers[0]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def tokenize(self, caption: str) -> torch.Tensor:
-        """Token ids of one caption, padded/truncated to the tokenizer's length."""
+        """Token ids of one caption for the first tokenizer, padded/truncated to its length."""
         return tokenize(self.tokenizer, [caption])[0]
 
     def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
@@ -397,16 +413,21 @@ class CaptionedImages(torch.utils.data.Dataset):
         # The example's own seed also drives its latent sample, noise and timestep (step.py).
         item = {"seed": torch.tensor(draw_seed)}
         if self.text is not None:
-            item["encoder_hidden_states"] = self.text(caption)
+            item.update(self.text(caption))
         else:
             item["input_ids"] = self.tokenize(caption)
+            for n, tokenizer in enumerate(self.tokenizers[1:], start=2):
+                item[f"input_ids_{n}"] = tokenize(tokenizer, [caption])[0]
         if self.latents is not None:
-            item["latent_mean"], item["latent_std"] = self.latents(index, flip)
+            item["latent_mean"], item["latent_std"], time_ids = self.latents(index, flip)
         else:
             example = self.examples[index]
-            item["pixel_values"] = images.to_tensor(
+            item["pixel_values"], geometry = images.load_example(
                 example.path, example.size, self.config.center_crop, flip, rng
             )
+            time_ids = torch.tensor(geometry.time_ids(), dtype=torch.float32)
+        if self.time_ids:
+            item["time_ids"] = time_ids
         return item
 
 

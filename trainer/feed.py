@@ -40,13 +40,17 @@ def latent_cache_mode(config: RunConfig) -> str:
 
 
 def text_cache_enabled(config: RunConfig) -> bool:
-    """Whether text-encoder outputs are cached (only valid for a frozen encoder, fixed captions)."""
+    """Whether text-encoder outputs are cached: only valid when every text encoder is frozen
+    (SDXL: both) and captions are fixed."""
     setting = config.data.cache_text
     if setting != "auto":
         return setting == "on"
-    valid = not config.lora.train_text_encoder and not config.data.shuffle_tags
+    lora = config.lora
+    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not (
+        config.data.shuffle_tags
+    )
     if not valid:
-        log.info("text cache off: the text encoder is trained or tags are shuffled")
+        log.info("text cache off: a text encoder is trained or tags are shuffled")
     return valid
 
 
@@ -89,7 +93,7 @@ def _fill_latent_cache(
         )
         log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
     accelerator.wait_for_everyone()
-    return lambda index, flip: store.get(keys[(index, flip)])
+    return lambda index, flip: store.get_entry(keys[(index, flip)])
 
 
 def checked_examples(
@@ -128,7 +132,7 @@ def build_feed(
         config: The run config.
         accelerator: For process index/count and the device.
         parts: The loaded models (the VAE and text encoder fill the caches).
-        text_encoder_trained: Whether text-encoder LoRA is trained (no text cache then).
+        text_encoder_trained: Whether any text encoder's LoRA is trained (no text cache then).
         prepared: The checked training examples (:func:`checked_examples`).
         val_examples: The held-out examples.
     """
@@ -147,7 +151,8 @@ def build_feed(
                 caption,
             )
 
-    dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizer)
+    sdxl = parts.text_encoder_2 is not None
+    dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":
         dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
@@ -157,7 +162,7 @@ def build_feed(
         captions = {e.caption for e in prepared.examples}
         if config.data.caption_dropout > 0:
             captions.add("")
-        store.fill(parts.text_encoder, dataset.tokenize, captions, accelerator.is_main_process)
+        store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
         dataset.text = store.get
 
     train = config.train

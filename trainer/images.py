@@ -149,10 +149,52 @@ def crop_box(
     return (rw, rh), (left, top, left + tw, top + th)
 
 
-def to_tensor(
+@dataclass(frozen=True)
+class Geometry:
+    """Where a training image came from in its picture: what SDXL's size conditioning reads.
+
+    Attributes:
+        original: (width, height) of the upright image as decoded from the file.
+        resized: (width, height) it was scaled to, covering the target.
+        box: (left, top, right, bottom) of the crop in the resized image, before any flip.
+        flip: Whether the crop was mirrored.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+
+    @property
+    def target(self) -> tuple[int, int]:
+        """(width, height) of the training image."""
+        left, top, right, bottom = self.box
+        return right - left, bottom - top
+
+    def crop_top_left(self) -> tuple[int, int]:
+        """(top, left) of the crop as the trained image sees its picture.
+
+        A flipped example is the crop ``[W - right, W - left)`` of the mirrored picture, and
+        the mirrored picture is as much a picture as the original: so its left coordinate is
+        what the crop cut from the picture's right edge, ``W - right``. The top is unchanged.
+        This keeps SDXL's meaning of "left = 0": nothing is missing on the left of what the
+        model sees (without the rule, a flipped crop flush with the right edge would claim
+        an uncut left edge while its left side was cut away).
+        """
+        left, top, right, _ = self.box
+        return top, (self.resized[0] - right if self.flip else left)
+
+    def time_ids(self) -> tuple[int, ...]:
+        """SDXL's ``[orig_h, orig_w, top, left, target_h, target_w]``."""
+        (width, height), (target_w, target_h) = self.original, self.target
+        return (height, width, *self.crop_top_left(), target_h, target_w)
+
+
+def load_example(
     path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """Load an image as a (3, H, W) float tensor in [-1, 1]: resize to cover, crop, flip.
+) -> tuple[torch.Tensor, Geometry]:
+    """An image as a (3, H, W) float tensor in [-1, 1] (resized to cover, cropped, flipped),
+    and the :class:`Geometry` of that crop.
 
     Args:
         path: Image file.
@@ -162,9 +204,18 @@ def to_tensor(
         rng: Source of the crop position.
     """
     image, _ = open_rgb(path)
-    resized, box = crop_box(image.size, target, center_crop, rng)
+    original = image.size
+    resized, box = crop_box(original, target, center_crop, rng)
     image = image.resize(resized, Image.Resampling.BICUBIC).crop(box)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+    return pixels, Geometry(original, resized, box, flip)
+
+
+def to_tensor(
+    path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+) -> torch.Tensor:
+    """The pixels of :func:`load_example` alone."""
+    return load_example(path, target, center_crop, flip, rng)[0]

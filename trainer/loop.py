@@ -34,7 +34,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
-from trainer import architectures, final, lora, models, preflight, step
+from trainer import conditioning, final, lora, models, preflight, step
 from trainer.config import ConfigError, RunConfig, to_toml
 from trainer.dtypes import DTYPES
 from trainer.feed import build_feed
@@ -63,6 +63,7 @@ class TrainResult:
     # Nothing was trained: the run had finished before (its outputs verified or rewritten).
     already_complete: bool = False
     messages: tuple[str, ...] = ()
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second, when trained
 
 
 def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
@@ -153,32 +154,41 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     weight_dtype = DTYPES[train_cfg.mixed_precision]
 
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
-    parts = models.load_components(config.model, weight_dtype)
-    for module in (parts.vae, parts.text_encoder, parts.unet):
+    parts = models.load_components(config.model, weight_dtype, checked.architecture)
+    for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)
     if train_cfg.channels_last:
         parts.unet.to(memory_format=torch.channels_last)
         parts.vae.to(memory_format=torch.channels_last)
-    text_encoder = parts.text_encoder if config.lora.train_text_encoder else None
-    lora.attach(parts.unet, text_encoder, config.lora)
+    trained_texts = {
+        name: module
+        for name, module, on in (
+            ("text_encoder", parts.text_encoder, config.lora.train_text_encoder),
+            ("text_encoder_2", parts.text_encoder_2, config.lora.train_text_encoder_2),
+        )
+        if on
+    }
+    # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
+    unused = {"text_encoder": 1} if parts.text_encoder_2 is not None else {}
+    lora.attach(parts.unet, trained_texts, config.lora, unused)
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
     if train_cfg.compile:
         parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
     if train_cfg.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
-        if text_encoder is not None:
-            text_encoder.gradient_checkpointing_enable()
+        for module in trained_texts.values():
+            module.gradient_checkpointing_enable()
 
     # ---- caches and the loader; the order is planned by counters so it can resume
     feed = build_feed(
-        config, accelerator, parts, text_encoder is not None, checked.prepared, checked.val_examples
+        config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples
     )
     validator = None
     if feed.validation:
         val = config.validation
         validator = Validator(
             feed.validation,
-            parts.tokenizer,
+            parts.tokenizers,
             parts.vae,
             val.timesteps,
             train_cfg.seed,
@@ -188,22 +198,24 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         parts.vae.to("cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
-    optimizer = build_optimizer(config, parts.unet, text_encoder)
-    trained = [parts.unet] if text_encoder is None else [parts.unet, text_encoder]
-    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
+    optimizer = build_optimizer(config, [parts.unet, *trained_texts.values()])
+    *prepared, optimizer = accelerator.prepare(parts.unet, *trained_texts.values(), optimizer)
+    prepared_texts = dict(zip(trained_texts, prepared[1:], strict=True))
     state = RunState(
         config=config,
         accelerator=accelerator,
         plan=checked.plan,
         parts=parts,
         feed=feed,
-        unet=trained[0],
-        text_encoder=trained[1] if text_encoder is not None else None,
+        unet=prepared[0],
+        text_encoder=prepared_texts.get("text_encoder"),
+        text_encoder_2=prepared_texts.get("text_encoder_2"),
         optimizer=optimizer,
         validator=validator,
         weight_dtype=weight_dtype,
         resumed_from=checked.resume_from,
-        architecture=architectures.detect(dict(parts.unet.config)).name,
+        architecture=checked.architecture,
     )
 
     # ---- resume: weights, optimizer, scaler; the data position follows from the update
@@ -217,17 +229,16 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         + (f" (resuming at {state.update} from {checked.resume_from})" if state.update else "")
         + f", attention: {attention}, processes: {accelerator.num_processes}, "
         f"precision: {train_cfg.mixed_precision}, latent cache: {feed.cached_latents}, "
-        f"text cache: {'on' if feed.cached_text else 'off'}"
+        f"text cache: {'on' if feed.cached_text else 'off'}, model: {state.architecture}, "
+        f"vae: {parts.vae_note}"
     )
     return state
 
 
-def build_optimizer(
-    config: RunConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> torch.optim.Optimizer:
-    """One param group for the UNet adapters and, when trained, one for the text encoder's."""
+def build_optimizer(config: RunConfig, trained: list[torch.nn.Module]) -> torch.optim.Optimizer:
+    """One param group per trained model (the UNet, then each trained text encoder), each
+    with its base LR from ``config.base_lrs()``."""
     train = config.train
-    trained = [unet] if text_encoder is None else [unet, text_encoder]
     groups = [
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
         for model, lr in zip(trained, config.base_lrs(), strict=True)
@@ -299,10 +310,10 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         torch.manual_seed(seed_for(config.train.seed, "micro", micro, accelerator.process_index))
         rand = step.ExampleRandom(batch.pop("seed").tolist(), device)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        latents = encode_latents(batch, state.parts.vae, state.weight_dtype, rand)
-        hidden = encode_text(state, batch)
+        latents = encode_latents(batch, state.parts.vae, rand)
+        cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
         loss = step.diffusion_loss(
-            state.unet, state.parts.noise_scheduler, latents, hidden, rand,
+            state.unet, state.parts.noise_scheduler, latents, cond, rand,
             config.train.noise_offset, config.train.snr_gamma,
         )  # fmt: skip
         accelerator.backward(loss)
@@ -341,26 +352,16 @@ def apply_lr_schedule(
 
 
 def encode_latents(
-    batch: dict[str, torch.Tensor],
-    vae: torch.nn.Module,
-    dtype: torch.dtype,
-    rand: step.ExampleRandom,
+    batch: dict[str, torch.Tensor], vae: torch.nn.Module, rand: step.ExampleRandom
 ) -> torch.Tensor:
-    """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode."""
+    """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode
+    in the VAE's own dtype (SDXL's may run in fp32 under fp16, see ``models.vae_dtype``)."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         with torch.no_grad():
-            mean, std = step.posterior(vae, batch["pixel_values"].to(dtype))
+            mean, std = step.posterior(vae, batch["pixel_values"].to(vae.dtype))
     return step.sample_latents(mean.float(), std.float(), rand)
-
-
-def encode_text(state: RunState, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The caption's hidden states: from the text cache, or from the (trained) encoder."""
-    if "encoder_hidden_states" in batch:
-        return batch["encoder_hidden_states"]
-    with torch.set_grad_enabled(state.text_encoder is not None):
-        return state.encoder(batch["input_ids"], return_dict=False)[0]
 
 
 def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool) -> bool:
@@ -391,7 +392,8 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
 def validate(state: RunState, record: dict) -> None:
     """The fixed-seed validation loss into ``record``, and the fixed-seed sample images."""
     accelerator, val = state.accelerator, state.config.validation
-    unet, encoder = state.unwrapped(state.unet), state.unwrapped(state.encoder)
+    unet = state.unwrapped(state.unet)
+    encoder = [state.unwrapped(e) for e in state.encoders]
     if state.validator is not None:
         with accelerator.autocast():
             record["val_loss"] = state.validator.loss(
@@ -440,4 +442,5 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
         state.unwrapped(state.text_encoder),
         interrupted,
         accelerator.is_main_process,
+        text_encoder_2=state.unwrapped(state.text_encoder_2),
     )

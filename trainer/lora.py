@@ -1,9 +1,10 @@
 """Attach peft LoRA adapters, and save / load them in the diffusers LoRA file format.
 
-The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.`` and
-``text_encoder.`` prefixes, plus the adapter config (rank, alpha, targets) in the header under
-diffusers' ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights(folder)`` restores the
-exact scale. Our own training metadata sits beside it in the same header.
+The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.``,
+``text_encoder.`` and (SDXL) ``text_encoder_2.`` prefixes, plus the adapter config (rank,
+alpha, targets) in the header under diffusers' ``lora_adapter_metadata`` key, so
+``pipe.load_lora_weights(folder)`` restores the exact scale. Our own training metadata sits
+beside it in the same header.
 
 Text-encoder keys are written in canonical form (``text_encoder.text_model.encoder…``) whatever
 the installed transformers calls the modules, and mapped back onto the live model on load; see
@@ -13,7 +14,7 @@ the installed transformers calls the modules, and mapped back onto the live mode
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +36,17 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 TRAINING_METADATA_KEY = "sdlora_training"
 
 
-def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]) -> PeftLoraConfig:
+def _peft_config(
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    layers: Sequence[int] | None = None,
+) -> PeftLoraConfig:
+    kwargs = {}
+    if layers is not None:
+        # CLIP's encoder layers are `encoder.layers.N`; peft adapts only the listed N.
+        kwargs = {"layers_to_transform": list(layers), "layers_pattern": "layers"}
     return PeftLoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -43,39 +54,74 @@ def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]) ->
         target_modules=list(targets),
         # Gaussian A and zero B, as the diffusers scripts do: the adapter starts as a no-op.
         init_lora_weights="gaussian",
+        **kwargs,
     )
 
 
-def attach(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: LoraConfig) -> None:
+def _components(
+    unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module] | torch.nn.Module | None
+) -> dict[str, torch.nn.Module]:
+    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` without the absent ones; a
+    lone module is the first text encoder (SD 1.x/2.x callers)."""
+    if isinstance(text_encoders, Mapping):
+        named = dict(text_encoders)
+    else:
+        named = {"text_encoder": text_encoders}
+    return {"unet": unet, **{k: v for k, v in named.items() if v is not None}}
+
+
+def attach(
+    unet: torch.nn.Module,
+    text_encoders: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
+    config: LoraConfig,
+    unused_layers: Mapping[str, int] | None = None,
+) -> None:
     """Add trainable LoRA adapters in place; trainable params are fp32 whatever the base dtype.
 
     fp32 adapters matter under fp16 AMP: fp16 master weights lose small updates and the
     GradScaler refuses to unscale fp16 gradients (diffusers #8871).
+
+    Args:
+        unet: The UNet.
+        text_encoders: The text encoders to train, by component name (``text_encoder``,
+            ``text_encoder_2``), or one text encoder, or None.
+        config: The ``[lora]`` table.
+        unused_layers: Per text encoder, how many of its last layers the conditioning never
+            reads (SDXL's first encoder: 1, as SDXL conditions on the penultimate states).
+            They get no adapter: it would never train, and under DDP a parameter that gets
+            no gradient stops the run.
     """
+    encoders = {k: v for k, v in _components(unet, text_encoders).items() if k != "unet"}
     # Checked on the live modules too: a single-file model skips the config-time check.
     problems = target_problems("lora.target_modules", config.target_modules, unet)
-    if text_encoder is not None:
-        key = "lora.text_encoder_target_modules"
-        problems += target_problems(key, config.text_encoder_target_modules, text_encoder)
+    key = "lora.text_encoder_target_modules"
+    for encoder in encoders.values():
+        problems += target_problems(key, config.text_encoder_target_modules, encoder)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     _add_adapter(unet, "lora.target_modules", config.target_modules, config)
-    modules = [unet]
-    if text_encoder is not None:
-        targets = config.text_encoder_target_modules
-        _add_adapter(text_encoder, "lora.text_encoder_target_modules", targets, config)
-        modules.append(text_encoder)
-    for module in modules:
+    for name, encoder in encoders.items():
+        skip = (unused_layers or {}).get(name, 0)
+        layers = None
+        if skip:
+            layers = range(encoder.config.num_hidden_layers - skip)
+        _add_adapter(encoder, key, config.text_encoder_target_modules, config, layers)
+    for module in (unet, *encoders.values()):
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
 
 
 def _add_adapter(
-    model: torch.nn.Module, key: str, targets: tuple[str, ...], config: LoraConfig
+    model: torch.nn.Module,
+    key: str,
+    targets: tuple[str, ...],
+    config: LoraConfig,
+    layers: Sequence[int] | None = None,
 ) -> None:
+    peft_config = _peft_config(config.rank, config.alpha, config.dropout, targets, layers)
     try:
-        model.add_adapter(_peft_config(config.rank, config.alpha, config.dropout, targets))
+        model.add_adapter(peft_config)
     except ValueError as err:  # e.g. a target that names a block, not a layer peft can adapt
         first = str(err).splitlines()[0]
         raise ConfigError([f"{key}: peft cannot adapt these modules ({first})"]) from err
@@ -86,12 +132,12 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def adapter_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict:
+def adapter_state(
+    unet: torch.nn.Module,
+    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
+) -> dict:
     """All LoRA tensors, keyed as the diffusers LoRA file keys them (canonical names)."""
-    components = {"unet": unet}
-    if text_encoder is not None:
-        components["text_encoder"] = text_encoder
-    return collect(components)[0]
+    return collect(_components(unet, text_encoder))[0]
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
@@ -103,7 +149,7 @@ def _adapter_metadata(model: torch.nn.Module) -> dict:
 def save(
     folder: str | Path,
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
     dtype: str = "fp32",
     training_metadata: Mapping[str, object] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
@@ -113,17 +159,15 @@ def save(
     Args:
         folder: Destination folder (created).
         unet: The UNet with adapters (unwrapped from DDP).
-        text_encoder: The text encoder with adapters, or None when it was not trained.
+        text_encoder: The trained text encoders by component name (``{"text_encoder": te1,
+            "text_encoder_2": te2}``), or the one trained text encoder, or None.
         dtype: ``fp16``, ``bf16`` or ``fp32``.
         training_metadata: JSON-able facts about the run for the header; absolute paths in
             it are reduced to their last part, so a shared file does not reveal a user's
             folders.
         extra_metadata: More header entries (string values), e.g. the ``modelspec.*`` keys.
     """
-    components = {"unet": unet}
-    if text_encoder is not None:
-        components["text_encoder"] = text_encoder
-    state, packed = collect(components)
+    state, packed = collect(_components(unet, text_encoder))
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     return save_state(folder, tensors, packed, training_metadata, extra_metadata)
 
@@ -202,23 +246,35 @@ def _live_state(
     }
 
 
+# The config key that turns each text encoder's adapters on, for messages.
+_TRAIN_KEY = {
+    "text_encoder": "lora.train_text_encoder",
+    "text_encoder_2": "lora.train_text_encoder_2",
+}
+
+
 def load_into(
-    path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
+    path: str | Path,
+    unet: torch.nn.Module,
+    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
 ) -> None:
     """Load a file written by :func:`save` back into models that already have adapters.
+
+    Args:
+        path: The file.
+        unet: The UNet with adapters.
+        text_encoder: The trained text encoders by component name, or the one trained text
+            encoder, or None.
 
     Raises:
         ValueError: if the file's tensors do not match the adapters exactly.
     """
     state = load_file(str(path))
-    parts = {"unet": unet, "text_encoder": text_encoder}
+    parts = _components(unet, text_encoder)
+    for component in sorted({lora_keys.split_peft_key(k)[0] for k in state} - set(parts)):
+        key = _TRAIN_KEY.get(component, component)
+        raise ValueError(f"{path}: holds {component} LoRA but {key} is false")
     for prefix, model in parts.items():
-        if model is None:
-            if any(k.startswith(prefix + ".") for k in state):
-                raise ValueError(
-                    f"{path}: holds text-encoder LoRA but lora.train_text_encoder is false"
-                )
-            continue
         sub = _live_state(state, prefix, model)
         expected = _lora_tensors(model)
         if set(sub) != set(expected):

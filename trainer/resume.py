@@ -18,8 +18,8 @@ What an allowed change does, since the schedule is a pure function of (update, t
   to or below the updates already done is refused.
 - ``lr_scheduler``: the new schedule is evaluated at the true global update, not restarted
   from update 0 (OneTrainer #297), and not silently ignored (SimpleTuner #163).
-- ``train.learning_rate`` / ``train.text_encoder_lr``: the new base LRs scale the curve from
-  the next update on.
+- ``train.learning_rate`` / ``train.text_encoder_lr`` / ``train.text_encoder_2_lr``: the new
+  base LRs scale the curve from the next update on.
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ def save_checkpoint(run: RunState) -> Path:
         lr_state = schedule_state(
             config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
         )
-        unet, text_encoder = run.unwrapped(run.unet), run.unwrapped(run.text_encoder)
+        unet, text_encoders = run.unwrapped(run.unet), run.trained_text_encoders()
 
         def write(tmp: Path) -> None:
-            lora.save(tmp, unet, text_encoder, dtype="fp32", training_metadata=trainer_state)
+            lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
             ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
             ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, run.optimizer.state_dict())
             if accelerator.scaler is not None:
@@ -178,9 +178,7 @@ def run_facts(run: RunState) -> meta.RunFacts:
 def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
-    lora.load_into(
-        folder / lora.WEIGHTS_NAME, run.unwrapped(run.unet), run.unwrapped(run.text_encoder)
-    )
+    lora.load_into(folder / lora.WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
     run.optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
     scaler = run.accelerator.scaler
     if scaler is not None and (folder / ckpt.SCALER_STATE).is_file():

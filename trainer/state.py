@@ -21,8 +21,9 @@ from trainer.validation import Validator
 class RunState:
     """A run between setup and finish.
 
-    ``unet`` and ``text_encoder`` are the modules as ``accelerator.prepare`` returned them
-    (DDP-wrapped under several processes); ``text_encoder`` is None unless it is trained.
+    ``unet``, ``text_encoder`` and ``text_encoder_2`` are the modules as
+    ``accelerator.prepare`` returned them (DDP-wrapped under several processes); a text
+    encoder is None unless it is trained (``text_encoder_2`` is SDXL's second).
     ``update`` counts optimizer updates done, the clock of the LR schedule and checkpoints.
     """
 
@@ -41,6 +42,7 @@ class RunState:
     tracker: Tracker | None = None  # set once the resumed update is known
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/architectures.py: sd1, sd2 or sdxl
+    text_encoder_2: torch.nn.Module | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -48,13 +50,33 @@ class RunState:
 
     @property
     def trained(self) -> list[torch.nn.Module]:
-        """The prepared modules that carry trainable adapters."""
-        return [self.unet] if self.text_encoder is None else [self.unet, self.text_encoder]
+        """The prepared modules that carry trainable adapters, in param-group order: the
+        UNet, then each trained text encoder."""
+        texts = (self.text_encoder, self.text_encoder_2)
+        return [self.unet, *(m for m in texts if m is not None)]
 
     @property
     def encoder(self) -> torch.nn.Module:
         """The text encoder that turns captions into hidden states: trained or frozen."""
         return self.text_encoder if self.text_encoder is not None else self.parts.text_encoder
+
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        """Every text encoder in pipeline order, the trained (prepared) one where trained."""
+        trained = (self.text_encoder, self.text_encoder_2)[: len(self.parts.text_encoders)]
+        pairs = zip(self.parts.text_encoders, trained, strict=True)
+        return [trained if trained is not None else frozen for frozen, trained in pairs]
+
+    @property
+    def encoders_trained(self) -> list[bool]:
+        """Whether each of :attr:`encoders` is trained."""
+        trained = (self.text_encoder, self.text_encoder_2)
+        return [m is not None for m in trained[: len(self.parts.text_encoders)]]
+
+    def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The trained text encoders by component name, unwrapped (for saving and loading)."""
+        named = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {k: self.unwrapped(v) for k, v in named.items() if v is not None}
 
     def unwrapped(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         """A prepared module without its DDP wrapper (None stays None)."""

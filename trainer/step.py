@@ -9,10 +9,15 @@ processes: two processes of batch 2 see the same noise as one process of batch 4
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from trainer.conditioning import Conditioning
+
+log = logging.getLogger("sdlora")
 
 
 class ExampleRandom:
@@ -48,10 +53,40 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, rand: ExampleRandom) -
 
 
 def posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode pixels in [-1, 1] to the VAE posterior's (mean, std), scaled to latent units."""
+    """Encode pixels in [-1, 1] to the VAE posterior's (mean, std), scaled to latent units.
+
+    An fp16 VAE whose activations overflow (SDXL's own VAE does; ``models.vae_dtype`` runs it
+    in fp32 when its config says so) would return NaN latents and train on them silently.
+    So an fp16 encode is checked: a batch that is not finite is encoded again with the VAE
+    upcast to fp32 for that call. fp16 → fp32 → fp16 is exact, so the weights are unchanged
+    after it, and whether a batch is upcast depends only on the batch: resume stays exact.
+
+    Raises:
+        FloatingPointError: the latents are not finite even in fp32 (a broken VAE or image).
+    """
     dist = vae.encode(pixels).latent_dist
     scale = vae.config.scaling_factor
-    return dist.mean * scale, dist.std * scale
+    mean, std = dist.mean * scale, dist.std * scale
+    if pixels.dtype != torch.float16 or (mean.isfinite().all() and std.isfinite().all()):
+        return mean, std
+    if not getattr(vae, "_sdlora_upcast_warned", False):
+        vae._sdlora_upcast_warned = True
+        log.warning(
+            "the VAE overflowed in fp16 (non-finite latents); such batches are encoded in fp32. "
+            "Set model.vae to a VAE made for fp16 (for SDXL: madebyollin/sdxl-vae-fp16-fix), "
+            "or keep this VAE and let it run in fp32 by setting force_upcast in its config"
+        )
+    vae.to(torch.float32)
+    try:
+        dist = vae.encode(pixels.float()).latent_dist
+    finally:
+        vae.to(torch.float16)
+    mean, std = dist.mean * scale, dist.std * scale
+    if not (mean.isfinite().all() and std.isfinite().all()):
+        raise FloatingPointError(
+            "the VAE gives non-finite latents even in fp32; check model.vae and the images"
+        )
+    return mean, std
 
 
 def sample_noise(
@@ -101,7 +136,7 @@ def diffusion_loss(
     unet: torch.nn.Module,
     noise_scheduler,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    cond: Conditioning,
     rand: ExampleRandom,
     noise_offset: float = 0.0,
     snr_gamma: float = 0.0,
@@ -112,7 +147,7 @@ def diffusion_loss(
         unet: UNet (possibly DDP-wrapped, possibly under autocast).
         noise_scheduler: A diffusers noise scheduler with ``add_noise`` and ``alphas_cumprod``.
         latents: Clean latents x₀ in latent units, shape (B, 4, h, w).
-        encoder_hidden_states: Text-encoder output, shape (B, 77, D).
+        cond: The text (and SDXL size) conditioning (``trainer.conditioning``).
         rand: Per-example source of the noise and timesteps.
         noise_offset: See :func:`sample_noise`.
         snr_gamma: Min-SNR-γ; 0 gives the plain mean squared error.
@@ -121,7 +156,7 @@ def diffusion_loss(
     timesteps = rand.randint(noise_scheduler.config.num_train_timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
+    prediction = unet(noisy, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
     if not snr_gamma:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
