@@ -154,18 +154,20 @@ def sd15_compvis_attention_names(text_layers: int = 12) -> set[str]:
     return names
 
 
-def sdxl_kohya_attention_names() -> set[str]:
+def sdxl_kohya_attention_names(level_depths: tuple[int, int] = (2, 10)) -> set[str]:
     """kohya's names for the attention projections of SDXL base (``sdxl_original_unet.py``).
 
     Its UNet keeps the original layout: transformers of depth 2 in ``input_blocks`` 4-5 and
     ``output_blocks`` 3-5, of depth 10 in ``input_blocks`` 7-8, ``middle_block.1`` and
-    ``output_blocks`` 0-2; each at index 1 of its block.
+    ``output_blocks`` 0-2; each at index 1 of its block. ``level_depths`` gives the two depths
+    for a model of the same layout at other depths (the tests' tiny SDXL).
     """
-    depths = {f"input_blocks_{i}_1": 2 for i in (4, 5)}
-    depths |= {f"input_blocks_{i}_1": 10 for i in (7, 8)}
-    depths |= {"middle_block_1": 10}
-    depths |= {f"output_blocks_{i}_1": 10 for i in (0, 1, 2)}
-    depths |= {f"output_blocks_{i}_1": 2 for i in (3, 4, 5)}
+    middle, deep = level_depths
+    depths = {f"input_blocks_{i}_1": middle for i in (4, 5)}
+    depths |= {f"input_blocks_{i}_1": deep for i in (7, 8)}
+    depths |= {"middle_block_1": deep}
+    depths |= {f"output_blocks_{i}_1": deep for i in (0, 1, 2)}
+    depths |= {f"output_blocks_{i}_1": middle for i in (3, 4, 5)}
     names = set()
     for block, depth in depths.items():
         for t in range(depth):

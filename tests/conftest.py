@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL diffusers folder (two text encoders, text_time conditioning)."""
+    from make_tiny_sd import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """16 captioned 64 px shape images in the kohya layout."""
     from make_tiny_dataset import make_tiny_dataset
@@ -47,6 +55,16 @@ def tiny_config(tiny_model, tiny_data):
             'logging.tracker="none"',
         ]
         return config.load(TINY_TOML, [*base, *overrides])
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def sdxl_config(tiny_config, tiny_sdxl):
+    """``sdxl_config(output, *overrides)``: like ``tiny_config``, on the tiny SDXL model."""
+
+    def build(output: Path, *overrides: str):
+        return tiny_config(output, f'model.pretrained="{tiny_sdxl}"', *overrides)
 
     return build
 

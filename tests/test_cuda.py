@@ -291,3 +291,38 @@ def test_xformers_and_sdpa_give_the_same_loss(make_config, tmp_path, monkeypatch
     assert losses[0][1] == pytest.approx(losses[0][0], rel=5e-3)
     for ours, theirs in losses[1:]:
         assert theirs == pytest.approx(ours, rel=2e-2)
+
+
+def _overflowing_vae(tiny_sdxl: Path, folder: Path) -> Path:
+    """The tiny SDXL's VAE, saved without force_upcast and with a first layer whose fp16 sums
+    pass 65504 on bright pixels: an fp16 VAE that overflows, named as if it were fixed."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.fill_(2e4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_vae_in_fp16_is_upcast_never_nan(sdxl_config, tiny_sdxl, tmp_path, caplog):
+    """SDXL's own VAE runs in fp32 (force_upcast); a named fp16 VAE that still overflows has
+    its batches encoded in fp32; either way every loss is finite."""
+    import logging
+
+    from trainer import loop
+
+    common = (*FP16_CONSTANT, "train.max_steps=2", 'data.cache_latents="off"')
+    with caplog.at_level(logging.DEBUG, logger="sdlora"):
+        loop.run(sdxl_config(tmp_path / "own", *common))
+    assert "vae: the model's own, float32 (force_upcast" in caplog.text
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "own"))
+
+    caplog.clear()
+    named = _overflowing_vae(tiny_sdxl, tmp_path / "fp16-vae")
+    with caplog.at_level(logging.DEBUG, logger="sdlora"):
+        loop.run(sdxl_config(tmp_path / "named", *common, f'model.vae="{named}"'))
+    assert "vae: fp16-vae, float16" in caplog.text
+    assert "the VAE overflowed in fp16" in caplog.text
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "named"))

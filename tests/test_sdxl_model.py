@@ -1,0 +1,205 @@
+"""The SDXL model side: the tiny SDXL, telling the family before loading, and the fp16 VAE.
+
+Nothing here trains: each test loads configs, headers or one VAE, so the module takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from trainer import model_arch, models, preflight, step
+from trainer.config import ConfigError, ModelConfig
+
+
+def test_tiny_sdxl_is_an_sdxl_folder_with_sdxls_proportions(tiny_sdxl):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    unet, te1, te2 = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
+    assert unet.config.addition_embed_type == "text_time"
+    assert type(te1).__name__ == "CLIPTextModel"
+    assert type(te2).__name__ == "CLIPTextModelWithProjection"
+    # Cross-attention reads both encoders' states side by side; the added embedding takes six
+    # time ids and the second encoder's projection.
+    assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
+    added = 6 * unet.config.addition_time_embed_dim + te2.config.projection_dim
+    assert unet.add_embedding.linear_1.in_features == added
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 8
+    assert pipe.vae.config.scaling_factor == 0.13025 and pipe.vae.config.force_upcast
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    names = {p.name for p in (tiny_sdxl / "tokenizer_2").iterdir()}
+    assert {"vocab.json", "merges.txt", "special_tokens_map.json"} <= names
+
+
+# ---------------------------------------------------------------- the family, before loading
+
+
+def test_folders_say_their_family(tiny_sdxl, tiny_model):
+    assert model_arch.detect(ModelConfig(pretrained=str(tiny_sdxl))).name == "sdxl"
+    sd1 = model_arch.detect(ModelConfig(pretrained=str(tiny_model)))
+    # The tiny SD model cross-attends to width 32: SD 1.x by default, and not certain.
+    assert (sd1.name, sd1.certain) == ("sd1", False)
+
+
+def original_layout(path: Path, keys: list[str]) -> Path:
+    save_file({k: torch.zeros(1) for k in keys}, str(path))
+    return path
+
+
+# Key names of the original (LDM/SGM) checkpoints of each family.
+CHECKPOINTS = {
+    "sdxl": [
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.positional_embedding",
+        "model.diffusion_model.label_emb.0.0.weight",
+    ],
+    "sd2": [
+        "cond_stage_model.model.token_embedding.weight",
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+    ],
+    "sd1": [
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+    ],
+}
+
+
+@pytest.mark.parametrize("family", sorted(CHECKPOINTS))
+def test_single_files_say_their_family_from_their_keys(family, tmp_path):
+    path = original_layout(tmp_path / "model.safetensors", CHECKPOINTS[family])
+    detected = model_arch.detect(ModelConfig(pretrained=str(path)))
+    assert detected.name == family and detected.certain
+    for other in ("sd1", "sd2", "sdxl"):
+        found = model_arch.problems(ModelConfig(pretrained=str(path), arch=other), detected)
+        assert bool(found) == (other != family), other
+
+
+def test_a_refiner_is_refused(tmp_path):
+    keys = [
+        "conditioner.embedders.0.model.text_projection",
+        "model.diffusion_model.label_emb.0.0.weight",
+    ]
+    path = original_layout(tmp_path / "refiner.safetensors", keys)
+    found = model_arch.problems(
+        ModelConfig(pretrained=str(path)), model_arch.detect(ModelConfig(pretrained=str(path)))
+    )
+    assert "refiner" in found[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Every check here must happen before a model loads."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+def test_an_arch_that_contradicts_the_model_is_a_config_error(
+    sdxl_config, tiny_config, tmp_path, no_model_load
+):
+    from trainer import loop
+
+    with pytest.raises(ConfigError) as err:
+        loop.run(sdxl_config(tmp_path / "a", 'model.arch="sd1"'))
+    text = str(err.value)
+    assert "model.arch = 'sd1': but model.pretrained is an SDXL model" in text
+    assert "set model.arch = 'auto' or 'sdxl'" in text
+    with pytest.raises(ConfigError, match=r"model.arch = 'sdxl': but model.pretrained is an SD 1"):
+        loop.run(tiny_config(tmp_path / "b", 'model.arch="sdxl"'))
+    with pytest.raises(ConfigError, match=r"lora.train_text_encoder_2: the model has one"):
+        loop.run(tiny_config(tmp_path / "c", "lora.train_text_encoder_2=true"))
+    # Known from the config alone: refused as it loads.
+    with pytest.raises(ConfigError, match=r"lora.train_text_encoder_2: model.arch = 'sd1' has"):
+        tiny_config(tmp_path / "d", 'model.arch="sd1"', "lora.train_text_encoder_2=true")
+
+
+def test_auto_and_an_agreeing_arch_resolve_before_loading(sdxl_config, tiny_config, tmp_path):
+    for arch in ("auto", "sdxl"):
+        cfg = sdxl_config(tmp_path / arch, f'model.arch="{arch}"')
+        assert preflight.check(cfg, 1, show_progress=False).architecture == "sdxl"
+    # A UNet of neither SD 1.x's nor 2.x's width is what the user says it is.
+    cfg = tiny_config(tmp_path / "sd2", 'model.arch="sd2"')
+    assert preflight.check(cfg, 1, show_progress=False).architecture == "sd2"
+
+
+def test_second_encoder_keys_need_the_second_encoder(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.text_encoder_2_lr: set, but"):
+        tiny_config(tmp_path, "train.text_encoder_2_lr=1e-5")
+
+
+def test_base_lrs_are_unet_te1_te2(tiny_config, tmp_path):
+    both = ("lora.train_text_encoder=true", "lora.train_text_encoder_2=true")
+    lrs = tiny_config(tmp_path, *both, "train.learning_rate=3e-4", "train.text_encoder_lr=2e-5")
+    assert lrs.base_lrs() == [3e-4, 2e-5, 2e-5]  # the second follows the first by default
+    cfg = tiny_config(tmp_path, *both, "train.text_encoder_2_lr=1e-6")
+    assert cfg.base_lrs() == [1e-3, 1e-3, 1e-6]
+    assert tiny_config(tmp_path, both[1]).base_lrs() == [1e-3, 1e-3]
+
+
+# ---------------------------------------------------------------- the VAE in fp16
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_sdxl) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+
+
+def test_vae_dtype_honours_force_upcast_for_sdxl(vae):
+    half, bf16 = torch.float16, torch.bfloat16
+    assert models.vae_dtype(vae, half, "sdxl")[0] == torch.float32
+    assert models.vae_dtype(vae, bf16, "sdxl") == (bf16, "")  # bf16 has fp32's range
+    assert models.vae_dtype(vae, half, "sd1") == (half, "")  # SD pipelines never upcast
+    fixed = AutoencoderKL.from_config({**vae.config, "force_upcast": False})
+    assert models.vae_dtype(fixed, half, "sdxl") == (half, "")
+
+
+def test_an_fp16_overflow_is_encoded_in_fp32_never_nan(vae, caplog):
+    """On the CPU: a first layer whose fp16 activations pass 65504 (its weights are fp16
+    numbers, its sums of 27 bright pixels are not), as SDXL's VAE overflows deeper on GPU."""
+    broken = AutoencoderKL.from_config(vae.config)
+    broken.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        broken.encoder.conv_in.weight.fill_(2e4)
+    broken = broken.half()
+    before = {k: v.clone() for k, v in broken.state_dict().items()}
+    assert all(v.isfinite().all() for v in before.values())
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # in [0, 1]
+    with torch.no_grad():
+        raw = broken.encode(pixels.half()).latent_dist.mean
+        assert not raw.isfinite().all(), "without the handling the latents are not finite"
+        with caplog.at_level(logging.WARNING, logger="sdlora"):
+            mean, std = step.posterior(broken, pixels.half())
+        reference = AutoencoderKL.from_config(vae.config)
+        reference.load_state_dict({k: v.float() for k, v in before.items()})
+        ref_mean, ref_std = step.posterior(reference, pixels.half().float())
+    assert mean.isfinite().all() and std.isfinite().all()
+    assert torch.equal(mean, ref_mean) and torch.equal(std, ref_std)
+    assert "overflowed in fp16" in caplog.text and "sdxl-vae-fp16-fix" in caplog.text
+    after = broken.state_dict()
+    assert all(
+        after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items()
+    )
+
+
+def test_a_named_vae_replaces_the_models_and_the_log_says_which(tiny_sdxl, tmp_path):
+    folder = tmp_path / "sdxl-vae-fp16-fix"
+    shutil.copytree(tiny_sdxl / "vae", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    cfg = ModelConfig(pretrained=str(tiny_sdxl), vae=str(folder))
+    assert models.vae_problems(cfg) == []
+    parts = models.load_components(cfg, torch.float32, "sdxl")
+    assert parts.vae.config.force_upcast is False
+    assert parts.vae_note == "sdxl-vae-fp16-fix, float32"
+    own = models.load_components(ModelConfig(pretrained=str(tiny_sdxl)), torch.float32, "sdxl")
+    assert own.vae_note == "the model's own, float32" and own.vae.config.force_upcast
+    missing = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "nope"))
+    assert "model.vae" in models.vae_problems(missing)[0]
