@@ -43,13 +43,6 @@ def expected_line(records: list[dict], step: int) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def every_update_drawn(monkeypatch):
-    # tqdm redraws at most every 0.1 s by default; draw every update so each can be checked.
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")
-    monkeypatch.setenv("TQDM_MINITERS", "1")
-
-
 def test_the_line_shows_the_update_just_done_as_metrics_jsonl_records_it(
     make_config, capfd, every_update_drawn
 ):

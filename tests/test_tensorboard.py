@@ -47,7 +47,7 @@ def assert_one_run(out: Path) -> None:
 
 
 def test_resuming_from_an_earlier_checkpoint_leaves_one_value_per_step(
-    tiny_config, tmp_path, capfd, monkeypatch
+    tiny_config, tmp_path, capfd, every_update_drawn
 ):
     out = tmp_path / "run"
     loop.run(tiny_config(out, *SETTINGS))
@@ -61,7 +61,6 @@ def test_resuming_from_an_earlier_checkpoint_leaves_one_value_per_step(
     for step in (4, 6):
         shutil.rmtree(ckpt.step_dir(out, step))
     (out / "samples" / "step-000004" / "stale").write_text("from the first session")
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")
     capfd.readouterr()
     loop.run(tiny_config(out, *SETTINGS, 'checkpoint.resume="latest"'))
     shown = capfd.readouterr().err
