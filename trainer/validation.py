@@ -1,17 +1,16 @@
-"""A fixed-seed validation loss and fixed-seed samples, so runs (e.g. LR schedules in a
-sweep) compare fairly.
+"""A fixed-seed validation loss, so runs (e.g. LR schedules in a sweep) compare fairly.
 
 Each held-out example is scored at ``validation.timesteps`` evenly spaced timesteps with noise
 drawn from a seed fixed per example, so the number depends only on the weights: two runs, or
 two points of one run, are compared on exactly the same noisy inputs. Images are center
-cropped, never flipped, and captions are used as written.
+cropped, never flipped, and captions are used as written. The fixed-seed sample images are
+drawn by ``trainer/samples.py``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -105,56 +104,3 @@ def _by_size(chunk: Sequence[Example]) -> list[list[Example]]:
     for e in chunk:
         groups.setdefault(e.size, []).append(e)
     return list(groups.values())
-
-
-@torch.no_grad()
-def write_samples(
-    folder: Path,
-    prompts: Sequence[str],
-    parts,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    size: int,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-) -> list[Path]:
-    """Draw one fixed-seed image per prompt with the current adapters; return the PNG paths.
-
-    The noise depends only on ``seed`` and the prompt's position, so images from different
-    steps of a run, or from runs with different LR schedules, differ only by the weights.
-    """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    device = next(unet.parameters()).device
-    vae_device = parts.vae.device
-    parts.vae.to(device)  # the VAE may sit on the CPU while training from cached latents
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    try:
-        for k, prompt in enumerate(prompts):
-            generator = torch.Generator(device).manual_seed(seed_for(seed, "sample", k))
-            image = pipe(
-                prompt,
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-            ).images[0]
-            paths.append(folder / f"{k:02d}.png")
-            image.save(paths[-1])
-    finally:
-        parts.vae.to(vae_device)
-    return paths
