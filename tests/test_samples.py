@@ -187,3 +187,21 @@ def test_only_the_torchvision_fallback_message_is_dropped():
     finally:
         logger.removeHandler(handler)
     assert seen == ["something else"]
+
+
+def test_the_negative_prompt_reaches_the_png_metadata(make_config, tmp_path):
+    from PIL import Image
+
+    from trainer import loop
+
+    out = tmp_path / "neg"
+    cfg = make_config(
+        "train.max_steps=1",
+        'validation.prompts=["a red circle"]',
+        'validation.negative_prompt="blurry"',
+        "validation.sample_steps=1",
+        output=out,
+    )
+    loop.run(cfg)
+    (png,) = (out / "samples" / "step-000001").glob("p00-*.png")
+    assert "Negative prompt: blurry" in Image.open(png).text["parameters"]

@@ -69,6 +69,7 @@ class SampleSpec:
             guidance_scale=val.guidance_scale,
             size=config.data.resolution,
             run=Path(config.output_dir).resolve().name,
+            negative_prompt=val.negative_prompt,
         )
 
     def metadata(self, index: int, step: int) -> dict[str, Any]:
