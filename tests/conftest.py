@@ -78,3 +78,17 @@ def make_config(tiny_config, tmp_path):
         return tiny_config(output or tmp_path / "out", *overrides)
 
     return build
+
+
+@pytest.fixture
+def every_update_drawn(monkeypatch):
+    """Make the progress bar draw at every update (tqdm skips draws within 0.1 s by default,
+    and reads its TQDM_* environment variables only once, at import), so a test can read what
+    each update showed."""
+    import functools
+
+    from tqdm.auto import tqdm
+
+    from trainer import tracking
+
+    monkeypatch.setattr(tracking, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))

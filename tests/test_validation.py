@@ -90,12 +90,15 @@ def test_samples_are_written_at_validation_points_with_a_fixed_seed(make_config,
         loop.run(make_config(*settings, output=tmp_path / name))
     a, b = tmp_path / "a" / "samples", tmp_path / "b" / "samples"
     assert sorted(p.relative_to(a).as_posix() for p in a.rglob("*.png")) == [
-        "step-000002/00.png",
-        "step-000002/01.png",
-        "step-000004/00.png",
-        "step-000004/01.png",
+        "progression.png",
+        "step-000002/grid.png",
+        "step-000002/p00-seed0.png",
+        "step-000002/p01-seed0.png",
+        "step-000004/grid.png",
+        "step-000004/p00-seed0.png",
+        "step-000004/p01-seed0.png",
     ]
-    for path in a.rglob("*.png"):
+    for path in a.rglob("p*-seed*.png"):
         image = Image.open(path)
         assert image.size == (64, 64)
         # Same config, same seed: the same image, so differences between runs are the weights.

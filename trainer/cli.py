@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -221,6 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keys = [k.strip() for k in args.allow_change.split(",") if k.strip()]
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
+    start = time.monotonic()
     result = loop.run(cfg, overwrite=args.overwrite)
     if not result.is_main_process:
         return 130 if result.interrupted else 0
@@ -234,11 +236,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         # What was verified or written was logged as it happened; this is the verdict.
         print(f"nothing to train: the run in {result.output_dir} is complete")
         return 0
-    print(f"done: {result.updates} updates; LoRA weights in {result.output_dir}")
+    from trainer import summary
+
+    longer = resume_command(max_steps=2 * result.updates)
+    duration = time.monotonic() - start
+    print(summary.render(cfg, result.updates, result.stats, duration, longer), flush=True)
     return 0
 
 
-def resume_command(argv: Sequence[str] | None = None, parent: Sequence[str] | None = None) -> str:
+def resume_command(
+    argv: Sequence[str] | None = None,
+    parent: Sequence[str] | None = None,
+    max_steps: int | None = None,
+) -> str:
     """The shell command that resumes this run: how it was launched, every flag it was given
     (``--set``, ``--allow-change``...), ``--resume latest`` instead of any ``--resume``, and no
     ``--overwrite`` (which would start over), quoted for the shell and run from this folder.
@@ -247,23 +257,46 @@ def resume_command(argv: Sequence[str] | None = None, parent: Sequence[str] | No
         argv: This process's arguments (default ``sys.argv``).
         parent: The launching process's arguments, when it was ``accelerate launch`` (default:
             read from /proc on Linux).
+        max_steps: Resume to this many updates instead: ``--set train.max_steps=N`` replaces
+            any given, and ``max_steps`` joins the keys of ``--allow-change``.
     """
     argv = list(sys.argv if argv is None else argv)
-    args, skip = [], False
+    args, allowed, pending = [], [], None
     for arg in argv[1:]:
-        if skip:
-            skip = False
+        if pending is not None:
+            flag, pending = pending, None
+            if flag == "--allow-change":
+                allowed.append(arg)
+            elif flag == "--set" and max_steps is not None and _sets_max_steps(arg):
+                pass
+            elif flag != "--resume":
+                args += [flag, arg]
             continue
-        if arg == "--resume":
-            skip = True
+        name, eq, value = arg.partition("=")
+        if arg == "--overwrite":
             continue
-        if arg.startswith("--resume=") or arg == "--overwrite":
+        if name in ("--resume", "--allow-change", "--set") and not eq:
+            pending = name
+        elif name == "--allow-change":
+            allowed.append(value)
+        elif name == "--set" and max_steps is not None and _sets_max_steps(value):
             continue
-        args.append(arg)
+        elif name != "--resume":
+            args.append(arg)
+    if max_steps is not None:
+        args += ["--set", f"train.max_steps={max_steps}"]
+        allowed.append("max_steps")
+    keys = dict.fromkeys(k.strip() for a in allowed for k in a.split(",") if k.strip())
+    if keys:
+        args += ["--allow-change", ",".join(keys)]
     args += ["--resume", "latest"]
     launcher = _launcher(argv[0], _parent_argv() if parent is None else parent)
     command = " ".join(shlex.quote(a) for a in [*launcher, *args])
     return f"cd {shlex.quote(os.getcwd())} && {command}"
+
+
+def _sets_max_steps(assignment: str) -> bool:
+    return assignment.partition("=")[0].strip() in ("train.max_steps", "max_steps")
 
 
 def _launcher(program: str, parent: Sequence[str]) -> list[str]:

@@ -34,18 +34,19 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
-from trainer import conditioning, final, lora, models, preflight, step
+from trainer import conditioning, final, lora, models, preflight, samples, step
 from trainer.config import ConfigError, RunConfig, to_toml
 from trainer.dtypes import DTYPES
 from trainer.feed import build_feed
 from trainer.files import write_text
 from trainer.order import seed_for
 from trainer.preflight import Checked
+from trainer.progress import SessionStats
 from trainer.resume import restore_checkpoint, save_checkpoint
 from trainer.signals import StopRequest
 from trainer.state import RunState
-from trainer.tracking import Tracker, flat_hparams, truncate_metrics
-from trainer.validation import Validator, write_samples
+from trainer.tracking import Tracker, start_trackers, truncate_metrics
+from trainer.validation import Validator
 
 log = logging.getLogger("sdlora")
 
@@ -63,6 +64,8 @@ class TrainResult:
     # Nothing was trained: the run had finished before (its outputs verified or rewritten).
     already_complete: bool = False
     messages: tuple[str, ...] = ()
+    # This session's throughput and pauses (main process; None when nothing was trained).
+    stats: SessionStats | None = None
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second, when trained
 
 
@@ -260,15 +263,15 @@ def build_optimizer(config: RunConfig, trained: list[torch.nn.Module]) -> torch.
 
 
 def start_logging(state: RunState) -> Tracker:
-    """metrics.jsonl cut back to the resumed update, the resolved config, the trackers."""
+    """metrics.jsonl and samples cut back to the resumed update, the resolved config, the
+    trackers (appending to this output_dir's tensorboard run from the next update)."""
     config, accelerator = state.config, state.accelerator
-    enabled = config.logging.tracker != "none"
     if accelerator.is_main_process:
         truncate_metrics(state.output_dir, state.update)
+        samples.drop_after(state.output_dir, state.update)
         write_text(state.output_dir / "config.toml", to_toml(config.to_dict()))
-        if enabled:
-            accelerator.init_trackers(config.logging.project, flat_hparams(config.to_dict()))
-    return Tracker(accelerator, state.output_dir, state.plan.total_updates, state.update, enabled)
+        start_trackers(accelerator, config, state.update + 1)
+    return Tracker(accelerator, config, state.plan, state.update, state.resumed_from)
 
 
 # ---------------------------------------------------------------- train
@@ -380,12 +383,15 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
     }
     val = config.validation
     if update == plan.total_updates or (val.every_n_steps and update % val.every_n_steps == 0):
-        validate(state, record)
+        with state.tracker.paused("validation"):  # kept out of the throughput shown
+            validate(state, record)
     state.tracker.update(record)
     interrupted = bool(totals[1].item()) and update < plan.total_updates
     every = config.checkpoint.every_n_steps
     if interrupted or (every and update % every == 0 and update < plan.total_updates):
-        state.tracker.message(f"checkpoint: {save_checkpoint(state)}")
+        with state.tracker.paused("checkpoint"):
+            folder = save_checkpoint(state)
+        state.tracker.checkpointed(folder)
     return interrupted
 
 
@@ -401,17 +407,7 @@ def validate(state: RunState, record: dict) -> None:
             )
     if val.prompts and accelerator.is_main_process:
         with accelerator.autocast():
-            write_samples(
-                state.output_dir / "samples" / f"step-{state.update:06d}",
-                val.prompts,
-                state.parts,
-                unet,
-                encoder,
-                state.config.data.resolution,
-                val.sample_steps,
-                val.guidance_scale,
-                val.sample_seed,
-            )
+            samples.sample_point(state, unet, encoder)
 
 
 # ---------------------------------------------------------------- finish
@@ -430,7 +426,8 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
             launch = {"num_processes": accelerator.num_processes}
             written = final.write_outputs(folder, state.output_dir, state.config, launch)
             state.tracker.message(f"saved {', '.join(str(p) for p in written)}")
-    state.tracker.close()
+    samples.write_progression(state)
+    stats = state.tracker.close()
     accelerator.wait_for_everyone()
     # Last: it finishes the trackers and destroys the process group, so nothing collective
     # may follow (calling it before wait_for_everyone crashed every multi-process run).
@@ -442,5 +439,6 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
         state.unwrapped(state.text_encoder),
         interrupted,
         accelerator.is_main_process,
+        stats=stats,
         text_encoder_2=state.unwrapped(state.text_encoder_2),
     )

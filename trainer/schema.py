@@ -296,6 +296,7 @@ class ValidationConfig:
     prompts: tuple[str, ...] = doc(
         "Prompts sampled at every validation point into output_dir/samples/; empty = none", []
     )
+    negative_prompt: str = doc("Negative prompt of every sample; empty = none", "")
     sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
     guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
     sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)

@@ -1,25 +1,47 @@
-"""Progress and metrics: the tqdm bar, the tracker (tensorboard/wandb), and metrics.jsonl.
+"""Progress and metrics: the progress line, the tracker (tensorboard/wandb), and metrics.jsonl.
 
 ``metrics.jsonl`` holds one JSON object per optimizer update, written by the main process:
-``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...}``,
-plus ``"val_loss"`` on the updates where the validation set was scored.
+``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...,
+"time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``, plus ``"val_loss"`` on the
+updates where the validation set was scored.
 ``step`` N is the N-th optimizer update (1-based), and ``lr`` is the LR that update applied,
 the same numbering as ``checkpoints/step-NNNNNN`` and ``sdlora lr-plot --csv``.
+``time`` is the local wall-clock time the record was written. ``elapsed`` is the seconds the
+run has trained to reach it, summed over sessions: a resumed run starts from the ``elapsed``
+of the record of the update it resumed at, so the time between a kill and the restart, and
+updates trained twice, do not count.
+
+TensorBoard: one run per ``output_dir``, ``logs/<logging.project>/``, whose hyperparameters
+are in that run too. A resumed run appends to it: its writer starts with a session-start
+event at the first update it trains, and TensorBoard discards what an earlier session wrote
+at that update and after, so every step has one value, as in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
-from trainer.config import flatten
+from trainer import progress
+from trainer.checkpoint import CHECKPOINTS
+from trainer.config import RunConfig, flatten
+from trainer.plan import Plan
 
 METRICS_NAME = "metrics.jsonl"
+# Keys of a metrics record that depend on the wall clock, not on the training.
+CLOCK_KEYS = ("time", "elapsed")
+# Seconds between tensorboard flushes (its default, 120 s, hides recent steps for long).
+TB_FLUSH_SECS = 30
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -28,6 +50,11 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def without_clock(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Records without their clock keys: what two runs of the same training must share."""
+    return [{k: v for k, v in r.items() if k not in CLOCK_KEYS} for r in records]
 
 
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
@@ -39,6 +66,24 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def history(output_dir: Path, update: int, resumed_from: Path | None) -> list[dict[str, Any]]:
+    """The records of updates 1..``update`` a resumed run continues from.
+
+    They are this run's own, or, when it resumed from another run's checkpoint
+    (``OTHER/checkpoints/step-NNNNNN``), that run's, so the smoothed loss and ``elapsed``
+    continue where the checkpoint was written.
+    """
+    if update == 0:
+        return []
+    own = [r for r in read_metrics(output_dir) if r["step"] <= update]
+    if (own and own[-1]["step"] == update) or resumed_from is None:
+        return own
+    if Path(resumed_from).parent.name != CHECKPOINTS:
+        return own
+    theirs = [r for r in read_metrics(Path(resumed_from).parent.parent) if r["step"] <= update]
+    return theirs if theirs and theirs[-1]["step"] == update else own
+
+
 def flat_hparams(data: Mapping[str, Any]) -> dict[str, Any]:
     """Nested config data as the scalars trackers take (tensorboard hparams): ``train/seed``."""
     return {
@@ -47,40 +92,151 @@ def flat_hparams(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def start_trackers(accelerator, config: RunConfig, first_step: int) -> None:
+    """Start the configured tracker on the main process; ``first_step`` is the first update
+    this session trains.
+
+    accelerate's tensorboard tracker, given the config, calls ``SummaryWriter.add_hparams``,
+    which writes into a new folder named by the current time (a separate run in TensorBoard),
+    and then writes ``hparams.yml`` into a second timestamped folder: two extra runs per start
+    and per resume. So it gets no config here; the hparams go into the run's own writer.
+    """
+    name = config.logging.tracker
+    if name == "none":
+        return
+    hparams = flat_hparams(config.to_dict())
+    if name != "tensorboard":
+        accelerator.init_trackers(config.logging.project, hparams)
+        return
+    options = {"purge_step": first_step, "flush_secs": TB_FLUSH_SECS}
+    accelerator.init_trackers(config.logging.project, init_kwargs={"tensorboard": options})
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    # Listing the metrics makes TensorBoard's HPARAMS tab show each run's latest values.
+    val = config.validation
+    metrics = {"train/loss": 0.0, **({"val/loss": 0.0} if val.fraction or val.path else {})}
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    for summary in hparams_summaries(hparams, metrics):
+        writer.file_writer.add_summary(summary)
+
+
 class Tracker:
-    """Everything the loop reports, behind three calls: ``update``, ``message``, ``close``."""
+    """Everything the loop reports: ``update``, ``message``, ``paused``, ``checkpointed``,
+    ``log_image``, ``sub_progress``, ``close``."""
 
     def __init__(
-        self, accelerator, output_dir: Path, total: int, initial: int, enabled_tracker: bool
+        self,
+        accelerator,
+        config: RunConfig,
+        plan: Plan,
+        initial: int,
+        resumed_from: Path | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.enabled_tracker = enabled_tracker
+        self.enabled_tracker = config.logging.tracker != "none"
+        self.total = plan.total_updates
+        self.initial = initial
+        self.images_per_update = (
+            config.train.batch_size * plan.accumulation * accelerator.num_processes
+        )
+        micro_batches = plan.total_updates * plan.accumulation
+        self.epochs = math.ceil(micro_batches / plan.micro_batches_per_epoch)
+        val = config.validation
+        self.val_every = val.every_n_steps if (val.fraction or val.path or val.prompts) else -1
+        output_dir = Path(config.output_dir)
         self.metrics = (output_dir / METRICS_NAME).open("a") if self.main else None
+        self.clock = progress.Clock()
+        self.done = 0  # updates this session
+        self.training_s = 0.0  # training time up to the last update (not the final save)
+        self.ema = progress.LossEMA()
+        self.val: tuple[float, int] | None = None
+        self.base_elapsed = 0.0
+        for record in history(output_dir, initial, resumed_from) if self.main else []:
+            self._remember(record)
         self.bar = tqdm(
-            total=total,
+            total=self.total,
             initial=initial,
             desc="updates",
             unit="upd",
             disable=not self.main,
             dynamic_ncols=True,
+            # Our own rate, elapsed time and ETA are in the postfix (training time only).
+            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
         )
 
+    def _remember(self, record: Mapping[str, Any]) -> None:
+        """Fold a record of an earlier session into the smoothed loss, val loss and clock."""
+        self.ema.add(record["loss"])
+        if "val_loss" in record:
+            self.val = (record["val_loss"], record["step"])
+        self.base_elapsed = float(record.get("elapsed", self.base_elapsed))
+
     def update(self, record: dict[str, Any]) -> None:
-        """Report one optimizer update (the record becomes one metrics.jsonl line)."""
-        self.bar.update(1)
-        if not self.main:
-            return
-        lrs = record["lr"]
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lrs[0]:.3g}", refresh=False)
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        if self.enabled_tracker:
-            values = {"train/loss": record["loss"]}
+        """Report the optimizer update just done: its record gains ``time`` and ``elapsed``,
+        becomes one metrics.jsonl line, goes to the tracker, and is what the line shows."""
+        self.done += 1
+        self.training_s = self.clock.training_s
+        if self.main:
+            record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            record["elapsed"] = round(self.base_elapsed + self.clock.wall_s, 3)
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            ema = self.ema.add(record["loss"])
             if "val_loss" in record:
-                values["val/loss"] = record["val_loss"]
-            values.update({f"train/lr_group{i}": lr for i, lr in enumerate(lrs)})
-            self.accelerator.log(values, step=record["step"])
+                self.val = (record["val_loss"], record["step"])
+            # Set before bar.update, which draws: the line shows this update, never the last.
+            self.bar.set_postfix_str(self._line(record, ema), refresh=False)
+            if self.enabled_tracker:
+                values = {"train/loss": record["loss"]}
+                if "val_loss" in record:
+                    values["val/loss"] = record["val_loss"]
+                values.update({f"train/lr_group{i}": lr for i, lr in enumerate(record["lr"])})
+                self.accelerator.log(values, step=record["step"])
+        self.bar.update(1)
+
+    def _line(self, record: Mapping[str, Any], ema: float) -> str:
+        step = record["step"]
+        rate = self.done / self.training_s if self.training_s > 0 else 0.0
+        eta = (self.total - step) / rate if rate else 0.0
+        if self.val_every >= 0:
+            left = progress.validation_points_left(step, self.total, self.val_every)
+            eta += left * self.clock.mean_pause_s("validation")
+        peak, kind = progress.peak_memory(self.accelerator.device)
+        return progress.format_line(
+            progress.LineValues(
+                loss=record["loss"],
+                loss_ema=ema,
+                lrs=record["lr"],
+                epoch=record["epoch"],
+                epochs=self.epochs,
+                updates_per_s=rate,
+                images_per_s=rate * self.images_per_update,
+                elapsed_s=record["elapsed"],
+                eta_s=eta,
+                peak_bytes=peak,
+                peak_kind=kind,
+                val_loss=self.val[0] if self.val else None,
+                val_step=self.val[1] if self.val else None,
+            )
+        )
+
+    @contextmanager
+    def paused(self, kind: str) -> Iterator[None]:
+        """Time inside (``"validation"``, ``"checkpoint"``) is not training time: it is left
+        out of the updates/s and images/s shown and summed, and the ETA adds it back per
+        validation point left."""
+        with self.clock.pause(kind):
+            yield
+
+    def checkpointed(self, folder: Path) -> None:
+        """Say where the checkpoint went, and flush the logs up to it, so a kill after it
+        loses none of the steps a resume will not train again."""
+        self.message(f"checkpoint: {folder}")
+        if self.main and self.enabled_tracker:
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.flush()
 
     def message(self, text: str) -> None:
         """A log line that does not break the progress bar."""
@@ -88,8 +244,26 @@ class Tracker:
             self.bar.write(text)
             logging.getLogger("sdlora").debug(text)
 
-    def close(self) -> None:
-        """Flush and close the bar and the metrics file.
+    def sub_progress(self, items: Iterable, desc: str, unit: str) -> Iterable:
+        """A short-lived second bar over ``items`` (sampling's prompts), removed when done."""
+        items = list(items)
+        return tqdm(
+            items, desc=desc, unit=unit, leave=False, disable=not self.main, dynamic_ncols=True
+        )
+
+    def log_image(self, tag: str, image: Image.Image, step: int) -> None:
+        """Log an image at update ``step`` to the tracker (main process)."""
+        if not (self.main and self.enabled_tracker):
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                pixels = np.asarray(image.convert("RGB"))
+                tracker.writer.add_image(tag, pixels, step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({tag: [image]}, step=step)
+
+    def close(self) -> progress.SessionStats:
+        """Close the bar and the metrics file; return this session's numbers.
 
         The trackers are finished by ``accelerator.end_training()``, which the loop calls
         last: it also destroys the process group, so no collective may follow it.
@@ -97,3 +271,9 @@ class Tracker:
         self.bar.close()
         if self.metrics:
             self.metrics.close()
+        return progress.SessionStats(
+            updates=self.done,
+            training_s=self.training_s,
+            paused_s=dict(self.clock.paused_s),
+            images_per_update=self.images_per_update,
+        )

@@ -1,17 +1,16 @@
-"""A fixed-seed validation loss and fixed-seed samples, so runs (e.g. LR schedules in a
-sweep) compare fairly.
+"""A fixed-seed validation loss, so runs (e.g. LR schedules in a sweep) compare fairly.
 
 Each held-out example is scored at ``validation.timesteps`` evenly spaced timesteps with noise
 drawn from a seed fixed per example, so the number depends only on the weights: two runs, or
 two points of one run, are compared on exactly the same noisy inputs. Images are center
-cropped, never flipped, and captions are used as written.
+cropped, never flipped, and captions are used as written. The fixed-seed sample images are
+drawn by ``trainer/samples.py``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -122,86 +121,3 @@ def _by_size(chunk: Sequence[Example]) -> list[list[Example]]:
     for e in chunk:
         groups.setdefault(e.size, []).append(e)
     return list(groups.values())
-
-
-def sampling_pipeline(parts, unet: torch.nn.Module, text_encoder, scheduler):
-    """The diffusers pipeline of the model's family around the live (adapted) modules:
-    ``StableDiffusionXLPipeline`` for SDXL, ``StableDiffusionPipeline`` otherwise.
-
-    Args:
-        parts: The loaded components (VAE, tokenizers, frozen text encoders).
-        unet: The UNet with adapters.
-        text_encoder: The text encoder to use, or SDXL's two in order (trained or frozen).
-        scheduler: The sampler.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    encoders = _as_list(text_encoder)
-    if parts.text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=encoders[0],
-            text_encoder_2=encoders[1],
-            tokenizer=parts.tokenizer,
-            tokenizer_2=parts.tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=encoders[0],
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-@torch.no_grad()
-def write_samples(
-    folder: Path,
-    prompts: Sequence[str],
-    parts,
-    unet: torch.nn.Module,
-    text_encoder,
-    size: int,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-) -> list[Path]:
-    """Draw one fixed-seed image per prompt with the current adapters; return the PNG paths.
-
-    The noise depends only on ``seed`` and the prompt's position, so images from different
-    steps of a run, or from runs with different LR schedules, differ only by the weights.
-    SDXL models sample through the SDXL pipeline (both text encoders, size conditioning).
-    """
-    from diffusers import DDIMScheduler
-
-    device = next(unet.parameters()).device
-    vae_device = parts.vae.device
-    parts.vae.to(device)  # the VAE may sit on the CPU while training from cached latents
-    pipe = sampling_pipeline(
-        parts, unet, text_encoder, DDIMScheduler.from_config(parts.noise_scheduler.config)
-    )
-    pipe.set_progress_bar_config(disable=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    try:
-        for k, prompt in enumerate(prompts):
-            generator = torch.Generator(device).manual_seed(seed_for(seed, "sample", k))
-            image = pipe(
-                prompt,
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-            ).images[0]
-            paths.append(folder / f"{k:02d}.png")
-            image.save(paths[-1])
-    finally:
-        parts.vae.to(vae_device)
-    return paths
