@@ -203,3 +203,57 @@ def test_a_named_vae_replaces_the_models_and_the_log_says_which(tiny_sdxl, tmp_p
     assert own.vae_note == "the model's own, float32" and own.vae.config.force_upcast
     missing = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "nope"))
     assert "model.vae" in models.vae_problems(missing)[0]
+
+
+# ---------------------------------------------------------------- the validation loss
+
+
+def test_validation_loss_is_scored_with_the_pipelines_sdxl_conditioning(tiny_sdxl, tiny_data):
+    """The fixed-seed loss, recomputed with diffusers' SDXL prompt encoding and time ids (a
+    center crop of a square 64 px image: original 64×64, crop at 0, 0); and, as for SD, the
+    number does not depend on the batching."""
+    from diffusers import DDPMScheduler
+
+    from trainer import images
+    from trainer.data import Example
+    from trainer.order import seed_for
+    from trainer.validation import Validator
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    noise_scheduler = DDPMScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")
+    paths = sorted(tiny_data.glob("*.png"))[:3]
+    examples = [Example(p, p.with_suffix(".txt").read_text().strip(), (64, 64)) for p in paths]
+    tokenizers, encoders = (
+        [pipe.tokenizer, pipe.tokenizer_2],
+        [pipe.text_encoder, pipe.text_encoder_2],
+    )
+    scores = [
+        Validator(examples, tokenizers, pipe.vae, 2, seed=0, batch_size=b).loss(
+            pipe.unet, encoders, noise_scheduler, "cpu"
+        )
+        for b in (1, 3)
+    ]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+
+    total = 0.0
+    with torch.no_grad():
+        for example in examples:
+            hidden, _, pooled, _ = pipe.encode_prompt(
+                example.caption, device="cpu", num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )  # fmt: skip
+            time_ids = pipe._get_add_time_ids(
+                (64, 64), (0, 0), (64, 64), hidden.dtype, pipe.text_encoder_2.config.projection_dim
+            )
+            pixels = images.to_tensor(example.path, (64, 64), True, False, None)[None]
+            mean, std = step.posterior(pipe.vae, pixels)
+            rand = step.ExampleRandom([seed_for(0, "val", str(example.path))])
+            latents = step.sample_latents(mean, std, rand)
+            noise = rand.randn(latents.shape[1:])
+            for t in (250, 750):  # two evenly spaced timesteps of 1000
+                timesteps = torch.tensor([t])
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                added = {"text_embeds": pooled, "time_ids": time_ids}
+                pred = pipe.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+                total += (pred - noise).pow(2).mean().item()
+    assert scores[0] == pytest.approx(total / (2 * len(examples)), rel=1e-5)
