@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer import checkpoint as ckpt
-from trainer import conditioning, export, loop, samples
+from trainer import conditioning, export, inspect_lora, loop, samples
 from trainer.lora import WEIGHTS_NAME
 from trainer.tracking import read_metrics, without_clock
 
@@ -228,6 +228,11 @@ def test_file_keys_are_exactly_the_sdxl_names(run, request, tiny_sdxl):
     )
     state = json.loads((ckpt.step_dir(result.output_dir, 2) / ckpt.TRAINER_STATE).read_text())
     assert state["architecture"] == "sdxl"
+    # `sdlora inspect --against` matches every key to a module of the model, as clients do.
+    for name in (WEIGHTS_NAME, f"{NAME}.safetensors"):
+        report = inspect_lora.inspect(result.output_dir / name, against=tiny_sdxl)
+        assert report.architecture == "sdxl"
+        assert (report.unmatched, report.wrong_shape) == ([], []), name
 
 
 def test_export_of_a_checkpoint_keeps_the_sdxl_names(uncached, tmp_path):

@@ -257,3 +257,28 @@ def test_validation_loss_is_scored_with_the_pipelines_sdxl_conditioning(tiny_sdx
                 pred = pipe.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
                 total += (pred - noise).pow(2).mean().item()
     assert scores[0] == pytest.approx(total / (2 * len(examples)), rel=1e-5)
+
+
+def test_an_sdxl_single_file_loads_through_the_sdxl_pipeline(tiny_sdxl, tmp_path, monkeypatch):
+    """The single-file path up to diffusers' converter, which needs an original-layout
+    checkpoint no offline test can make: the family is read from the header, the SDXL
+    pipeline's from_single_file is called, and both text encoders are taken from it."""
+    path = original_layout(tmp_path / "xl.safetensors", CHECKPOINTS["sdxl"])
+    calls = []
+
+    def from_single_file(cls, source, **kwargs):
+        calls.append((cls.__name__, source, kwargs))
+        return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+
+    monkeypatch.setattr(
+        StableDiffusionXLPipeline, "from_single_file", classmethod(from_single_file)
+    )
+    config = ModelConfig(pretrained=str(path), single_file_config=str(tiny_sdxl))
+    architecture = model_arch.resolve(config, model_arch.detect(config))
+    parts = models.load_components(config, torch.float32, architecture)
+    assert architecture == "sdxl" and parts.architecture == "sdxl"
+    assert [c[0] for c in calls] == ["StableDiffusionXLPipeline"]
+    assert calls[0][2]["config"] == str(tiny_sdxl)
+    assert type(parts.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert parts.tokenizer_2.pad_token == "!"
+    assert type(parts.noise_scheduler).__name__ == "DDPMScheduler"

@@ -25,6 +25,15 @@ import torch
 SDXL_HIDDEN_LAYER = -2
 
 
+def unread_layers(sdxl: bool) -> dict[str, int]:
+    """How many last layers of each text encoder the conditioning never reads, by component.
+
+    SDXL reads the first encoder's penultimate states only; the second encoder's last layer
+    still feeds its pooled output, and SD 1.x/2.x read the last states.
+    """
+    return {"text_encoder": -1 - SDXL_HIDDEN_LAYER} if sdxl else {}
+
+
 @dataclass
 class Conditioning:
     """The UNet's conditioning inputs for one batch.

@@ -357,7 +357,15 @@ class CaptionedImages(torch.utils.data.Dataset):
     of where it sits in the run, so they are reproduced exactly on resume. With a latent cache
     the example's VAE posterior is served instead of its pixels; with a text cache, the
     text-encoder outputs instead of token ids. For SDXL (``time_ids``) each item also carries
-    its size and crop ids (``Geometry.time_ids``), from the decoded image or the cache entry.
+    its size and crop ids (``images.Geometry.time_ids``), from the decoded image or the cache.
+
+    Args:
+        examples: The checked examples.
+        config: The ``[data]`` table.
+        tokenizer: The tokenizer, or SDXL's two in order.
+        latents: ``(index, flip) -> (mean, std, time_ids)`` from the latent cache.
+        text: ``caption -> {"encoder_hidden_states": ..., ["text_embeds": ...]}``.
+        time_ids: Serve SDXL's ``time_ids``.
     """
 
     def __init__(
@@ -369,14 +377,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         text: Callable[[str], dict[str, torch.Tensor]] | None = None,
         time_ids: bool = False,
     ) -> None:
-        """Args:
-        examples: The checked examples.
-        config: The ``[data]`` table.
-        tokenizer: The tokenizer, or SDXL's two in order.
-        latents: ``(index, flip) -> (mean, std, time_ids)`` from the latent cache.
-        text: ``caption -> {"encoder_hidden_states": ..., ["text_embeds": ...]}``.
-        time_ids: Serve SDXL's ``time_ids``.
-        """
         self.examples = examples
         self.config = config
         self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]

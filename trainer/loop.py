@@ -172,8 +172,8 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         if on
     }
     # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
-    unused = {"text_encoder": 1} if parts.text_encoder_2 is not None else {}
-    lora.attach(parts.unet, trained_texts, config.lora, unused)
+    unread = conditioning.unread_layers(parts.text_encoder_2 is not None)
+    lora.attach(parts.unet, trained_texts, config.lora, unread)
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
     if train_cfg.compile:
         parts.unet.compile()  # in place: parameter names and state_dict keys stay the same

@@ -49,6 +49,14 @@ class Validator:
     The held-out images are encoded once, at construction (the VAE is frozen), so scoring
     needs only the text encoders and the UNet. Their conditioning is built by the function
     training uses (``conditioning.condition``), SDXL's time ids from each center crop.
+
+    Args:
+        examples: The held-out examples.
+        tokenizer: The tokenizer, or SDXL's two in order (then time ids are scored too).
+        vae: The frozen VAE.
+        timesteps: Fixed timesteps per example.
+        seed: The run seed (the noise is seeded per example from it).
+        batch_size: Examples per forward pass.
     """
 
     def __init__(
@@ -60,14 +68,6 @@ class Validator:
         seed: int,
         batch_size: int,
     ) -> None:
-        """Args:
-        examples: The held-out examples.
-        tokenizer: The tokenizer, or SDXL's two in order (then time ids are scored too).
-        vae: The frozen VAE.
-        timesteps: Fixed timesteps per example.
-        seed: The run seed (the noise is seeded per example from it).
-        batch_size: Examples per forward pass.
-        """
         self.timesteps = timesteps
         self.batches = []
         tokenizers = _as_list(tokenizer)
