@@ -377,16 +377,25 @@ def spec_for(name: str) -> optimizers.OptimizerSpec:
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_state_survives_a_weights_only_save_and_load_exactly(name):
-    """Two steps, save, load into a fresh optimizer, one more step: bitwise the same as going on."""
+    """Ten steps, save, load into a fresh optimizer, one more step: bitwise the same as going
+    on."""
     spec = spec_for(name)
     if spec.device_problems(torch.device("cpu")):
         pytest.skip(f"{name} cannot run on this CPU")
-    lrs = [1.0, 1.0] if name == "prodigy" else [1e-2, 5e-3]
+    lrs = [1.0, 1.0] if name == "prodigy" else [1e-1, 5e-2]
     models = two_models()
     opt = optimizers.create(spec, models, lrs)
-    for step in range(2):
+    for step in range(10):
         feed(models, step)
         opt.step()
+    if spec.schedule_free:
+        # schedulefree's eval()/train() round trip would not give the train weights back bit
+        # for bit here, so resuming exactly needs the saved train weights.
+        twin_models, twin = copy.deepcopy((models, opt))
+        twin.eval()
+        twin.train()
+        pairs = zip(twin_models, models, strict=True)
+        assert any(not torch.equal(a.weight, b.weight) for a, b in pairs)
     buffer = io.BytesIO()
     with optimizers.eval_mode(opt):
         torch.save(optimizers.checkpoint_state(opt), buffer)
@@ -400,8 +409,8 @@ def test_state_survives_a_weights_only_save_and_load_exactly(name):
             p.copy_(w)
     opt2 = optimizers.create(spec, resumed, lrs)
     optimizers.load_checkpoint_state(opt2, state)
-    for m, step in ((models, 2), (resumed, 2)):
-        feed(m, step)
+    for m in (models, resumed):
+        feed(m, 10)
     opt.step()
     opt2.step()
     for a, b in zip(
@@ -417,8 +426,8 @@ def test_state_survives_a_weights_only_save_and_load_exactly(name):
 
 def test_eval_mode_gives_schedulefrees_own_eval_weights_and_restores_train_weights_exactly():
     models = two_models()
-    opt = optimizers.create(optimizers.get("schedule_free_adamw")(), models, [1e-2, 1e-2])
-    for step in range(3):
+    opt = optimizers.create(optimizers.get("schedule_free_adamw")(), models, [0.1, 0.1])
+    for step in range(10):
         feed(models, step)
         opt.step()
     params = [p for m in models for p in m.parameters()]
@@ -428,6 +437,11 @@ def test_eval_mode_gives_schedulefrees_own_eval_weights_and_restores_train_weigh
     twin_models, twin = copy.deepcopy((models, opt))
     twin.eval()
     reference = [p.detach().clone() for m in twin_models for p in m.parameters()]
+    # Here schedulefree's own eval()/train() round trip does not give y back bit for bit, so
+    # the exact restore checked below is not a coincidence.
+    twin.train()
+    twin_params = [p for m in twin_models for p in m.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(twin_params, train_weights, strict=True))
     beta1 = opt.param_groups[0]["betas"][0]
     with optimizers.eval_mode(opt):
         assert not opt.param_groups[0]["train_mode"]
