@@ -526,3 +526,23 @@ def test_a_fused_kernel_the_device_lacks_is_an_error_and_auto_falls_back():
     assert not opt.param_groups[0]["fused"]
     cpu = optimizers.create(optimizers.get("adamw")(impl="auto"), [torch.nn.Linear(2, 2)], [1e-3])
     assert cpu.param_groups[0]["fused"]  # torch >= 2.4 fuses AdamW on CPU
+
+
+def test_the_docs_describe_every_optimizer_and_key():
+    import dataclasses
+
+    from typedtables import toml_value
+
+    text = (REPO / "docs" / "optimizers.md").read_text()
+    for name in BUILTINS:
+        cls = optimizers.get(name)
+        assert f"### {name}\n" in text, name
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}`"))
+        for f in dataclasses.fields(cls):
+            if f.name == "text_encoder_weight_decay":
+                continue  # the same for every optimizer; documented once
+            if f.name == "weight_decay":
+                assert f"| `{toml_value(f.default)}` |" in row, (name, f.name)
+            else:
+                shown = f"`{f.name} = {toml_value(f.default)}`"
+                assert shown in row, (name, shown)
