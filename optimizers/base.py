@@ -94,10 +94,11 @@ class OptimizerSpec:
         raise NotImplementedError(f"{type(self).__qualname__} does not implement create()")
 
     def weight_decays(self, count: int) -> list[float]:
-        """The weight decay of each of ``count`` param groups: UNet, then text encoder."""
-        te = self.weight_decay if self.text_encoder_weight_decay == SAME else None
-        te = self.text_encoder_weight_decay if te is None else te
-        return [self.weight_decay, float(te)][:count]
+        """The weight decay of each of ``count`` param groups: the UNet's, then every text
+        encoder's (SDXL has two)."""
+        te = self.text_encoder_weight_decay
+        te = self.weight_decay if te == SAME else float(te)
+        return [self.weight_decay] + [te] * (count - 1)
 
     # ------------------------------------------------------------------ checks
 

@@ -368,6 +368,8 @@ def test_each_group_gets_its_own_base_lr_and_weight_decay():
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(1e-3, 0.1), (5e-4, 0.0)]
     opt = optimizers.create(optimizers.get("lion")(weight_decay=0.3), two_models(), [1e-4, 1e-4])
     assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.3]
+    assert spec.weight_decays(1) == [0.1]
+    assert spec.weight_decays(3) == [0.1, 0.0, 0.0]  # SDXL: one UNet, two text encoders
 
 
 def spec_for(name: str) -> optimizers.OptimizerSpec:
