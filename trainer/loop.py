@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
+import optimizers
 from schedulers import Schedule
 from trainer import architectures, final, lora, models, preflight, samples, step
 from trainer.config import ConfigError, RunConfig, to_toml
@@ -101,6 +102,7 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
             already_complete=True,
             messages=tuple(checked.warnings + checked.messages),
         )
+    optimizers.check_device(config.optimizer, accelerator.device)  # before any model loads
     state = setup(config, accelerator, checked)
     interrupted = train(state)
     return finish(state, interrupted)
@@ -191,8 +193,8 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         parts.vae.to("cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
-    optimizer = build_optimizer(config, parts.unet, text_encoder)
     trained = [parts.unet] if text_encoder is None else [parts.unet, text_encoder]
+    optimizer = optimizers.create(config.optimizer, trained, config.base_lrs())
     *trained, optimizer = accelerator.prepare(*trained, optimizer)
     state = RunState(
         config=config,
@@ -223,32 +225,6 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         f"text cache: {'on' if feed.cached_text else 'off'}"
     )
     return state
-
-
-def build_optimizer(
-    config: RunConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> torch.optim.Optimizer:
-    """One param group for the UNet adapters and, when trained, one for the text encoder's."""
-    train = config.train
-    trained = [unet] if text_encoder is None else [unet, text_encoder]
-    groups = [
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
-        for model, lr in zip(trained, config.base_lrs(), strict=True)
-    ]
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-    kernel = impl[train.optimizer_impl]
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=train.learning_rate, weight_decay=train.weight_decay, **kernel
-        )
-    return torch.optim.AdamW(
-        groups,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_epsilon,
-        weight_decay=train.weight_decay,
-        **kernel,
-    )
 
 
 def start_logging(state: RunState) -> Tracker:
@@ -380,6 +356,7 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         "epoch": (micro - 1) // plan.micro_batches_per_epoch,
         "samples": micro * config.train.batch_size * accelerator.num_processes,
     }
+    record.update(optimizers.step_metrics(state.optimizer))  # Prodigy's d·lr: "effective_lr"
     val = config.validation
     if update == plan.total_updates or (val.every_n_steps and update % val.every_n_steps == 0):
         with state.tracker.paused("validation"):  # kept out of the throughput shown
@@ -399,12 +376,12 @@ def validate(state: RunState, record: dict) -> None:
     accelerator, val = state.accelerator, state.config.validation
     unet, encoder = state.unwrapped(state.unet), state.unwrapped(state.encoder)
     if state.validator is not None:
-        with accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
             record["val_loss"] = state.validator.loss(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
     if val.prompts and accelerator.is_main_process:
-        with accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
             samples.sample_point(state, unet, encoder)
 
 
@@ -430,6 +407,7 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
     # Last: it finishes the trackers and destroys the process group, so nothing collective
     # may follow (calling it before wait_for_everyone crashed every multi-process run).
     accelerator.end_training()
+    optimizers.to_eval(state.optimizer)  # the returned models hold the weights that were saved
     return TrainResult(
         state.output_dir,
         state.update,
