@@ -159,3 +159,35 @@ def test_a_study_of_another_sweep_is_refused(tmp_path):
     claims.check_fingerprint(study, "abc", "here")
     with pytest.raises(ConfigError, match="made by a sweep with other trials"):
         claims.check_fingerprint(study, "xyz", "here")
+
+
+def test_queued_trials_get_their_values_from_the_grid_sampler(base, tmp_path):
+    """Each queued trial's parameters, as GridSampler hands them out, are its own run's."""
+    from trainer.sweep import engine
+
+    s = load_spec(
+        tmp_path,
+        sweep_text(
+            base,
+            '[grid]\nlr_scheduler = [{ name = "linear" }, { name = "cosine" }]\n'
+            '"train.learning_rate" = [1e-4, 1e-3, 1e-2]\n',
+            "seeds = [0, 1]",
+        ),
+    )
+    runs = {r.key: r for r in expand.build_runs(s, s.points)}
+    space = engine.grid_space(s)
+    study = optuna.create_study(sampler=engine.make_sampler(s))
+    assert claims.enqueue_missing(study, list(runs.values()), space) == 12
+    assert claims.enqueue_missing(study, list(runs.values()), space) == 0
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {k: trial.suggest_categorical(k, space[k]) for k in space}
+        slot = trial.user_attrs[claims.SLOT]
+        assert values == runs[slot].params
+        seen.append(slot)
+        return 1.0
+
+    study.optimize(objective, n_trials=20)  # the sampler stops the study when all are done
+    assert sorted(seen) == sorted(runs)
+    assert engine.make_sampler(s).is_exhausted(study)

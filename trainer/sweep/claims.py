@@ -1,10 +1,11 @@
 """Which worker runs which trial: Optuna's queue, one rule against duplicates, and taking over
 the trials of dead workers.
 
-**Handing out trials.** Every run of a grid or trial list is put in the study's queue
-(``Study.enqueue_trial``) as a WAITING trial that carries its run's folder name (the user
-attribute ``sdlora_slot``). ``Study.ask`` pops a WAITING trial atomically: the storage lets
-exactly one worker move it to RUNNING. ``GridSampler`` alone would not do: it picks a grid
+**Handing out trials.** Every run of a grid or trial list is put in the study's queue as a
+WAITING trial that carries its run's folder name (the user attribute ``sdlora_slot``) and
+its point of GridSampler's grid (``grid_id``, from which the sampler gives its values).
+``Study.ask`` pops a WAITING trial atomically: the storage lets exactly one worker move it to
+RUNNING. ``GridSampler`` alone would not do: it picks a grid
 point per new trial, and two workers asking at the same moment can get the same point.
 
 **Duplicates.** Two workers started at the same moment may both enqueue the runs of a new
@@ -86,14 +87,30 @@ def fingerprint(items: Any) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def enqueue_missing(study: optuna.Study, runs: Sequence) -> int:
-    """Queue every run that has no trial yet; return how many were queued."""
+def enqueue_missing(study: optuna.Study, runs: Sequence, space: dict[str, list]) -> int:
+    """Queue every run that has no trial yet; return how many were queued.
+
+    A queued trial carries what GridSampler itself would give it (``grid_id`` and
+    ``search_space``), so the sampler supplies its values and counts it as visited, plus the
+    run's folder name (``sdlora_slot``), all written when the trial is created.
+    """
+    from trainer.sweep.engine import grid_ids
+
+    ids = grid_ids(space)
     have = {t.user_attrs.get(SLOT) for t in study.get_trials(deepcopy=False)}
     queued = 0
     for run in runs:
-        if run.key not in have:
-            study.enqueue_trial(run.params, user_attrs={SLOT: run.key})
-            queued += 1
+        if run.key in have:
+            continue
+        grid_id = ids[tuple(sorted(run.params.items()))]
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING,
+                system_attrs={"grid_id": grid_id, "search_space": space},
+                user_attrs={SLOT: run.key},
+            )
+        )
+        queued += 1
     return queued
 
 
@@ -102,7 +119,9 @@ def is_queued(t: FrozenTrial) -> bool:
 
 
 def is_fresh(t: FrozenTrial) -> bool:
-    return "fixed_params" not in t.system_attrs and "failed_trial" not in t.system_attrs
+    """Created by ``ask`` with nothing queued: a [search]'s sampled trial (or a grid's
+    surplus one, created when another worker popped the last queued trial first)."""
+    return SLOT not in t.user_attrs and "failed_trial" not in t.system_attrs
 
 
 def root_number(t: FrozenTrial) -> int:

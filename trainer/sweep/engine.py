@@ -127,6 +127,30 @@ def grid_space(spec: Spec) -> dict[str, list[Any]]:
     return space
 
 
+def grid_ids(space: dict[str, list[Any]]) -> dict[tuple, int]:
+    """GridSampler's own numbering of the grid: point (its parameters, sorted by name) → the
+    ``grid_id`` from which the sampler gives a trial its values.
+
+    Asked of the sampler itself, through the method a trial calls to get its values, so the
+    queue and the sampler agree by construction, whatever order the sampler shuffles into.
+    """
+    sampler = optuna.samplers.GridSampler(space, seed=0)
+    names = sorted(space)
+    size = 1
+    for values in space.values():
+        size *= len(values)
+    dists = {name: optuna.distributions.CategoricalDistribution(space[name]) for name in names}
+    ids = {}
+    for grid_id in range(size):
+        probe = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
+                                          system_attrs={"grid_id": grid_id})  # fmt: skip
+        point = tuple(
+            (n, sampler.sample_independent(None, probe, n, dists[n])) for n in names
+        )  # fmt: skip
+        ids[point] = grid_id
+    return ids
+
+
 def seeds(spec: Spec) -> tuple[int, ...]:
     """The seeds every configuration runs with: the file's, or the base config's seed."""
     if spec.file.seeds:

@@ -73,6 +73,8 @@ def label(value: Any) -> str:
         return rest
     if isinstance(value, str):
         return value
+    if isinstance(value, float):
+        return f"{value:.6g}"  # a sampled 0.0006824078427098838 reads as 0.000682408
     return toml_text(value)
 
 

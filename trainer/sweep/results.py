@@ -159,6 +159,7 @@ def _set_state(result: RunResult, trial: FrozenTrial | None) -> None:
     result.error = str(trial.user_attrs.get(claims.ERROR, ""))
 
 
-def finished_count(results: list[RunResult]) -> int:
-    """Runs that will not train any further (complete, pruned, failed, not run)."""
-    return sum(r.state in ("complete", "pruned", "failed", "not run") for r in results)
+def finished_trials(study: optuna.Study, budget: int | None) -> int:
+    """Trials that will not train any further, from the study alone (cheap: for the bar)."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(t.state in done for t in latest_by_root(legit_trials(study, budget)).values())

@@ -120,8 +120,8 @@ class Worker:
 
     def refresh(self) -> None:
         """Move the bar to the runs finished by every worker, as the study records them."""
-        done = results.finished_count(results.collect(self.spec, self.study, self.all_runs))
-        self.bar.n = done
+        per_trial = 1 if self.spec.mode != "search" else len(engine.seeds(self.spec))
+        self.bar.n = per_trial * results.finished_trials(self.study, self.budget)
         self.bar.refresh()
 
     # ---------------------------------------------------------------- one trial
@@ -252,7 +252,7 @@ def run(
     study = engine.open_study(spec, storage)
     claims.check_fingerprint(study, sweep_fingerprint(spec, runs), where)
     if spec.mode != "search":
-        claims.enqueue_missing(study, runs)
+        claims.enqueue_missing(study, runs, engine.grid_space(spec))
     if retry_failed:
         for number in claims.retry_failed(study):
             tqdm.write(f"trial {number}: failed before; queued again")
