@@ -3,6 +3,7 @@ keeps two workers from running one trial twice."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -191,3 +192,46 @@ def test_queued_trials_get_their_values_from_the_grid_sampler(base, tmp_path):
     study.optimize(objective, n_trials=20)  # the sampler stops the study when all are done
     assert sorted(seen) == sorted(runs)
     assert engine.make_sampler(s).is_exhausted(study)
+
+
+def test_a_dead_workers_trial_on_the_journal_is_queued_again_once(tmp_path):
+    """The journal has no heartbeat: a worker's liveness is its flock, which the kernel
+    drops when the worker dies. A trial of a dead worker is failed and copied back into the
+    queue exactly once; a live worker's trial is left alone."""
+    from trainer.sweep import engine
+
+    storage = engine.open_storage(None, tmp_path, 60)
+    study = optuna.create_study(storage=storage, study_name="s")
+    for slot in ("a", "b"):
+        study.enqueue_trial({}, user_attrs={claims.SLOT: slot})
+    dead, alive, me = (claims.WorkerLock(tmp_path) for _ in range(3))
+    for worker in (dead, alive):
+        study.ask().set_user_attr(claims.WORKER, worker.info)
+    dead.close()  # what the kernel does when that worker's process dies
+    assert claims.take_over_dead(study, storage, tmp_path, me) == [0]
+    assert claims.take_over_dead(study, storage, tmp_path, me) == []
+    trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["FAIL", "RUNNING", "WAITING"]
+    assert trials[2].user_attrs[claims.SLOT] == "a" and claims.root_number(trials[2]) == 0
+    alive.close()
+    me.close()
+
+
+@pytest.mark.slow
+def test_a_dead_workers_trial_on_an_rdb_is_found_by_its_heartbeat(tmp_path):
+    """With an RDB storage, Optuna's heartbeat: a running trial silent for the grace period
+    (3 heartbeats) is failed and copied back into the queue by the next worker that looks."""
+    from trainer.sweep import engine
+
+    storage = engine.open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, 1)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({}, user_attrs={claims.SLOT: "a"})
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)  # its worker beat once, then died
+    me = claims.WorkerLock(tmp_path)
+    assert claims.take_over_dead(study, storage, tmp_path, me) == []  # still within grace
+    time.sleep(3 * 1 + 1)
+    assert claims.take_over_dead(study, storage, tmp_path, me) == [0]
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
+    me.close()
