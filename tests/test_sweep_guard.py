@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from sweep_helpers import REPO, environment
 
 from trainer.sweep.guard import LOCK_ENV, PIDS_ENV
@@ -21,6 +22,7 @@ with trial_process():
 """
 
 
+@pytest.mark.slow
 def test_a_second_training_process_for_one_folder_waits_for_the_first(tmp_path):
     """A training process left running by a dead worker keeps its run folder; the process a
     new worker starts for the same run enters only after it has exited."""

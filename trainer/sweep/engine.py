@@ -63,6 +63,7 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL_NAME)))
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     url = storage_url(url)
     last: Exception | None = None
@@ -74,6 +75,11 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
                 grace_period=GRACE_INTERVALS * heartbeat_seconds,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
             )
+        except (ArgumentError, NoSuchModuleError, ValueError) as err:  # a malformed URL: no retry
+            raise ConfigError(
+                [f"--storage {url}: not an Optuna RDB URL ({err}); e.g. postgresql://user@host/db"],
+                "--storage",
+            ) from err
         except ImportError as err:
             raise ConfigError(
                 [f"--storage {url}: {err}; install the sweep extra: pip install -e '.[sweep]'"],

@@ -138,5 +138,7 @@ def log_tail(proc_log: Path, lines: int = 15) -> str:
         text = proc_log.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    starts = [i for i, line in enumerate(text) if line.startswith("$ ")]
+    text = text[starts[-1] + 1 :] if starts else text  # this attempt's lines only
     errors = [line for line in text if line.startswith("error:") or line.startswith("  - ")]
     return "\n".join((errors or text)[-lines:])
