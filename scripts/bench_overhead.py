@@ -49,7 +49,7 @@ def our_seconds(model: Path, data: Path, out: Path, args, updates: int, variant:
         'lr_scheduler.name="constant"',
         "lr_scheduler.warmup_steps=0",
         'logging.tracker="none"',
-        f'train.optimizer_impl="{"fused" if variant == "fused" else "default"}"',
+        f'optimizer.impl="{"fused" if variant == "fused" else "default"}"',
         f"train.compile={'true' if variant == 'compile' else 'false'}",
     ]
     cfg = config.load(REPO / "configs" / "tiny.toml", sets)

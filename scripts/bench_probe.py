@@ -75,6 +75,8 @@ class Probe:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def on_step(optimizer, args, kwargs) -> None:
+            if sum(len(g["params"]) for g in optimizer.param_groups) <= 1:
+                return  # a one-tensor probe (the trainer checks kernels that way), not training
             self.optimizer_steps += 1
             if not self.scaler_mode:
                 self._update_ended()

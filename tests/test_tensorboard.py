@@ -87,3 +87,20 @@ def test_resuming_from_an_earlier_checkpoint_leaves_one_value_per_step(
         assert f"{step}/6, loss {format_loss(records[step - 1]['loss'])} ema " + format_loss(
             ema[step - 1]
         ) in shown.replace("\r", "\n")
+
+
+def test_prodigy_effective_step_size_reaches_tensorboard(make_config, tmp_path):
+    pytest.importorskip("prodigyopt")
+    out = tmp_path / "prodigy"
+    cfg = make_config(
+        'logging.tracker="tensorboard"',
+        "train.max_steps=3",
+        "train.learning_rate=1.0",
+        'optimizer={name = "prodigy"}',
+        output=out,
+    )
+    loop.run(cfg)
+    board = events(out)
+    logged = [e.value for e in board.Scalars("train/effective_lr_group0")]
+    expected = [r["effective_lr"][0] for r in read_metrics(out)]
+    assert logged == pytest.approx(expected, rel=1e-6)  # tensorboard stores float32

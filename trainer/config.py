@@ -6,21 +6,27 @@ every key is checked against the schema and **all** problems are reported at onc
 naming its TOML path and, for a typo, the closest valid key. Nothing is silently ignored.
 Each table runs its own checks; :func:`cross_checks` holds the rules that span tables.
 
-The ``[lr_scheduler]`` table is resolved through the schedule registry
-(``schedulers.config.build``), because each schedule's dataclass is its own schema.
+The ``[lr_scheduler]`` and ``[optimizer]`` tables are resolved through their registries
+(``schedulers.config.build``, ``optimizers.config.build``), because each schedule's and each
+optimizer's dataclass is its own schema. The optimizer keys that ``[train]`` used to hold are
+still read for a release (``trainer/deprecated.py``), with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from optimizers import BaseLR
+from optimizers import config as optimizer_config
 from schedulers import config as schedule_config
+from trainer.deprecated import move_optimizer_keys, unknown_train_key
 from trainer.schema import (
     MAX_UPDATES,
     CheckpointConfig,
@@ -62,13 +68,21 @@ __all__ = [
     "to_toml",
 ]
 
+log = logging.getLogger("sdlora")
+
 
 # ---------------------------------------------------------------- loading and validation
 
 
 def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
-    """Validate raw TOML data; return the frozen config or raise ConfigError with all problems."""
+    """Validate raw TOML data; return the frozen config or raise ConfigError with all problems.
+
+    Warnings (a deprecated key, a combination that runs but is probably a mistake) are logged
+    to the ``sdlora`` logger, once per call.
+    """
     problems: list[str] = []
+    warnings: list[str] = []
+    data = move_optimizer_keys(data, problems, warnings)
     types = field_types(RunConfig)
     for key, value in data.items():
         if key not in types:
@@ -82,9 +96,12 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
         if key == "lr_scheduler":
             table = data.get(key, {"name": "constant"})
             values[key] = schedule_config.build(table, key, problems)
+        elif key == "optimizer":
+            values[key] = optimizer_config.build(data.get(key, {}), key, problems)
         elif dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
-            values[key] = build_table(tp, data.get(key, {}), key, problems)
+            unknown = unknown_train_key if key == "train" else None
+            values[key] = build_table(tp, data.get(key, {}), key, problems, unknown=unknown)
         elif key in data:
             value, problem = check_value(data[key], tp)
             if problem:
@@ -92,14 +109,24 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             else:
                 values[key] = value
     config = RunConfig(**values)
-    problems += [p for p in cross_checks(config) if p not in problems]
+    problems += [p for p in cross_checks(config, warnings) if p not in problems]
+    for warning in warnings:
+        log.warning("%s: %s", source, warning)
     if problems:
         raise ConfigError(problems, source)
     return config
 
 
-def cross_checks(config: RunConfig) -> list[str]:
-    """The rules that involve more than one table (each table checks its own keys)."""
+def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[str]:
+    """The rules that involve more than one table (each table checks its own keys).
+
+    Args:
+        config: The config, every table built.
+        warnings: Receives the combinations that may run but probably should not.
+
+    Returns:
+        The problems: combinations that must not run.
+    """
     p: list[str] = []
     lora, data, train = config.lora, config.data, config.train
     if not config.output_dir.strip():
@@ -127,6 +154,30 @@ def cross_checks(config: RunConfig) -> list[str]:
         )
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
+    p += optimizer_checks(config, [] if warnings is None else warnings)
+    return p
+
+
+def optimizer_checks(config: RunConfig, warnings: list[str]) -> list[str]:
+    """The optimizer against the LR schedule and the param groups (docs/optimizers.md)."""
+    p: list[str] = []
+    lora, train, optimizer = config.lora, config.train, config.optimizer
+    text_trained = lora.train_text_encoder or lora.train_text_encoder_2
+    lrs = [BaseLR("train.learning_rate", train.learning_rate)]
+    # Each base LR a param group uses, named by the key that sets it (the second text
+    # encoder's falls back on text_encoder_lr).
+    if text_trained and train.text_encoder_lr:
+        lrs.append(BaseLR("train.text_encoder_lr", train.text_encoder_lr))
+    if lora.train_text_encoder_2 and train.text_encoder_2_lr:
+        lrs.append(BaseLR("train.text_encoder_2_lr", train.text_encoder_2_lr))
+    found = optimizer.interplay(config.lr_scheduler, lrs)
+    warnings += found.warnings
+    p += found.errors
+    if optimizer.text_encoder_weight_decay != "same" and not text_trained:
+        p.append(
+            "optimizer.text_encoder_weight_decay: set, but lora.train_text_encoder is false; "
+            'enable it or drop the key (or set it to "same")'
+        )
     return p
 
 
@@ -204,6 +255,23 @@ RECIPE_NOTE = (
 )
 
 
+def describe_optimizers() -> str:
+    """The ``[optimizer]`` reference: ``name``, then the keys of every registered optimizer."""
+    import optimizers
+
+    lines = [
+        "[optimizer]",
+        f"  name (str, default {toml_value(optimizer_config.DEFAULT)}): the optimizer, one of "
+        f'{", ".join(optimizers.available())} (or "package.module:Class"); each takes its '
+        "own keys, listed below (docs/optimizers.md explains them)",
+    ]
+    for name in optimizers.available():
+        cls = optimizers.get(name)
+        lines += ["", f"  with name = {toml_value(name)}:"]
+        lines.append(describe_table(cls, "", indent="    "))
+    return "\n".join(lines)
+
+
 def describe() -> str:
     """Every table and key with its type, TOML default and doc: the config reference."""
     lines = [RECIPE_NOTE, ""]
@@ -217,6 +285,8 @@ def describe() -> str:
                 '  name (str, default "constant"): the LR schedule; `sdlora schedules` lists '
                 "them, and each takes its own keys: `sdlora schedules NAME` shows them",
             ]
+        elif f.name == "optimizer":
+            lines += ["", describe_optimizers()]
         elif dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:

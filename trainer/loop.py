@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 
+import optimizers
 from schedulers import Schedule
 from trainer import conditioning, final, lora, models, preflight, samples, step
 from trainer.config import ConfigError, RunConfig, to_toml
@@ -102,6 +103,7 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
             already_complete=True,
             messages=tuple(checked.warnings + checked.messages),
         )
+    optimizers.check_device(config.optimizer, accelerator.device)  # before any model loads
     state = setup(config, accelerator, checked)
     interrupted = train(state)
     return finish(state, interrupted)
@@ -194,7 +196,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
             parts.tokenizers,
             parts.vae,
             val.timesteps,
-            train_cfg.seed,
+            val.seed,  # not train.seed: every run of a sweep is scored on the same noise
             val.batch_size,
         )
     if feed.cached_latents != "off":
@@ -202,8 +204,9 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
     # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
-    optimizer = build_optimizer(config, [parts.unet, *trained_texts.values()])
-    *prepared, optimizer = accelerator.prepare(parts.unet, *trained_texts.values(), optimizer)
+    trained = [parts.unet, *trained_texts.values()]
+    optimizer = optimizers.create(config.optimizer, trained, config.base_lrs())
+    *prepared, optimizer = accelerator.prepare(*trained, optimizer)
     prepared_texts = dict(zip(trained_texts, prepared[1:], strict=True))
     state = RunState(
         config=config,
@@ -236,30 +239,6 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         f"vae: {parts.vae_note}"
     )
     return state
-
-
-def build_optimizer(config: RunConfig, trained: list[torch.nn.Module]) -> torch.optim.Optimizer:
-    """One param group per trained model (the UNet, then each trained text encoder), each
-    with its base LR from ``config.base_lrs()``."""
-    train = config.train
-    groups = [
-        {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
-        for model, lr in zip(trained, config.base_lrs(), strict=True)
-    ]
-    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-    kernel = impl[train.optimizer_impl]
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=train.learning_rate, weight_decay=train.weight_decay, **kernel
-        )
-    return torch.optim.AdamW(
-        groups,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_epsilon,
-        weight_decay=train.weight_decay,
-        **kernel,
-    )
 
 
 def start_logging(state: RunState) -> Tracker:
@@ -381,6 +360,7 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         "epoch": (micro - 1) // plan.micro_batches_per_epoch,
         "samples": micro * config.train.batch_size * accelerator.num_processes,
     }
+    record.update(optimizers.step_metrics(state.optimizer))  # Prodigy's d·lr: "effective_lr"
     val = config.validation
     if update == plan.total_updates or (val.every_n_steps and update % val.every_n_steps == 0):
         with state.tracker.paused("validation"):  # kept out of the throughput shown
@@ -401,12 +381,12 @@ def validate(state: RunState, record: dict) -> None:
     unet = state.unwrapped(state.unet)
     encoder = [state.unwrapped(e) for e in state.encoders]
     if state.validator is not None:
-        with accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
             record["val_loss"] = state.validator.loss(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
     if val.prompts and accelerator.is_main_process:
-        with accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
             samples.sample_point(state, unet, encoder)
 
 
@@ -432,6 +412,7 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
     # Last: it finishes the trackers and destroys the process group, so nothing collective
     # may follow (calling it before wait_for_everyone crashed every multi-process run).
     accelerator.end_training()
+    optimizers.to_eval(state.optimizer)  # the returned models hold the weights that were saved
     return TrainResult(
         state.output_dir,
         state.update,

@@ -94,7 +94,8 @@ def check(
         return checked
     problems = models.source_problems(config.model)
     if not problems:
-        problems += _model_problems(config, checked)
+        found, checked.architecture = model_problems(config)
+        problems += found
     problems += models.vae_problems(config.model)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
@@ -108,19 +109,24 @@ def check(
     return checked
 
 
-def _model_problems(config: RunConfig, checked: Checked) -> list[str]:
-    """The model's family against ``model.arch``, and the LoRA targets in its modules."""
+def model_problems(config: RunConfig) -> tuple[list[str], str]:
+    """The model's family against ``model.arch``, and the LoRA targets in its modules, for a
+    model source that exists (``models.source_problems`` found nothing).
+
+    Returns:
+        The problems, and the family training uses (``sd1``, ``sd2`` or ``sdxl``).
+    """
     detected = model_arch.detect(config.model)
     problems = model_arch.problems(config.model, detected)
-    checked.architecture = model_arch.resolve(config.model, detected)
+    architecture = model_arch.resolve(config.model, detected)
     lora = config.lora
-    if lora.train_text_encoder_2 and checked.architecture != "sdxl":
+    if lora.train_text_encoder_2 and architecture != "sdxl":
         problems.append(
             "lora.train_text_encoder_2: the model has one text encoder (it is not SDXL); "
             "use lora.train_text_encoder"
         )
     folder = Path(config.model.pretrained).expanduser()
-    if checked.architecture == "sdxl" and folder.is_dir():
+    if architecture == "sdxl" and folder.is_dir():
         missing = [
             f"{name}/" for name in ("text_encoder_2", "tokenizer_2") if not (folder / name).is_dir()
         ]
@@ -130,14 +136,14 @@ def _model_problems(config: RunConfig, checked: Checked) -> list[str]:
                 f"{' and '.join(missing)} beside text_encoder/ and tokenizer/"
             )
     if problems:
-        return problems
+        return problems, architecture
     te_targets = lora.text_encoder_target_modules
     return targets.lora_target_problems(
         config.model.pretrained,
         lora.target_modules,
         te_targets if lora.train_text_encoder else None,
         te_targets if lora.train_text_encoder_2 else None,
-    )
+    ), architecture
 
 
 def _data_and_plan(

@@ -31,11 +31,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimizers import checkpoint_state, eval_mode, load_checkpoint_state
 from schedulers import schedule_state
 from trainer import checkpoint as ckpt
 from trainer import lora
 from trainer import lora_metadata as meta
 from trainer.config import ConfigError, flatten, tables_hash, to_toml
+from trainer.deprecated import upgrade_saved
 
 if TYPE_CHECKING:
     from trainer.state import RunState
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sdlora")
 
 # Tables whose change alters the trained weights; their hashes go in trainer_state.json.
-HASHED_TABLES = ("model", "lora", "data", "train", "lr_scheduler")
+HASHED_TABLES = ("model", "lora", "data", "train", "optimizer", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
 # How the final files are written (format, dtype, name) never changes the trained weights.
 FREE_KEYS = (
@@ -54,6 +56,9 @@ FREE_KEYS = (
     "output.",
     "lora.save_dtype",
 )
+# Keys a resume cannot honour a change of, even when allowed: the optimizer state is saved
+# with its settings, and loading it restores the old ones into every param group.
+FIXED_KEYS = ("optimizer.",)
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -61,7 +66,7 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
 
     Keys in :data:`FREE_KEYS` are left out. A key present on one side only shows ``<unset>``.
     """
-    old, new = flatten(saved), flatten(current)
+    old, new = flatten(upgrade_saved(saved)), flatten(current)
     diff = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(FREE_KEYS):
@@ -90,14 +95,22 @@ def check_resumable(
         source: The checkpoint folder, for the message.
     """
     diff = config_diff(saved, current)
-    refused = [d for d in diff if not is_allowed(d[0], allow)]
+    refused = [d for d in diff if not is_allowed(d[0], allow) or d[0].startswith(FIXED_KEYS)]
     if refused:
         lines = [f"{key}: {old!r} (checkpoint) → {new!r} (now)" for key, old, new in refused]
-        names = ",".join(sorted({k for k, _, _ in refused}))
-        lines.append(
-            "resuming under a different config would not reproduce the run; restore these "
-            f"values, or accept the change with --allow-change {names}"
-        )
+        fixed = {k for k, _, _ in refused if k.startswith(FIXED_KEYS)}
+        names = ",".join(sorted({k for k, _, _ in refused} - fixed))
+        if names:
+            lines.append(
+                "resuming under a different config would not reproduce the run; restore these "
+                f"values, or accept the change with --allow-change {names}"
+            )
+        if fixed:
+            lines.append(
+                "[optimizer] cannot change on resume, not even with --allow-change: the "
+                "checkpoint's optimizer state was built with its settings; resume with the "
+                "checkpoint's [optimizer] table, or start a new run"
+            )
         raise ConfigError(lines, f"resume from {source}")
     return diff
 
@@ -109,7 +122,16 @@ def comparable_config(config_data: dict, num_processes: int) -> dict:
 
 def save_checkpoint(run: RunState) -> Path:
     """Write ``checkpoints/step-NNNNNN`` for the current update atomically (main process) and
-    prune old ones, never the checkpoint this run resumed from."""
+    prune old ones, never the checkpoint this run resumed from.
+
+    A schedule-free optimizer is in eval mode meanwhile, so the saved LoRA is the one it means
+    to be evaluated, and its train-mode weights go in its state (see ``optimizers/modes.py``).
+    """
+    with eval_mode(run.optimizer):
+        return _write_checkpoint(run)
+
+
+def _write_checkpoint(run: RunState) -> Path:
     config, accelerator, plan, update = run.config, run.accelerator, run.plan, run.update
     folder = ckpt.step_dir(config.output_dir, update)
     if accelerator.is_main_process:
@@ -144,7 +166,7 @@ def save_checkpoint(run: RunState) -> Path:
         def write(tmp: Path) -> None:
             lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
             ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
-            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, run.optimizer.state_dict())
+            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, checkpoint_state(run.optimizer))
             if accelerator.scaler is not None:
                 ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
             (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
@@ -179,7 +201,7 @@ def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
     lora.load_into(folder / lora.WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
-    run.optimizer.load_state_dict(ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
+    load_checkpoint_state(run.optimizer, ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
     scaler = run.accelerator.scaler
     if scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
         scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))

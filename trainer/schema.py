@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import optimizers
 import schedulers
+from optimizers import OptimizerSpec
 from schedulers import Schedule
 from typedtables import doc
 
@@ -200,7 +202,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """[train]: optimisation settings. Step counts are optimizer updates."""
+    """[train]: optimisation settings. Step counts are optimizer updates.
+
+    The optimizer and its hyperparameters are the [optimizer] table; the base LRs stay here,
+    because the LR schedule (and ``lr-plot``) scales them whatever the optimizer.
+    """
 
     seed: int = doc("Seed for data order, noise, timesteps and dropout", 0)
     batch_size: int = doc("Images per micro-batch on each process", 1)
@@ -214,19 +220,9 @@ class TrainConfig:
         "learning_rate)",
         0.0,
     )
-    optimizer: Literal["adamw", "sgd"] = doc("Optimizer", "adamw")
-    adam_beta1: float = doc("AdamW beta1", 0.9)
-    adam_beta2: float = doc("AdamW beta2", 0.999)
-    adam_epsilon: float = doc("AdamW epsilon", 1e-8)
-    weight_decay: float = doc("Decoupled weight decay", 1e-2)
     max_grad_norm: float = doc("Clip the global gradient norm to this; 0 disables clipping", 1.0)
     mixed_precision: Literal["no", "fp16", "bf16"] = doc(
         "Autocast precision; fp16 needs CUDA, bf16 also runs on CPU", "no"
-    )
-    optimizer_impl: Literal["default", "foreach", "fused"] = doc(
-        "Optimizer kernel: 'default' lets torch choose, 'foreach' batches the per-tensor "
-        "updates, 'fused' runs one kernel (CUDA and CPU)",
-        "default",
     )
     compile: bool = doc(
         "torch.compile the UNet (the first updates are slow while it compiles)", False
@@ -268,17 +264,12 @@ class TrainConfig:
         for key in (
             "text_encoder_lr",
             "text_encoder_2_lr",
-            "weight_decay",
             "max_grad_norm",
             "noise_offset",
             "snr_gamma",
         ):
             if getattr(self, key) < 0:
                 p.append(f"{where}.{key}: {getattr(self, key)} must be >= 0")
-        if self.optimizer == "sgd" and self.optimizer_impl == "fused":
-            p.append(
-                f"{where}.optimizer_impl: 'fused' SGD is not offered; use 'default' or 'foreach'"
-            )
         return p
 
 
@@ -290,6 +281,11 @@ class ValidationConfig:
     path: str = doc("A separate validation folder (same layouts as data.path); empty = none", "")
     every_n_steps: int = doc(
         "Score every N updates (and always at the end); 0 = only at the end", 0
+    )
+    seed: int = doc(
+        "Seed of the held-out split and of the validation noise, apart from train.seed, so "
+        "runs trained with different seeds are scored on the same images and noise",
+        0,
     )
     timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
     batch_size: int = doc("Examples per validation forward pass", 4)
@@ -386,6 +382,9 @@ class RunConfig:
     lora: LoraConfig = doc("[lora] table", LoraConfig())
     data: DataConfig = doc("[data] table", DataConfig())
     train: TrainConfig = doc("[train] table", TrainConfig())
+    optimizer: OptimizerSpec = doc(
+        "[optimizer] table: `name` plus that optimizer's fields", optimizers.get("adamw")()
+    )
     lr_scheduler: Schedule = doc(
         "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
     )
@@ -412,7 +411,7 @@ class RunConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Schedule):
+            if isinstance(value, (Schedule, OptimizerSpec)):
                 value = {"name": value.name, **value.params()}
             elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)

@@ -192,6 +192,13 @@ class Tracker:
                 if "val_loss" in record:
                     values["val/loss"] = record["val_loss"]
                 values.update({f"train/lr_group{i}": lr for i, lr in enumerate(record["lr"])})
+                # The optimizer's own step size where it has one (Prodigy's d·lr).
+                values.update(
+                    {
+                        f"train/effective_lr_group{i}": v
+                        for i, v in enumerate(record.get("effective_lr", []))
+                    }
+                )
                 self.accelerator.log(values, step=record["step"])
         self.bar.update(1)
 
