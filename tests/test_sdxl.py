@@ -309,3 +309,20 @@ def test_validation_loss_is_recorded_and_resumes(cached):
     _, result = cached
     last = read_metrics(result.output_dir)[-1]
     assert last["step"] == 2 and math.isfinite(last["val_loss"]) and last["val_loss"] > 0
+
+
+def test_sdlora_sample_draws_an_sdxl_lora_with_the_sdxl_pipeline(uncached, tiny_sdxl, tmp_path):
+    """`sdlora sample` on an SDXL model: base, scale 0 and scale 1 side by side; scale 0 is
+    the base image, scale 1 is not."""
+    from trainer.sample import SampleSettings, sample
+
+    _, result = uncached
+    settings = SampleSettings(prompts=(PROMPT,), scales=(0.0, 1.0), steps=1, width=64, height=64)
+    lora_file = result.output_dir / f"{NAME}.safetensors"
+    path = sample(lora_file, str(tiny_sdxl), settings, tmp_path / "grid.png", device="cpu")
+    with Image.open(path) as image:
+        grid = np.asarray(image.convert("RGB"), dtype=np.int16)
+    top = grid.shape[0] - 64  # below the strip of column labels
+    base, off, on = (grid[top:, 64 * c : 64 * (c + 1)] for c in range(3))
+    assert np.array_equal(base, off)
+    assert np.abs(on - base).max() > 8

@@ -203,6 +203,8 @@ def test_a_named_vae_replaces_the_models_and_the_log_says_which(tiny_sdxl, tmp_p
     assert own.vae_note == "the model's own, float32" and own.vae.config.force_upcast
     missing = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "nope"))
     assert "model.vae" in models.vae_problems(missing)[0]
+    single = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "vae.safetensors"))
+    assert "single-file VAE is not supported" in models.vae_problems(single)[0]
 
 
 # ---------------------------------------------------------------- the validation loss

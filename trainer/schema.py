@@ -51,8 +51,8 @@ class ModelConfig:
         "auto",
     )
     vae: str = doc(
-        "A VAE to use instead of the model's own: diffusers folder, hub id or .safetensors "
-        "file (e.g. madebyollin/sdxl-vae-fp16-fix, which runs in fp16); empty = the model's",
+        "A VAE to use instead of the model's own: a diffusers folder or hub id (e.g. "
+        "madebyollin/sdxl-vae-fp16-fix, which runs in fp16); empty = the model's",
         "",
     )
 

@@ -56,11 +56,6 @@ class RunState:
         return [self.unet, *(m for m in texts if m is not None)]
 
     @property
-    def encoder(self) -> torch.nn.Module:
-        """The text encoder that turns captions into hidden states: trained or frozen."""
-        return self.text_encoder if self.text_encoder is not None else self.parts.text_encoder
-
-    @property
     def encoders(self) -> list[torch.nn.Module]:
         """Every text encoder in pipeline order, the trained (prepared) one where trained."""
         trained = (self.text_encoder, self.text_encoder_2)[: len(self.parts.text_encoders)]
