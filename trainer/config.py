@@ -163,6 +163,13 @@ def adapter_format_checks(config: RunConfig) -> list[str]:
             "per-output one by the base weight's norm, so both would load it wrong; set "
             "output.format = 'diffusers', or lora.dora_axis = 'input' for those clients"
         ]
+    if lora.type == "dora" and lora.dora_axis == "output" and lora.train_text_encoder:
+        return [
+            "lora.dora_axis: 'output' with lora.train_text_encoder = true: diffusers loads "
+            "DoRA magnitudes into the UNet only (transformers' adapter loader drops the text "
+            "encoder's, so it would run without them); train the UNet only, or use "
+            "lora.dora_axis = 'input' with the kohya file"
+        ]
     if lora.type == "dora" and lora.dora_axis == "input" and fmt == "diffusers":
         return [
             "output.format: 'diffusers' with lora.type = 'dora' and lora.dora_axis = 'input': "
