@@ -103,3 +103,14 @@ def test_samples_are_written_at_validation_points_with_a_fixed_seed(make_config,
         assert image.size == (64, 64)
         # Same config, same seed: the same image, so differences between runs are the weights.
         assert image.tobytes() == Image.open(b / path.relative_to(a)).tobytes()
+
+
+def test_the_held_out_set_depends_on_validation_seed_not_train_seed(make_config):
+    from trainer.feed import checked_examples
+
+    def held_out(*sets):
+        _, val = checked_examples(make_config("validation.fraction=0.25", *sets), False)
+        return [e.path for e in val]
+
+    assert held_out("train.seed=0") == held_out("train.seed=7")
+    assert held_out("validation.seed=0") != held_out("validation.seed=3")

@@ -6,6 +6,7 @@
     sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
     sdlora inspect FILE [--against MODEL] [--modules] [--json]
     sdlora sample --lora FILE --model MODEL --prompt TEXT [--scales 0,0.5,1] [--out grid.png]
+    sdlora sweep FILE [--storage URL] [--out DIR] [--launch "FLAGS"] [--report-only]
     sdlora config-help
     sdlora --version
 
@@ -114,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_inspect(sub)
     _add_sample(sub)
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep file's trials (LR schedules, LRs, ...) on Optuna and report a verdict",
+    )
+    sweep.add_argument("file", help="the sweep file, e.g. configs/sweeps/tiny_schedules.toml")
+    sweep.add_argument(
+        "--storage",
+        metavar="URL",
+        help="an Optuna RDB URL shared by workers on several machines, e.g. "
+        "postgresql://user:pass@host/db (default: a journal file in the sweep folder)",
+    )
+    sweep.add_argument("--out", metavar="DIR", help="the sweep folder (replaces output_dir)")
+    sweep.add_argument(
+        "--launch",
+        metavar="FLAGS",
+        help="accelerate launch flags of every trial, replacing the file's launch list, e.g. "
+        '"--multi_gpu --num_processes 4"',
+    )
+    sweep.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from the study alone"
+    )
+    sweep.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="queue again the trials that failed (after fixing what made them fail)",
+    )
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
@@ -214,6 +241,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Load the config and run training."""
     from trainer import config, loop
+    from trainer.sweep.guard import trial_process
 
     overrides = list(args.overrides)
     if args.resume:
@@ -223,7 +251,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
     start = time.monotonic()
-    result = loop.run(cfg, overwrite=args.overwrite)
+    # A sweep worker's trial holds its run folder's lock and registers its pid; a no-op else.
+    with trial_process():
+        result = loop.run(cfg, overwrite=args.overwrite)
     if not result.is_main_process:
         return 130 if result.interrupted else 0
     if result.interrupted:
@@ -375,6 +405,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run this worker's share of a sweep (or only rebuild its report)."""
+    try:
+        from trainer.sweep import spec, worker
+    except ImportError as err:
+        raise ConfigError(
+            [f"sdlora sweep needs Optuna ({err}); install it: pip install -e '.[sweep]'"],
+            "sdlora sweep",
+        ) from err
+    sweep = spec.load(args.file, args.out)
+    launch = shlex.split(args.launch) if args.launch is not None else list(sweep.file.launch)
+    return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed)
+
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     """List the registered schedules, or describe one with its fields."""
     import schedulers
@@ -406,6 +450,7 @@ COMMANDS = {
     "export": cmd_export,
     "inspect": cmd_inspect,
     "sample": cmd_sample,
+    "sweep": cmd_sweep,
     "config-help": cmd_config_help,
 }
 

@@ -102,7 +102,7 @@ def checked_examples(
         held_out = data.find_records(config.data, val.path)
     else:
         try:
-            records, held_out = validation.split(records, val.fraction, config.train.seed)
+            records, held_out = validation.split(records, val.fraction, val.seed)
         except ValueError as err:
             raise data.DataError(str(err)) from err
     prepared = data.prepare(records, config.data, show_progress, decode)

@@ -186,7 +186,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
             parts.tokenizer,
             parts.vae,
             val.timesteps,
-            train_cfg.seed,
+            val.seed,  # not train.seed: every run of a sweep is scored on the same noise
             val.batch_size,
         )
     if feed.cached_latents != "off":

@@ -323,6 +323,11 @@ class ValidationConfig:
     every_n_steps: int = doc(
         "Score every N updates (and always at the end); 0 = only at the end", 0
     )
+    seed: int = doc(
+        "Seed of the held-out split and of the validation noise, apart from train.seed, so "
+        "runs trained with different seeds are scored on the same images and noise",
+        0,
+    )
     timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
     batch_size: int = doc("Examples per validation forward pass", 4)
     prompts: tuple[str, ...] = doc(

@@ -1,0 +1,193 @@
+"""Optuna as the sweep's engine: the storage, the study, its sampler and pruner.
+
+- **Storage.** Without ``--storage``, a journal file in the sweep folder
+  (``optuna.storages.JournalStorage`` over ``JournalFileBackend``): an append-only log under a
+  file lock, safe for several worker processes on one machine (Optuna advises against SQLite
+  for that). With ``--storage URL``, any Optuna RDB URL (PostgreSQL, MySQL) with Optuna's
+  heartbeat on, so workers on other machines can take over a dead worker's trial.
+- **Study.** One per sweep, named by the sweep file; the same command on every worker
+  creates it or loads it (Optuna settles two creators racing: one creates, the other loads).
+- **Sampler.** Grids and trial lists use ``GridSampler`` over their parameters and every
+  point is also put in the study's queue (``claims.enqueue_missing``); ``[search]`` uses
+  ``TPESampler``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from trainer.config import ConfigError
+from trainer.sweep.spec import Spec
+
+JOURNAL_NAME = "optuna-journal.log"
+# A trial whose worker has not sent a heartbeat for this many intervals is taken over.
+GRACE_INTERVALS = 3
+
+
+def quiet_optuna() -> None:
+    """Keep the terminal for the sweep's own status lines: Optuna's per-trial INFO lines and
+    the warnings about the experimental heartbeat API add nothing there."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def storage_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 (the driver the ``sweep`` extra installs) when the
+    older psycopg2, SQLAlchemy's default for that scheme, is not installed."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
+    """The study's storage: the sweep folder's journal file, or the RDB at ``url``.
+
+    Several workers starting at once against a new database all try to create Optuna's tables;
+    the losers of that race get an integrity error from the server and simply try again.
+    """
+    if not url:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL_NAME)))
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    url = storage_url(url)
+    last: Exception | None = None
+    for attempt in range(6):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=GRACE_INTERVALS * heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+            )
+        except (ArgumentError, NoSuchModuleError, ValueError) as err:  # a malformed URL: no retry
+            raise ConfigError(
+                [f"--storage {url}: not an Optuna RDB URL ({err}); e.g. postgresql://user@host/db"],
+                "--storage",
+            ) from err
+        except ImportError as err:
+            raise ConfigError(
+                [f"--storage {url}: {err}; install the sweep extra: pip install -e '.[sweep]'"],
+                "--storage",
+            ) from err
+        except Exception as err:  # SQLAlchemy's many errors: retried, then shown
+            last = err
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise ConfigError([f"--storage {url}: cannot open it: {last}"], "--storage")
+
+
+def pruner_class(name: str) -> type:
+    """Optuna's pruner of that name (the sweep file's ``[pruner] name``)."""
+    classes = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "threshold": optuna.pruners.ThresholdPruner,
+    }
+    return classes[name]
+
+
+def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
+    """The sweep's pruner, or none (Optuna's NopPruner)."""
+    if spec.pruner is None:
+        return optuna.pruners.NopPruner()
+    kwargs = {k: v for k, v in spec.pruner.items() if k != "name"}
+    return pruner_class(spec.pruner["name"])(**kwargs)
+
+
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """GridSampler over a grid's or trial list's parameters; TPE for a [search]."""
+    if spec.mode == "search":
+        seed = None if spec.file.sampler_seed < 0 else spec.file.sampler_seed
+        # constant_liar: trials still running on other workers count as bad guesses, so
+        # parallel workers spread out instead of all sampling next to the current best.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.GridSampler(grid_space(spec), seed=0)
+
+
+def grid_space(spec: Spec) -> dict[str, list[Any]]:
+    """A grid's or trial list's parameters and their values, ``seed`` included."""
+    space: dict[str, list[Any]] = {}
+    for point in spec.points:
+        for key, value in point.params.items():
+            space.setdefault(key, [])
+            if value not in space[key]:
+                space[key].append(value)
+    space["seed"] = list(seeds(spec))
+    return space
+
+
+def grid_ids(space: dict[str, list[Any]]) -> dict[tuple, int]:
+    """GridSampler's own numbering of the grid: point (its parameters, sorted by name) → the
+    ``grid_id`` from which the sampler gives a trial its values.
+
+    Asked of the sampler itself, through the method a trial calls to get its values, so the
+    queue and the sampler agree by construction, whatever order the sampler shuffles into.
+    """
+    sampler = optuna.samplers.GridSampler(space, seed=0)
+    names = sorted(space)
+    size = 1
+    for values in space.values():
+        size *= len(values)
+    dists = {name: optuna.distributions.CategoricalDistribution(space[name]) for name in names}
+    ids = {}
+    for grid_id in range(size):
+        probe = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
+                                          system_attrs={"grid_id": grid_id})  # fmt: skip
+        point = tuple(
+            (n, sampler.sample_independent(None, probe, n, dists[n])) for n in names
+        )  # fmt: skip
+        ids[point] = grid_id
+    return ids
+
+
+def seeds(spec: Spec) -> tuple[int, ...]:
+    """The seeds every configuration runs with: the file's, or the base config's seed."""
+    if spec.file.seeds:
+        return spec.file.seeds
+    from trainer.config import read_toml
+
+    return (int(read_toml(spec.base).get("train", {}).get("seed", 0)),)
+
+
+def open_study(spec: Spec, storage) -> optuna.Study:
+    """Create the sweep's study, or load it when another worker (or an earlier run) made it."""
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        direction="minimize",
+        load_if_exists=True,
+    )
+
+
+def load_study(spec: Spec, storage) -> optuna.Study:
+    """The sweep's existing study (for ``--report-only``); a missing one is a user error."""
+    try:
+        return optuna.load_study(
+            study_name=spec.name, storage=storage, sampler=make_sampler(spec),
+            pruner=make_pruner(spec),
+        )  # fmt: skip
+    except KeyError as err:
+        raise ConfigError(
+            [f"no study named {spec.name!r} in this storage yet; run the sweep first"],
+            str(spec.path),
+        ) from err

@@ -1,0 +1,212 @@
+"""From a sweep file to runs: every configuration × seed as a full, validated run config.
+
+A *run* is one ordinary training run (one configuration, one seed, one folder). Its folder
+name is deterministic, ``<label>-seed<N>-<hash>``, the hash taken over every config key that
+can change the trained weights, so a retried or resumed trial always finds its own
+checkpoints, and a changed configuration never reuses another's folder.
+
+Every run is checked before the first one starts (:func:`check`), and all problems come back
+at once, each naming the trial, the seed and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer import config as run_config
+from trainer.config import ConfigError, RunConfig
+from trainer.resume import FREE_KEYS
+from trainer.sweep.engine import seeds as sweep_seeds
+from trainer.sweep.overrides import ordered, set_flags, slug, toml_text
+from trainer.sweep.spec import Point, Spec
+
+TRIALS_DIR = "trials"
+# output_dir is set per run at launch; any value does while checking (it is not hashed).
+PLACEHOLDER_DIR = "sweep-run"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration trained with one seed, in its own folder."""
+
+    point: Point
+    seed: int
+    key: str  # the folder name under <sweep>/trials/
+    flags: tuple[str, ...]  # --set values, output_dir not included
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        """How the run is named in messages and reports."""
+        return f"{self.point.label} · seed {self.seed}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The Optuna parameters of a grid or trial-list run."""
+        return {**self.point.params, "seed": self.seed}
+
+    def folder(self, spec: Spec) -> Path:
+        return spec.sweep_dir / TRIALS_DIR / self.key
+
+    def launch_flags(self, spec: Spec) -> list[str]:
+        """Every ``--set`` of the run's command, its own output_dir last."""
+        return [*self.flags, f"output_dir={toml_text(str(self.folder(spec)))}"]
+
+
+def weights_hash(config: RunConfig) -> str:
+    """A short hash of every key that can change the trained weights."""
+    flat = run_config.flatten(config.to_dict())
+    kept = {k: v for k, v in flat.items() if not k.startswith(FREE_KEYS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def build_runs(
+    spec: Spec, points: Sequence[Point], problems: dict[str, list[str]] | None = None
+) -> list[Run]:
+    """Every point × seed, seed-major (all configurations once before any twice).
+
+    Args:
+        spec: The sweep.
+        points: The configurations.
+        problems: Collects config problems (problem → names of the runs it concerns); without
+            it the first invalid run raises ConfigError.
+    """
+    base = run_config.read_toml(spec.base)
+    runs = []
+    for seed in sweep_seeds(spec):
+        for point in points:
+            settings = [*ordered([*spec.common, *point.settings]), ("train.seed", seed)]
+            flags = tuple(set_flags(settings))
+            name = f"trial {point.label!r} (seed {seed})"
+            try:
+                data = run_config.apply_overrides(base, [*flags, f"output_dir={PLACEHOLDER_DIR!r}"])
+                cfg = run_config.build(data, source=name)
+            except ConfigError as err:
+                if problems is None:
+                    raise
+                for problem in err.problems:
+                    problems.setdefault(problem, []).append(name)
+                continue
+            key = f"{slug(point.label)}-seed{seed}-{weights_hash(cfg)}"
+            runs.append(Run(point, seed, key, flags, cfg))
+    return runs
+
+
+def launch_processes(launch: Sequence[str]) -> int:
+    """The process count the launch flags ask for (``--num_processes``), else 1."""
+    for i, arg in enumerate(launch):
+        if arg == "--num_processes" and i + 1 < len(launch):
+            return int(launch[i + 1])
+        if arg.startswith("--num_processes="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+def check(spec: Spec, launch: Sequence[str]) -> list[Run]:
+    """Expand and check every run before any starts; raise ConfigError with every problem.
+
+    Checked: each run's whole config (keys, types, ranges, cross-table rules), then the parts
+    of preflight that need no model, once per distinct setting: the sweep folder is writable,
+    the model source exists and has the LoRA target modules, the dataset and held-out set are
+    usable, and the run length derived from them fits the schedule. The sweep's own needs: a
+    validation set (the objective), validation during training when a pruner is on, and no
+    two configurations training the same thing.
+    """
+    problems: dict[str, list[str]] = {}
+    points = list(spec.points) if spec.mode != "search" else search_corners(spec)
+    runs = build_runs(spec, points, problems)
+    processes = launch_processes(launch)
+    once: dict[str, list[str]] = {}
+    for run in runs:
+        for problem in run_problems(spec, run.config, processes, once):
+            problems.setdefault(problem, []).append(f"trial {run.point.label!r} (seed {run.seed})")
+    seen: dict[str, Run] = {}
+    for run in runs:
+        other = seen.setdefault(run.key, run)
+        if other is not run and spec.mode != "search":
+            problems.setdefault(
+                f"trains the same config as trial {other.point.label!r}; drop one of them", []
+            ).append(f"trial {run.point.label!r} (seed {run.seed})")
+    if problems:
+        total = len(runs) or 1
+        lines = []
+        for problem, names in problems.items():
+            who = "every trial" if len(names) >= total and total > 1 else ", ".join(names)
+            lines.append(f"{who}: {problem}")
+        raise ConfigError(lines, f"{spec.path} (checked before any trial starts)")
+    return runs
+
+
+def run_problems(
+    spec: Spec, cfg: RunConfig, processes: int, once: dict[str, list[str]]
+) -> list[str]:
+    """Model-free problems of one run's config; each distinct check runs once (``once``)."""
+    from trainer import lr_plot, models, preflight, targets
+    from trainer.data import DataError
+
+    def cached(key: Any, compute: Callable[[], list[str]]) -> list[str]:
+        text = json.dumps(key, sort_keys=True, default=str)
+        if text not in once:
+            once[text] = compute()
+        return once[text]
+
+    p = cached(["dir", str(spec.sweep_dir)], lambda: preflight.output_dir_problems(spec.sweep_dir))
+    model, lora = cfg.model, cfg.lora
+
+    def model_problems() -> list[str]:
+        found = models.source_problems(model)
+        if found:
+            return found
+        te = lora.text_encoder_target_modules if lora.train_text_encoder else None
+        return targets.lora_target_problems(model.pretrained, lora.target_modules, te)
+
+    p += cached(["model", cfg.to_dict()["model"], cfg.to_dict()["lora"]], model_problems)
+
+    def length_problems() -> list[str]:
+        try:
+            lr_plot.total_updates(cfg, processes)
+        except (ConfigError, DataError) as err:
+            return err.problems if isinstance(err, ConfigError) else [str(err)]
+        return []
+
+    data = cfg.to_dict()
+    p += cached(
+        [
+            "length",
+            data["data"],
+            data["validation"],
+            data["train"],
+            data["lr_scheduler"],
+            processes,
+        ],
+        length_problems,
+    )
+    val = cfg.validation
+    if not (val.fraction or val.path):
+        p.append(
+            "validation.fraction / validation.path: the sweep's objective is the validation "
+            "loss; hold out images (validation.fraction = 0.1) or give validation.path"
+        )
+    if spec.pruner is not None and not val.every_n_steps:
+        p.append(
+            "validation.every_n_steps: the pruner needs validation losses during training; "
+            "set it (e.g. 50), or drop [pruner]"
+        )
+    return p
+
+
+def search_corners(spec: Spec) -> list[Point]:
+    """Configurations that exercise every [search] bound and choice (it cannot all be run
+    in advance): all lows, all highs, and each choice with the other keys at their lows."""
+    low = {p.key: (p.choice_labels()[0] if p.choices else p.low) for p in spec.search}
+    high = {p.key: (p.choice_labels()[-1] if p.choices else p.high) for p in spec.search}
+    combos = [low, high]
+    for p in spec.search:
+        for choice in p.choice_labels()[1:-1]:
+            combos.append({**low, p.key: choice})
+    return [spec.search_point(c) for c in combos]

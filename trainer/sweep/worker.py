@@ -1,0 +1,281 @@
+"""``sdlora sweep``: one worker pulling trials from the study until the sweep is done.
+
+Every worker (one machine, one per GPU, many machines) runs this same loop:
+
+1. take over the trials of dead workers (``claims.take_over_dead``);
+2. while a trial waits in the queue (or a [search] has budget left), run one through Optuna's
+   ``Study.optimize`` (which pops it, keeps its heartbeat and records its result);
+3. when nothing is left to start but other workers still run trials, wait, so that a trial
+   whose worker dies is resumed here; stop when nothing runs any more.
+
+A trial runs its runs (one per trial in a grid or list; one per seed in a [search]) as
+ordinary training processes (``trainer/sweep/process.py``), reports each validation loss to
+Optuna as it appears in ``metrics.jsonl``, and stops a run the pruner rejects with SIGTERM,
+so it saves its checkpoint. Ctrl-C (or SIGTERM) stops the current run the same way and puts
+its trial back in the queue, so the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+from tqdm.auto import tqdm
+
+from trainer.config import ConfigError
+from trainer.sweep import claims, engine, expand, process, report, results
+from trainer.sweep.expand import Run
+from trainer.sweep.spec import Spec
+
+POLL_S = 0.5
+IDLE_POLL_S = 2.0
+
+
+class Skip(Exception):
+    """A popped trial this worker must not run (see ``claims.claim_problem``)."""
+
+
+class RunFailed(Exception):
+    """A run's training process failed; the trial is marked failed with the message."""
+
+
+class _QuietSkips(logging.Filter):
+    """Optuna logs every caught objective exception with its traceback; ours are reported
+    in the sweep's own status lines instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (Skip, RunFailed))
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+class Worker:
+    """One worker process of a sweep."""
+
+    def __init__(self, spec: Spec, launch: list[str], storage, study: optuna.Study, runs):
+        self.spec, self.launch, self.storage, self.study = spec, launch, storage, study
+        self.runs = {r.key: r for r in runs} if spec.mode != "search" else {}
+        self.all_runs = list(runs) if spec.mode != "search" else []
+        self.budget = spec.file.n_trials if spec.mode == "search" else None
+        self.space = engine.grid_space(spec) if spec.mode != "search" else {}
+        self.me = claims.WorkerLock(spec.sweep_dir)
+        self.current: int | None = None
+        self.failed: list[str] = []
+        seeds = len(engine.seeds(spec))
+        total = len(self.all_runs) if self.all_runs else spec.file.n_trials * seeds
+        self.bar = tqdm(total=total, desc=spec.name, unit="run", dynamic_ncols=True)
+
+    # ---------------------------------------------------------------- the loop
+
+    def loop(self) -> int:
+        """Run trials until the sweep is done; 0, 1 when a run failed, 130 when stopped."""
+        logging.getLogger("optuna.study._optimize").addFilter(_QuietSkips())
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        try:
+            while True:
+                for number in claims.take_over_dead(
+                    self.study, self.storage, self.spec.sweep_dir, self.me
+                ):
+                    self.say(f"trial {number}: its worker is gone; queued again to resume")
+                self.refresh()
+                trials = self.study.get_trials(deepcopy=False)
+                waiting = any(t.state == optuna.trial.TrialState.WAITING for t in trials)
+                fresh = sum(1 for t in trials if claims.is_fresh(t))
+                if waiting or (self.budget is not None and fresh < self.budget):
+                    self.study.optimize(
+                        self.objective, n_trials=1, catch=(Skip, RunFailed), gc_after_trial=False
+                    )
+                    self.current = None
+                    continue
+                running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+                if not running:
+                    break
+                self.bar.set_postfix_str(f"waiting for {len(running)} trial(s) of other workers")
+                time.sleep(IDLE_POLL_S)
+        except KeyboardInterrupt:
+            if self.current is not None:
+                claims.hand_back(self.study, self.storage, self.current)
+            self.say("stopped; the interrupted run saved a checkpoint, and running the same "
+                     "command again resumes the sweep")  # fmt: skip
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.refresh()
+            self.bar.close()
+            self.me.close()
+        if self.failed:
+            self.say(f"{len(self.failed)} run(s) failed: {', '.join(self.failed)}")
+            return 1
+        return 0
+
+    def say(self, text: str) -> None:
+        tqdm.write(text)
+
+    def refresh(self) -> None:
+        """Move the bar to the runs finished by every worker, as the study records them."""
+        per_trial = 1 if self.spec.mode != "search" else len(engine.seeds(self.spec))
+        self.bar.n = per_trial * results.finished_trials(self.study, self.budget)
+        self.bar.refresh()
+
+    # ---------------------------------------------------------------- one trial
+
+    def objective(self, trial: optuna.Trial) -> float:
+        """Run the trial's runs; the objective is their mean final validation loss."""
+        self.current = trial._trial_id
+        trial.set_user_attr(claims.WORKER, self.me.info)
+        frozen = self.storage.get_trial(trial._trial_id)
+        problem = claims.claim_problem(frozen, self.study.get_trials(deepcopy=False), self.budget)
+        if problem:
+            trial.set_user_attr(claims.SKIPPED, problem)
+            raise Skip(problem)
+        values = []
+        for i, run in enumerate(self.runs_of(trial, frozen)):
+            value = self.execute(run, trial if i == 0 else None)
+            if value is None:
+                raise optuna.TrialPruned()
+            values.append(value)
+        return statistics.fmean(values)
+
+    def runs_of(self, trial: optuna.Trial, frozen) -> list[Run]:
+        """The runs a trial stands for; records its parameters in the study."""
+        if self.spec.mode != "search":
+            run = self.runs[frozen.user_attrs[claims.SLOT]]
+            for key in run.params:
+                trial.suggest_categorical(key, self.space[key])
+            return [run]
+        params = {}
+        for p in self.spec.search:
+            if p.choices:
+                params[p.key] = trial.suggest_categorical(p.key, p.choice_labels())
+            elif p.is_int:
+                params[p.key] = trial.suggest_int(p.key, p.low, p.high, step=p.step or 1, log=p.log)
+            else:
+                params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+        point = self.spec.search_point(params)
+        try:
+            runs = expand.build_runs(self.spec, [point])
+        except ConfigError as err:
+            trial.set_user_attr(claims.ERROR, str(err))
+            self.failed.append(point.label)
+            self.say(f"failed   {point.label}: {err}")
+            raise RunFailed(str(err)) from err
+        return runs
+
+    def execute(self, run: Run, reporting: optuna.Trial | None) -> float | None:
+        """Train one run to its end; its final validation loss, or None when pruned."""
+        folder = run.folder(self.spec)
+        cmd = process.command(self.launch, self.spec.base, run.launch_flags(self.spec))
+        self.bar.set_postfix_str(f"training {run.name}")
+        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks")
+        reported: set[int] = set()
+        pruned = False
+        try:
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+                if reporting is not None and self.report_values(reporting, folder, reported):
+                    pruned = True
+                    process.request_stop(proc)
+                    break
+            process.wait(proc)
+        except KeyboardInterrupt:
+            self.say(f"stopping {run.name}: finishing its update and saving a checkpoint "
+                     "(Ctrl-C again to stop at once)")  # fmt: skip
+            try:
+                process.request_stop(proc)
+                process.wait(proc)
+            except KeyboardInterrupt:
+                process.kill(proc)
+            results.add_wall_time(folder, time.monotonic() - proc.started)
+            raise
+        wall = results.add_wall_time(folder, time.monotonic() - proc.started)
+        if reporting is not None:
+            self.report_values(reporting, folder, reported, prune=False)
+        outcome = results.read_run(run, folder)
+        if outcome.final_val is not None:
+            self.status("complete", run, outcome.final_val, wall)
+            return float(outcome.final_val)
+        if pruned:
+            self.status("pruned", run, outcome.best_val, wall)
+            return None
+        message = process.log_tail(proc.log_path) or f"exit code {proc.popen.returncode}"
+        if reporting is not None:
+            reporting.set_user_attr(claims.ERROR, message)
+        self.failed.append(run.name)
+        self.status("failed", run, None, wall)
+        self.say(f"  {folder / process.LOG_NAME}:\n" + _indent(message))
+        raise RunFailed(message)
+
+    def report_values(
+        self, trial: optuna.Trial, folder: Path, reported: set[int], prune: bool = True
+    ) -> bool:
+        """Report new validation losses to Optuna; True when the pruner stops the trial."""
+        for record in results.read_metrics(folder):
+            step = int(record["step"])
+            if "val_loss" in record and step not in reported:
+                trial.report(float(record["val_loss"]), step)
+                reported.add(step)
+                if prune and trial.should_prune():
+                    return True
+        return False
+
+    def status(self, state: str, run: Run, value: float | None, wall: float) -> None:
+        shown = "" if value is None else f"val {value:.6f}"
+        self.say(f"{state:9} {run.name:48} {shown:16} {wall:7.1f} s")
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+def run(
+    spec: Spec,
+    launch: list[str],
+    storage_url: str | None,
+    report_only: bool = False,
+    retry_failed: bool = False,
+) -> int:
+    """``sdlora sweep``: check every trial, run this worker, write the report."""
+    engine.quiet_optuna()
+    runs = expand.check(spec, launch)
+    storage = engine.open_storage(storage_url, spec.sweep_dir, spec.file.heartbeat_seconds)
+    where = str(spec.path)
+    if report_only:
+        study = engine.load_study(spec, storage)
+        return _report(spec, study, runs)
+    study = engine.open_study(spec, storage)
+    claims.check_fingerprint(study, sweep_fingerprint(spec, runs), where)
+    if spec.mode != "search":
+        claims.enqueue_missing(study, runs, engine.grid_space(spec))
+    if retry_failed:
+        for number in claims.retry_failed(study):
+            tqdm.write(f"trial {number}: failed before; queued again")
+    code = Worker(spec, launch, storage, study, runs).loop()
+    _report(spec, study, runs)
+    return code
+
+
+def sweep_fingerprint(spec: Spec, runs: list[Run]) -> str:
+    """What the sweep trains: its runs' folders (a grid or list), or its search definition."""
+    if spec.mode != "search":
+        return claims.fingerprint(sorted(r.key for r in runs))
+    definition = {
+        "base": str(spec.base.read_text()),
+        "set": spec.common,
+        "search": [p.__dict__ for p in spec.search],
+        "seeds": engine.seeds(spec),
+    }
+    return claims.fingerprint(definition)
+
+
+def _report(spec: Spec, study: optuna.Study, runs: list[Run]) -> int:
+    collected = results.collect(spec, study, runs if spec.mode != "search" else [])
+    page, verdict = report.write(spec, collected)
+    tqdm.write(f"{verdict.text}\nreport: {page}")
+    return 0
