@@ -290,3 +290,22 @@ def test_per_output_dora_has_no_kohya_form():
 
     with pytest.raises(ValueError, match="per-output DoRA magnitude"):
         lora_keys.to_kohya(state, architectures.get("sd1"), {"unet": 1.0})
+
+
+def test_lora_type_is_a_sweep_grid_entry(tiny_model, tiny_data, tmp_path):
+    """A grid over lora.type and over whole [lora] tables expands into valid run configs."""
+    from sweep_helpers import write_sweep
+
+    from trainer.sweep import expand, spec
+
+    base = write_sweep(tmp_path / "files", tiny_model, tiny_data).parent / "base.toml"
+    path = tmp_path / "adapters.toml"
+    path.write_text(
+        f'base = "{base}"\n[grid]\n'
+        'lora = [{ type = "lora" }, { type = "lokr", factor = 4, decompose_both = true }]\n'
+        '"lora.rank" = [4, 8]\n'
+    )
+    s = spec.load(path, str(tmp_path / "out"))
+    runs = expand.build_runs(s, s.points)
+    kinds = sorted((r.config.lora.type, r.config.lora.factor, r.config.lora.rank) for r in runs)
+    assert kinds == [("lokr", 4, 4), ("lokr", 4, 8), ("lora", -1, 4), ("lora", -1, 8)]
