@@ -309,3 +309,13 @@ def test_lora_type_is_a_sweep_grid_entry(tiny_model, tiny_data, tmp_path):
     runs = expand.build_runs(s, s.points)
     kinds = sorted((r.config.lora.type, r.config.lora.factor, r.config.lora.rank) for r in runs)
     assert kinds == [("lokr", 4, 4), ("lokr", 4, 8), ("lora", -1, 4), ("lora", -1, 8)]
+
+
+def test_exporting_per_output_dora_as_kohya_is_one_clear_error(dora_runs, capsys):
+    from trainer import cli
+
+    folder = dora_runs["output"].output_dir
+    assert cli.main(["export", str(folder), "--format", "kohya", "--out", str(folder / "k")]) == 2
+    err = capsys.readouterr().err
+    assert "per-output DoRA magnitude" in err and "--format diffusers" in err
+    assert "Traceback" not in err
