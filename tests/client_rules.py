@@ -229,3 +229,32 @@ def sdxl_unet() -> torch.nn.Module:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
+
+
+# ---------------------------------------------------------------- tensors per module
+
+# The tensor parts each client reads for one module of each adapter type (A1111's
+# network_lora/_hada/_lokr.py ``create_module`` and ComfyUI's weight_adapter ``load``), beyond
+# the ``alpha`` every module carries; LoKr takes each factor full or as an ``_a``/``_b`` pair.
+MODULE_PARTS = {
+    "lora": [{"lora_up.weight", "lora_down.weight"}],
+    "dora": [{"lora_up.weight", "lora_down.weight", "dora_scale"}],
+    "loha": [
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+        {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    ],
+    "lokr": [
+        one | two
+        for one in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
+        for two in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}, {"lokr_w2_a", "lokr_w2_b", "lokr_t2"})
+    ],
+}
+
+
+def module_parts(kohya: dict) -> dict[str, set[str]]:
+    """``{module name: its tensor parts}`` of a kohya-format state dict."""
+    parts: dict[str, set[str]] = {}
+    for key in kohya:
+        name, _, part = key.partition(".")
+        parts.setdefault(name, set()).add(part)
+    return parts

@@ -201,3 +201,57 @@ def test_unknown_architecture_and_component_are_clear_errors():
         architectures.get("sd3")
     with pytest.raises(ValueError, match="text_encoder_2"):
         lora_keys.kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1", SD1)
+
+
+def typed_state(model, component, targets, adapter, rank=4) -> dict[str, torch.Tensor]:
+    """Diffusers-format tensors of one adapter type on every targeted Linear, shaped as peft
+    shapes them (meta tensors: only names and shapes matter here)."""
+    state = {}
+    for key, value in adapter_state(model, component, targets, rank).items():
+        path = key[: -len(".lora_A.weight")]
+        out_features, in_features = (
+            (value.shape[0], None) if key.endswith("lora_B.weight") else (None, value.shape[1])
+        )
+        if adapter in ("lora", "dora"):
+            state[key] = value
+            if adapter == "dora" and in_features is not None:
+                state[f"{path}.lora_magnitude_vector"] = torch.empty(1, in_features, device="meta")
+        elif adapter == "loha" and out_features is not None:
+            width = value.shape[0]
+            fan_in = adapter_state_in(model, component, path)
+            for i in (1, 2):
+                state[f"{path}.hada_w{i}_a"] = torch.empty(width, rank, device="meta")
+                state[f"{path}.hada_w{i}_b"] = torch.empty(rank, fan_in, device="meta")
+        elif adapter == "lokr" and out_features is not None:
+            fan_in = adapter_state_in(model, component, path)
+            state[f"{path}.lokr_w1"] = torch.empty(4, 4, device="meta")
+            state[f"{path}.lokr_w2_a"] = torch.empty(value.shape[0] // 4, rank, device="meta")
+            state[f"{path}.lokr_w2_b"] = torch.empty(rank, fan_in // 4, device="meta")
+    return state
+
+
+def adapter_state_in(model, component, path) -> int:
+    module = model.get_submodule(path[len(component) + 1 :])
+    return module.in_features
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "loha", "lokr"])
+def test_every_type_has_client_names_and_exactly_the_parts_clients_read(sd15, adapter):
+    """Zero unmatched modules under kohya's, ComfyUI's and A1111's rules, and per module the
+    tensor parts that type's client loader reads, plus alpha, and nothing else."""
+    unet, text = sd15
+    state = typed_state(unet, "unet", UNET_TARGETS, adapter)
+    state |= typed_state(rules.as_transformers5(text), "text_encoder", TEXT_TARGETS, adapter)
+    kohya = lora_keys.to_kohya(state, SD1, {"unet": 4.0, "text_encoder": 4.0})
+    parts = rules.module_parts(kohya)
+    modules = set(parts)
+    assert len(modules) == 16 * 8 + 12 * 4
+    assert sorted(modules - rules.kohya_names(unet, [rules.as_transformers4(text)])) == []
+    assert sorted(modules - rules.comfy_sd1_names(unet, 12)) == []
+    compvis = rules.sd15_compvis_attention_names()
+    assert sorted(m for m in modules if rules.a1111_compvis(m) not in compvis) == []
+    allowed = [p | {"alpha"} for p in rules.MODULE_PARTS[adapter]]
+    assert all(found in allowed for found in parts.values()), {frozenset(p) for p in parts.values()}
+    if adapter == "dora":  # dora_scale: one magnitude per input column, as (1, in)
+        to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+        assert tuple(kohya[f"{to_k}.dora_scale"].shape) == (1, 768)

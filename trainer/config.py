@@ -155,7 +155,49 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     p += optimizer_checks(config, [] if warnings is None else warnings)
+    p += adapter_format_checks(config)
     return p
+
+
+def adapter_format_checks(config: RunConfig) -> list[str]:
+    """The adapter type against the files ``output.format`` asks for (docs/adapters.md).
+
+    Each type is written only where a client applies it exactly: A1111/Forge and ComfyUI read
+    DoRA with per-input magnitudes, LoHa and LoKr from the kohya file; diffusers reads only
+    LoRA and peft's own DoRA (per-output magnitudes), from the diffusers file.
+    """
+    lora, fmt = config.lora, config.output.format
+    if lora.type == "dora" and lora.dora_axis == "output" and fmt != "diffusers":
+        return [
+            f"lora.dora_axis: 'output' cannot be written in the kohya format (output.format = "
+            f"{fmt!r}): A1111/Forge apply dora_scale per input column and ComfyUI divides a "
+            "per-output one by the base weight's norm, so both would load it wrong; set "
+            "output.format = 'diffusers', or lora.dora_axis = 'input' for those clients"
+        ]
+    if (
+        lora.type == "dora"
+        and lora.dora_axis == "output"
+        and (lora.train_text_encoder or lora.train_text_encoder_2)
+    ):
+        return [
+            "lora.dora_axis: 'output' with a text encoder trained: diffusers loads "
+            "DoRA magnitudes into the UNet only (transformers' adapter loader drops the text "
+            "encoder's, so it would run without them); train the UNet only, or use "
+            "lora.dora_axis = 'input' with the kohya file"
+        ]
+    if lora.type == "dora" and lora.dora_axis == "input" and fmt == "diffusers":
+        return [
+            "output.format: 'diffusers' with lora.type = 'dora' and lora.dora_axis = 'input': "
+            "diffusers applies DoRA per output row and cannot load this file; use 'kohya' or "
+            "'both' (A1111/Forge, ComfyUI), or lora.dora_axis = 'output' for diffusers"
+        ]
+    if lora.type in ("loha", "lokr") and fmt == "diffusers":
+        return [
+            f"output.format: 'diffusers' with lora.type = {lora.type!r}: diffusers' "
+            "load_lora_weights reads only LoRA and DoRA; use 'kohya' or 'both' (the kohya file "
+            "is what A1111/Forge and ComfyUI load)"
+        ]
+    return []
 
 
 def optimizer_checks(config: RunConfig, warnings: list[str]) -> list[str]:

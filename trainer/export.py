@@ -161,13 +161,16 @@ def export(
     name = outputs.clean_name(name) if name else run_name
     is_checkpoint = folder.parent.name == ckpt.CHECKPOINTS
     steps = int(record.get("steps", 0)) if is_checkpoint else None
-    return outputs.write_lora_files(
-        target,
-        state,
-        adapters,
-        record,
-        fmt,
-        name,
-        dtype or run_dtype or "fp16",
-        kohya_file=outputs.kohya_file_name(name, steps),
-    )
+    try:
+        return outputs.write_lora_files(
+            target,
+            state,
+            adapters,
+            record,
+            fmt,
+            name,
+            dtype or run_dtype or "fp16",
+            kohya_file=outputs.kohya_file_name(name, steps),
+        )
+    except ValueError as err:  # e.g. a per-output DoRA, which has no kohya form
+        raise ExportError(f"{path}: {err}; export it with --format diffusers") from err

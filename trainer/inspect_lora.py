@@ -35,6 +35,7 @@ class Report:
     path: Path
     size: int
     format: str
+    adapter_type: str
     architecture: str
     architecture_source: str
     modules: list[dict[str, Any]]
@@ -157,6 +158,7 @@ def inspect(path: str | Path, against: str | Path | None = None) -> Report:
         path=header.path,
         size=header.size,
         format=parsed.format,
+        adapter_type=parsed.adapter_type,
         architecture=arch,
         architecture_source=source,
         modules=_module_rows(parsed),
@@ -197,6 +199,7 @@ def format_report(report: Report, list_modules: bool = False) -> str:
     lines = [
         f"file:          {report.path} ({report.size:,} bytes)",
         f"format:        {report.format}",
+        f"adapter type:  {report.adapter_type}",
         f"architecture:  {report.architecture} (from {report.architecture_source})",
         f"modules:       {len(report.modules)}",
         *_rank_alpha_lines(report.modules),

@@ -1,4 +1,10 @@
-"""Attach peft LoRA adapters, and save / load them in the diffusers LoRA file format.
+"""Attach peft adapters (LoRA, DoRA, LoHa, LoKr), and save / load them in the diffusers
+LoRA file format.
+
+``lora.type`` picks peft's config: ``LoraConfig`` (``use_dora`` for DoRA, whose magnitude is
+then taken per input column, ``trainer/dora.py``), ``LoHaConfig`` or ``LoKrConfig``. peft's
+LoHa and LoKr layers hold the tensors LyCORIS defines, under LyCORIS' names and with its
+formulas, so ``trainer/lora_keys.py`` writes them in the kohya/LyCORIS format as they are.
 
 The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.``,
 ``text_encoder.`` and (SDXL) ``text_encoder_2.`` prefixes, plus the adapter config (rank,
@@ -18,12 +24,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from peft import LoHaConfig, LoKrConfig, PeftConfig
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer import lora_keys
+from trainer import dora, lora_keys
 from trainer.config import ConfigError, LoraConfig
 from trainer.dtypes import DTYPES
 from trainer.files import save_safetensors
@@ -37,21 +44,36 @@ TRAINING_METADATA_KEY = "sdlora_training"
 
 
 def _peft_config(
-    rank: int,
-    alpha: float,
-    dropout: float,
-    targets: list[str],
-    layers: Sequence[int] | None = None,
-) -> PeftLoraConfig:
+    config: LoraConfig, targets: tuple[str, ...], layers: Sequence[int] | None = None
+) -> PeftConfig:
+    """The peft config of ``lora.type`` for one model's targets (only in ``layers`` of a
+    text encoder's ``encoder.layers.N`` when given)."""
     kwargs = {}
     if layers is not None:
-        # CLIP's encoder layers are `encoder.layers.N`; peft adapts only the listed N.
         kwargs = {"layers_to_transform": list(layers), "layers_pattern": "layers"}
+    if config.type in ("loha", "lokr"):
+        common = {
+            "r": config.rank,
+            "alpha": config.alpha,
+            "rank_dropout": config.rank_dropout,
+            "module_dropout": config.module_dropout,
+            "use_effective_conv2d": config.conv_tucker,
+            "target_modules": list(targets),
+            **kwargs,
+        }
+        if config.type == "loha":
+            return LoHaConfig(**common)
+        return LoKrConfig(
+            **common,
+            decompose_factor=config.factor,
+            decompose_both=config.decompose_both,
+        )
     return PeftLoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
         target_modules=list(targets),
+        use_dora=config.type == "dora",
         # Gaussian A and zero B, as the diffusers scripts do: the adapter starts as a no-op.
         init_lora_weights="gaussian",
         **kwargs,
@@ -119,12 +141,13 @@ def _add_adapter(
     config: LoraConfig,
     layers: Sequence[int] | None = None,
 ) -> None:
-    peft_config = _peft_config(config.rank, config.alpha, config.dropout, targets, layers)
     try:
-        model.add_adapter(peft_config)
+        model.add_adapter(_peft_config(config, targets, layers))
     except ValueError as err:  # e.g. a target that names a block, not a layer peft can adapt
         first = str(err).splitlines()[0]
         raise ConfigError([f"{key}: peft cannot adapt these modules ({first})"]) from err
+    if config.type == "dora" and config.dora_axis == "input":
+        dora.use_input_axis(model)
 
 
 def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -281,8 +304,9 @@ def load_into(
             missing = sorted(set(expected) - set(sub))[:3]
             extra = sorted(set(sub) - set(expected))[:3]
             raise ValueError(
-                f"{path}: {prefix} LoRA keys do not match the configured adapters "
-                f"(missing {missing}, unexpected {extra}); was lora.rank/target_modules changed?"
+                f"{path}: {prefix} adapter keys do not match the configured adapters "
+                f"(missing {missing}, unexpected {extra}); was lora.type, rank or "
+                "target_modules changed?"
             )
         for key, value in sub.items():
             if value.shape != expected[key].shape:

@@ -37,7 +37,7 @@ _KOHYA_SUFFIXES = {
     "lora_up.weight": ("lora", "up"),
     "lora_mid.weight": ("lora", "mid"),
     "alpha": ("", "alpha"),
-    "dora_scale": ("lora", "dora"),
+    "dora_scale": ("dora", "dora"),
     "hada_w1_a": ("loha", "up"),
     "hada_w1_b": ("loha", "down"),
     "hada_w2_a": ("loha", ""),
@@ -65,6 +65,14 @@ _PEFT_SUFFIXES = {
     "lora_B.weight": "up",
     "lora_magnitude_vector": "dora",
     "lora_magnitude_vector.weight": "dora",
+    # peft's LoHa/LoKr tensors carry LyCORIS' names (roles as in _KOHYA_SUFFIXES).
+    **{k: role for k, (kind, role) in _KOHYA_SUFFIXES.items() if kind in ("loha", "lokr")},
+}
+# The adapter type a diffusers/PEFT tensor marks its module as (others leave it LoRA).
+_PEFT_KINDS = {
+    "lora_magnitude_vector": "dora",
+    "lora_magnitude_vector.weight": "dora",
+    **{k: kind for k, (kind, _) in _KOHYA_SUFFIXES.items() if kind in ("loha", "lokr")},
 }
 # Older diffusers files (attention processors): suffix → (role, what to cut from the path).
 _LEGACY_SUFFIXES = {
@@ -89,7 +97,8 @@ class Module:
     Attributes:
         name: The module's name in the file: the kohya name, or ``<component>.<path>``.
         component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
-        kind: ``lora``, ``loha``, ``lokr``, ``full``, ``norm`` or ``glora``.
+        kind: ``lora``, ``dora`` (LoRA with a magnitude), ``loha``, ``lokr``, ``full``,
+            ``norm`` or ``glora``.
         keys: The file's tensor keys of this module.
         rank: The adapter's rank, where it has one.
         alpha: Its alpha, where the file stores one (None: clients assume alpha = rank).
@@ -120,6 +129,12 @@ class Parsed:
         """The model components the LoRA adapts, in a stable order."""
         return sorted({m.component for m in self.modules.values()})
 
+    @property
+    def adapter_type(self) -> str:
+        """The modules' adapter type (``lora``, ``dora``, ``loha``, ``lokr``...), or the types
+        joined with ``+`` when the file mixes them."""
+        return "+".join(sorted({m.kind for m in self.modules.values()}))
+
 
 def _split(key: str, suffixes: Mapping[str, object]) -> tuple[str, str] | None:
     for suffix in sorted(suffixes, key=len, reverse=True):
@@ -149,7 +164,7 @@ def _parse_kohya(header: Header) -> Parsed | None:
         kind, role = _KOHYA_SUFFIXES[suffix]
         module = modules.setdefault(name, Module(name, KOHYA_COMPONENTS[prefix.group(1)]))
         module.keys.append(key)
-        if kind:
+        if kind and module.kind == "lora":  # a LoRA's dora_scale makes it DoRA, not back
             module.kind = kind
         _shapes(module, role, info.shape)
     if not modules:
@@ -185,6 +200,7 @@ def _parse_peft(header: Header) -> Parsed | None:
             continue
         module = modules.setdefault(name, Module(name, component))
         module.keys.append(key)
+        module.kind = _PEFT_KINDS.get(suffix, module.kind)
         _shapes(module, role, info.shape)
     if not modules:
         return None
@@ -200,6 +216,8 @@ def _peft_alphas(modules: Mapping[str, Module], metadata: Mapping[str, str]) -> 
         return
     for module in modules.values():
         alpha = config.get(f"{module.component}.lora_alpha")
+        if alpha is None:  # peft's LoHa and LoKr configs call it alpha
+            alpha = config.get(f"{module.component}.alpha")
         path = module.name.split(".", 1)[1]
         for pattern, value in (config.get(f"{module.component}.alpha_pattern") or {}).items():
             if re.fullmatch(rf"(.*\.)?{pattern}", path):

@@ -34,6 +34,12 @@ TEXT_MODEL = "text_model"
 _TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 PEFT_DOWN, PEFT_UP = "lora_A.weight", "lora_B.weight"
 KOHYA_DOWN, KOHYA_UP, KOHYA_ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+# DoRA's magnitude: peft's key in the diffusers file, and the kohya/LyCORIS key clients read.
+PEFT_MAGNITUDE, KOHYA_DORA_SCALE = "lora_magnitude_vector", "dora_scale"
+# peft's LoHa and LoKr tensors carry LyCORIS' own names, in both files.
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+PEFT_SUFFIXES = (PEFT_DOWN, PEFT_UP, PEFT_MAGNITUDE, *LOHA_TENSORS, *LOKR_TENSORS)
 UNET = "unet"
 
 
@@ -68,16 +74,31 @@ def is_text_component(component: str) -> bool:
 
 
 def split_peft_key(key: str) -> tuple[str, str, str]:
-    """``unet.a.b.lora_A.weight`` → (``unet``, ``a.b``, ``lora_A.weight``).
+    """``unet.a.b.lora_A.weight`` → (``unet``, ``a.b``, ``lora_A.weight``); also DoRA's
+    ``lora_magnitude_vector`` and the LoHa/LoKr tensors (``….hada_w1_a``, ``….lokr_w1``).
 
     Raises:
-        ValueError: for a key that is not a component-prefixed PEFT LoRA weight.
+        ValueError: for a key that is not a component-prefixed PEFT adapter tensor.
     """
     component, _, rest = key.partition(".")
-    for suffix in (PEFT_DOWN, PEFT_UP):
+    for suffix in PEFT_SUFFIXES:
         if rest.endswith("." + suffix):
             return component, rest[: -len(suffix) - 1], suffix
-    raise ValueError(f"{key!r} is not a PEFT LoRA weight (….lora_A.weight / ….lora_B.weight)")
+    raise ValueError(
+        f"{key!r} is not a PEFT adapter tensor (….lora_A.weight / ….lora_B.weight, "
+        "….lora_magnitude_vector, ….hada_*, ….lokr_*)"
+    )
+
+
+def adapter_type(keys: Iterable[str]) -> str:
+    """``lora``, ``dora``, ``loha`` or ``lokr``: the type of a diffusers-format state dict's
+    adapters, told from its tensor names (``lora`` when it holds none of the others)."""
+    suffixes = {split_peft_key(k)[2] for k in keys}
+    if suffixes & set(LOHA_TENSORS):
+        return "loha"
+    if suffixes & set(LOKR_TENSORS):
+        return "lokr"
+    return "dora" if PEFT_MAGNITUDE in suffixes else "lora"
 
 
 def canonical_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,26 +223,66 @@ def kohya_name(component: str, path: str, arch: Architecture) -> str:
 
 
 def to_kohya(
-    state: Mapping[str, torch.Tensor], arch: Architecture, alphas: Mapping[str, float]
+    state: Mapping[str, torch.Tensor],
+    arch: Architecture,
+    alphas: Mapping[str, float],
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rename a diffusers-format LoRA state dict to kohya keys, with an ``.alpha`` per module.
+    """Rename a diffusers-format state dict to kohya/LyCORIS keys, with an ``.alpha`` per module.
+
+    Per module ``<name>`` (:func:`kohya_name`), by adapter type:
+
+    - LoRA: ``.lora_down.weight`` (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``);
+    - DoRA: the same plus ``.dora_scale``, the per-input magnitude ``(1, in[, 1, 1])``;
+    - LoHa: ``.hada_w1_a``, ``.hada_w1_b``, ``.hada_w2_a``, ``.hada_w2_b`` (``.hada_t1``,
+      ``.hada_t2`` for a Tucker-decomposed convolution);
+    - LoKr: ``.lokr_w1`` or ``.lokr_w1_a``/``_b``, ``.lokr_w2`` or ``.lokr_w2_a``/``_b``
+      (``.lokr_t2``).
 
     Args:
-        state: ``<component>.<path>.lora_A.weight`` / ``lora_B.weight`` tensors.
+        state: Diffusers-format tensors (``<component>.<path>.<tensor>``).
         arch: The base-model family.
-        alphas: The LoRA alpha of each component (``{"unet": 8.0, "text_encoder": 8.0}``).
-            kohya scales each module by ``alpha / rank``; the rank is the tensors' own.
+        alphas: The alpha of each component (``{"unet": 8.0, "text_encoder": 8.0}``). Clients
+            scale a module by ``alpha / rank``, the rank read from its tensors, as peft does.
+        ranks: The rank of each component: needed for a LoKr module whose two factors are
+            both full matrices, which the clients apply unscaled (no tensor holds a rank), so
+            peft's ``alpha / rank`` is folded into ``lokr_w1``.
 
-    Returns:
-        ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and ``<name>.alpha`` (fp32
-        scalar) for every module.
+    Raises:
+        ValueError: a component without an alpha (or a needed rank), or a per-output DoRA
+            magnitude, which no kohya-format client applies correctly.
     """
-    out: dict[str, torch.Tensor] = {}
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         component, path, suffix = split_peft_key(key)
-        name = kohya_name(component, path, arch)
-        out[f"{name}.{KOHYA_DOWN if suffix == PEFT_DOWN else KOHYA_UP}"] = value
+        modules.setdefault((component, path), {})[suffix] = value
+    out: dict[str, torch.Tensor] = {}
+    for (component, path), tensors in modules.items():
         if component not in alphas:
-            raise ValueError(f"no LoRA alpha known for {component!r} (needed for {key})")
-        out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(float(alphas[component]))
+            raise ValueError(f"no alpha known for {component!r} (needed for {component}.{path})")
+        alpha = float(alphas[component])
+        name = kohya_name(component, path, arch)
+        rank = (ranks or {}).get(component)
+        for suffix, value in _kohya_tensors(f"{component}.{path}", tensors, alpha, rank).items():
+            out[f"{name}.{suffix}"] = value
+        out[f"{name}.{KOHYA_ALPHA}"] = torch.tensor(alpha)
+    return out
+
+
+def _kohya_tensors(
+    where: str, tensors: Mapping[str, torch.Tensor], alpha: float, rank: int | None
+) -> dict[str, torch.Tensor]:
+    """One module's tensors under their kohya/LyCORIS names (without the ``.alpha``)."""
+    renamed = {PEFT_DOWN: KOHYA_DOWN, PEFT_UP: KOHYA_UP, PEFT_MAGNITUDE: KOHYA_DORA_SCALE}
+    out = {renamed.get(suffix, suffix): value for suffix, value in tensors.items()}
+    magnitude = out.get(KOHYA_DORA_SCALE)
+    if magnitude is not None and magnitude.dim() < 2:
+        raise ValueError(
+            f"{where}: a per-output DoRA magnitude (lora.dora_axis = 'output'); A1111/Forge and "
+            "ComfyUI apply dora_scale per input column, so no kohya file can hold it"
+        )
+    if "lokr_w1" in out and "lokr_w2" in out:
+        if rank is None:
+            raise ValueError(f"{where}: a full×full LoKr module needs the adapter's rank")
+        out["lokr_w1"] = out["lokr_w1"] * (alpha / rank)
     return out

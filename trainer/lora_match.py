@@ -126,6 +126,8 @@ def match_against(parsed: Parsed, folder: str | Path) -> tuple[list[str], list[s
             unmatched += module.keys
             continue
         known = module.in_features is not None and module.out_features is not None
-        if module.kind == "lora" and known and (module.in_features, module.out_features) != widths:
+        # Kinds whose down/up tensors hold the layer's widths (LoKr's hold factors of them).
+        sized = module.kind in ("lora", "dora", "loha") and known
+        if sized and (module.in_features, module.out_features) != widths:
             wrong_shape += module.keys
     return sorted(unmatched), sorted(wrong_shape)

@@ -38,6 +38,10 @@ RECORD_FORMAT = 2
 SAI_MODEL_SPEC_VERSION = "1.0.0"
 # kohya's network module for plain LoRA (what A1111 and kohya's tools key their loaders on).
 KOHYA_NETWORK_MODULE = "networks.lora"
+# What kohya's scripts record for a LyCORIS network (DoRA, LoHa, LoKr): the module, and the
+# LyCORIS algorithm among its network_args (``algo=loha``).
+LYCORIS_NETWORK_MODULE = "lycoris.kohya"
+LYCORIS_ALGO = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
 
 
 # ---------------------------------------------------------------- paths
@@ -199,6 +203,8 @@ def training_record(
         "base_model": model_name(config.model.pretrained),
         "architecture": architecture,
         "prediction_type": facts.prediction_type,
+        "adapter_type": lora.type,
+        "adapter_args": adapter_args(lora),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "dropout": lora.dropout,
@@ -251,6 +257,35 @@ def training_record(
     return strip_paths(record)
 
 
+def adapter_args(lora: Any) -> dict[str, Any]:
+    """The ``[lora]`` keys that only the chosen adapter type reads, with their values."""
+    from trainer.schema import TYPE_KEYS
+
+    return {k: getattr(lora, k) for k, types in TYPE_KEYS.items() if lora.type in types}
+
+
+def network_args(adapter: str, args: Mapping[str, Any]) -> dict[str, str] | None:
+    """kohya's ``ss_network_args`` of a LyCORIS network: LyCORIS' own argument names, every
+    value a string (kohya parses them from ``key=value`` words); None for plain LoRA."""
+    if adapter not in LYCORIS_ALGO:
+        return None
+    out = {"algo": LYCORIS_ALGO[adapter]}
+    if adapter == "dora":
+        out |= {"dora_wd": "True", "wd_on_output": str(args.get("dora_axis") == "output")}
+    else:
+        out |= {
+            "rank_dropout": str(args.get("rank_dropout", 0.0)),
+            "module_dropout": str(args.get("module_dropout", 0.0)),
+            "use_tucker": str(args.get("conv_tucker", False)),
+        }
+    if adapter == "lokr":
+        out |= {
+            "factor": str(args.get("factor", -1)),
+            "decompose_both": str(args.get("decompose_both", False)),
+        }
+    return out
+
+
 def _now() -> float:
     return datetime.datetime.now(datetime.timezone.utc).timestamp()
 
@@ -265,7 +300,9 @@ def _kohya_str(value: Any) -> str:
     return str(value)
 
 
-def kohya_metadata(record: Mapping[str, Any], name: str) -> dict[str, str]:
+def kohya_metadata(
+    record: Mapping[str, Any], name: str, adapter: str | None = None
+) -> dict[str, str]:
     """The ``ss_*`` keys for a kohya-format file, from a :func:`training_record`.
 
     Keys whose fact the record lacks (e.g. a checkpoint exported without its run facts) are
@@ -274,7 +311,10 @@ def kohya_metadata(record: Mapping[str, Any], name: str) -> dict[str, str]:
     Args:
         record: The run record.
         name: The LoRA's name (``ss_output_name``: A1111 lists the LoRA under it).
+        adapter: The adapter type the tensors hold (default: the record's, else ``lora``).
     """
+    adapter = adapter or record.get("adapter_type") or "lora"
+    args = record.get("adapter_args") or {}
     arch = get_architecture(record.get("architecture", "sd1"))
     prediction = record.get("prediction_type", "epsilon")
     resolution = record.get("resolution")
@@ -286,7 +326,10 @@ def kohya_metadata(record: Mapping[str, Any], name: str) -> dict[str, str]:
         "ss_sd_model_name": record.get("base_model"),
         "ss_base_model_version": arch.version_string(prediction),
         "ss_v2": arch.v2,
-        "ss_network_module": KOHYA_NETWORK_MODULE,
+        "ss_network_module": LYCORIS_NETWORK_MODULE
+        if adapter in LYCORIS_ALGO
+        else KOHYA_NETWORK_MODULE,
+        "ss_network_args": network_args(adapter, args),
         "ss_network_dim": record.get("rank"),
         "ss_network_alpha": record.get("alpha"),
         "ss_network_dropout": record.get("dropout"),

@@ -59,7 +59,9 @@ def _alphas(adapter_metadata: Mapping[str, Any], state: Mapping[str, torch.Tenso
     components = {lora_keys.split_peft_key(k)[0] for k in state}
     alphas = {}
     for component in components:
+        # peft's LoraConfig calls it lora_alpha; its LoHa and LoKr configs call it alpha.
         alpha = adapter_metadata.get(f"{component}.lora_alpha")
+        alpha = adapter_metadata.get(f"{component}.alpha") if alpha is None else alpha
         if alpha is None:
             raise ValueError(
                 f"no {component}.lora_alpha in the adapter metadata; the LoRA's strength is "
@@ -67,6 +69,11 @@ def _alphas(adapter_metadata: Mapping[str, Any], state: Mapping[str, torch.Tenso
             )
         alphas[component] = float(alpha)
     return alphas
+
+
+def _ranks(adapter_metadata: Mapping[str, Any]) -> dict[str, int]:
+    suffix = ".r"
+    return {k[: -len(suffix)]: int(v) for k, v in adapter_metadata.items() if k.endswith(suffix)}
 
 
 def write_lora_files(
@@ -106,9 +113,10 @@ def write_lora_files(
         spec["modelspec.hash_sha256"] = lora_hashes.hashes(tensors, {})["modelspec.hash_sha256"]
         written.append(lora.save_state(folder, tensors, adapter_metadata, record, spec))
     if fmt in ("kohya", "both"):
-        kohya = lora_keys.to_kohya(tensors, arch, _alphas(adapter_metadata, tensors))
+        alphas = _alphas(adapter_metadata, tensors)
+        kohya = lora_keys.to_kohya(tensors, arch, alphas, _ranks(adapter_metadata))
         header = {
-            **meta.kohya_metadata(record, name),
+            **meta.kohya_metadata(record, name, lora_keys.adapter_type(tensors)),
             **meta.modelspec_metadata(record, name),
             lora.TRAINING_METADATA_KEY: record_json,
         }

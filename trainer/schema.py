@@ -65,26 +65,74 @@ class ModelConfig:
         return []
 
 
+# The adapter types, and which of [lora]'s type-specific keys each one reads (docs/adapters.md).
+ADAPTER_TYPES = ("lora", "dora", "loha", "lokr")
+TYPE_KEYS = {
+    "dropout": ("lora", "dora"),
+    "dora_axis": ("dora",),
+    "rank_dropout": ("loha", "lokr"),
+    "module_dropout": ("loha", "lokr"),
+    "conv_tucker": ("loha", "lokr"),
+    "factor": ("lokr",),
+    "decompose_both": ("lokr",),
+}
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """[lora]: the adapters that are trained."""
 
-    rank: int = doc("LoRA rank (r) of the UNet adapters", 4)
-    alpha: float = doc("LoRA alpha; the update is scaled by alpha / rank", 4.0)
-    dropout: float = doc("Dropout on the LoRA branch, in [0, 1)", 0.0)
+    type: Literal["lora", "dora", "loha", "lokr"] = doc(
+        "Adapter type: 'lora' (low rank B·A), 'dora' (LoRA plus a trained magnitude per "
+        "weight column), 'loha' (Hadamard product of two low-rank pairs), 'lokr' (Kronecker "
+        "product); see docs/adapters.md",
+        "lora",
+    )
+    rank: int = doc("Rank (r) of the UNet adapters (LoKr: of its decomposed factors)", 4)
+    alpha: float = doc("Alpha; the update is scaled by alpha / rank", 4.0)
+    dropout: float = doc("lora/dora: dropout on the adapter branch's input, in [0, 1)", 0.0)
     target_modules: tuple[str, ...] = doc(
         "UNet module names that get adapters", ["to_q", "to_k", "to_v", "to_out.0"]
     )
     train_text_encoder: bool = doc(
-        "Also train LoRA adapters on the CLIP text encoder (SDXL: the first, CLIP ViT-L)", False
+        "Also train adapters on the CLIP text encoder (SDXL: the first, CLIP ViT-L)", False
     )
     train_text_encoder_2: bool = doc(
-        "SDXL only: also train LoRA adapters on the second text encoder (OpenCLIP ViT-bigG)",
+        "SDXL only: also train adapters on the second text encoder (OpenCLIP ViT-bigG)",
         False,
     )
     text_encoder_target_modules: tuple[str, ...] = doc(
         "Text-encoder module names that get adapters (in each trained text encoder)",
         ["q_proj", "k_proj", "v_proj", "out_proj"],
+    )
+    dora_axis: Literal["input", "output"] = doc(
+        "dora: the weight norm DoRA divides by, 'input' (one magnitude per input column: the "
+        "DoRA paper and LyCORIS, what A1111/Forge and ComfyUI apply) or 'output' (one per "
+        "output row: peft's own DoRA, which only diffusers loads; needs output.format = "
+        "'diffusers')",
+        "input",
+    )
+    rank_dropout: float = doc(
+        "loha/lokr: drop this share of the weight delta's output rows at each step, in [0, 1)",
+        0.0,
+    )
+    module_dropout: float = doc(
+        "loha/lokr: skip a module's adapter at a step with this probability, in [0, 1)", 0.0
+    )
+    conv_tucker: bool = doc(
+        "loha/lokr: decompose the kernel of adapted k×k convolutions too (LyCORIS "
+        "use_tucker: the hada_t* / lokr_t2 tensors); no effect on linear layers",
+        False,
+    )
+    factor: int = doc(
+        "lokr: split each dimension as factor × (dim / factor) for the Kronecker product; "
+        "-1 picks the most balanced split",
+        -1,
+    )
+    decompose_both: bool = doc(
+        "lokr: also write the small Kronecker factor as a low-rank pair (lokr_w1_a/_b) when "
+        "the rank is small enough for it",
+        False,
     )
     save_dtype: Literal["", "fp16", "bf16", "fp32"] = doc(
         "Deprecated: use output.save_dtype (still read for one release; when set, it wins)", ""
@@ -97,12 +145,33 @@ class LoraConfig:
             p.append(f"{where}.rank: {self.rank} must be >= 1")
         if self.alpha <= 0:
             p.append(f"{where}.alpha: {self.alpha} must be > 0")
-        if not 0 <= self.dropout < 1:
-            p.append(f"{where}.dropout: {self.dropout} must be in [0, 1)")
+        for key in ("dropout", "rank_dropout", "module_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                p.append(f"{where}.{key}: {getattr(self, key)} must be in [0, 1)")
+        if self.factor != -1 and self.factor < 1:
+            p.append(f"{where}.factor: {self.factor} must be >= 1, or -1 (balanced split)")
         for key in ("target_modules", "text_encoder_target_modules"):
             names = getattr(self, key)
             if not names or any(not n.strip() for n in names):
                 p.append(f"{where}.{key}: name at least one module and no empty names, e.g. 'to_q'")
+        return p + self.type_key_problems(where)
+
+    def type_key_problems(self, where: str) -> list[str]:
+        """A type-specific key set (away from its default) for a type that does not read it.
+
+        The value is what is compared, not whether the key was written: a resolved config
+        (a checkpoint's ``config.toml``) holds every key at its default.
+        """
+        p = []
+        defaults = LoraConfig.__dataclass_fields__
+        for key, types in TYPE_KEYS.items():
+            if self.type in types or getattr(self, key) == defaults[key].default:
+                continue
+            users = " or ".join(repr(t) for t in types)
+            p.append(
+                f"{where}.{key}: applies only to {where}.type = {users}, not "
+                f"{self.type!r}; remove it (or set {where}.type)"
+            )
         return p
 
     def __post_init__(self) -> None:
