@@ -138,8 +138,12 @@ def schedule_free(make_config, *extra, output):
 
 
 def trained_params(unet, text_encoder) -> list[torch.Tensor]:
-    """The LoRA parameters in the optimizer's order: UNet group, then text-encoder group."""
-    return [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    """The LoRA parameters in the optimizer's order: UNet group, then text-encoder group.
+
+    ``text_encoder`` is one module, or the list validation hands over (SDXL has two).
+    """
+    encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]
+    return [p for m in (unet, *encoders) for p in m.parameters() if p.requires_grad]
 
 
 def test_schedule_free_saves_its_eval_weights(make_config, tmp_path):
@@ -173,7 +177,7 @@ def test_schedule_free_saves_its_eval_weights(make_config, tmp_path):
 def test_schedule_free_validates_and_samples_with_its_eval_weights(
     make_config, tmp_path, tiny_data, monkeypatch
 ):
-    from trainer import validation
+    from trainer import samples, validation
 
     seen = {}
     real_loss = validation.Validator.loss
@@ -184,13 +188,13 @@ def test_schedule_free_validates_and_samples_with_its_eval_weights(
         )
         return real_loss(self, unet, encoder, *args, **kwargs)
 
-    def samples(folder, prompts, parts, unet, encoder, *args):
+    def sample_point(state, unet, encoder):
         seen.setdefault("samples", []).append(
             [p.detach().clone() for p in trained_params(unet, encoder)]
         )
 
     monkeypatch.setattr(validation.Validator, "loss", loss)
-    monkeypatch.setattr(loop, "write_samples", samples)
+    monkeypatch.setattr(samples, "sample_point", sample_point)
     cfg = schedule_free(
         make_config,
         f'validation.path="{tiny_data}"',

@@ -123,6 +123,22 @@ def test_a_run_killed_before_its_final_outputs_is_finished_from_its_checkpoint(
     assert (out / lr_state).read_bytes() == (reference / lr_state).read_bytes()
 
 
+def test_a_kill_mid_metrics_line_resumes_to_the_uninterrupted_records(
+    reference, tiny_config, tmp_path
+):
+    # Killed during update 6, after its checkpoint at 4 and while appending a record.
+    out = copy_run(reference, tmp_path / "run")
+    shutil.rmtree(ckpt.step_dir(out, 6))
+    for name in (WEIGHTS_NAME, final.MANIFEST_NAME, ckpt.LR_SCHEDULER_STATE):
+        (out / name).unlink()
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+    assert len(read_metrics(out)) == 5, "the half-written record is skipped, not fatal"
+    loop.run(tiny_config(out, *SETTINGS, 'checkpoint.resume="latest"'))
+    assert without_clock(read_metrics(out)) == without_clock(read_metrics(reference))
+    assert_same_weights(out, reference)
+
+
 def test_truncated_final_weights_are_detected_and_rewritten(
     reference, tiny_config, tmp_path, no_model_load
 ):

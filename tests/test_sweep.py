@@ -34,8 +34,7 @@ from trainer import cli
 from trainer.checkpoint import find_latest
 from trainer.sweep import claims
 from trainer.sweep.report import FILES
-from trainer.sweep.results import read_metrics
-from trainer.tracking import without_clock
+from trainer.tracking import read_metrics, without_clock
 
 pytestmark = pytest.mark.slow
 VALUE_COLUMNS = ("state", "final_val_loss", "best_val_loss", "final_train_loss", "updates")
@@ -63,7 +62,7 @@ def assert_same_results(out: Path, reference: Path) -> None:
     mine, ref = run_folders(out), run_folders(reference)
     assert mine.keys() == ref.keys()
     for name in ref:
-        # The clock keys (time, elapsed) differ between any two runs; the rest must not.
+        # The clock (time, elapsed) differs between two runs; everything else must not.
         a, b = without_clock(read_metrics(mine[name])), without_clock(read_metrics(ref[name]))
         assert a == b, f"{name}: metrics.jsonl differs from the uninterrupted sweep"
     rows, ref_rows = summary(out), summary(reference)

@@ -45,11 +45,21 @@ TB_FLUSH_SECS = 30
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``output_dir/metrics.jsonl`` (an empty list when there is none)."""
+    """All records of ``output_dir/metrics.jsonl`` (an empty list when there is none).
+
+    A line cut short by a kill mid-write is skipped, not fatal: the resume that follows
+    rewrites that update's record anyway.
+    """
     path = Path(output_dir) / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def without_clock(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

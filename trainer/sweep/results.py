@@ -20,6 +20,7 @@ from trainer import final
 from trainer.sweep import claims
 from trainer.sweep.expand import Run, build_runs
 from trainer.sweep.spec import Spec
+from trainer.tracking import read_metrics
 
 WALL_NAME = "sweep_run.json"  # in a run folder: seconds its attempts ran, summed
 STATES = {
@@ -46,19 +47,6 @@ class RunResult:
     updates: int = 0
     wall_s: float = 0.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl`` records; a line cut short by a kill is skipped, not fatal."""
-    path = folder / "metrics.jsonl"
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def finished_steps(folder: Path) -> int | None:

@@ -30,6 +30,7 @@ from trainer.config import ConfigError
 from trainer.sweep import claims, engine, expand, process, report, results
 from trainer.sweep.expand import Run
 from trainer.sweep.spec import Spec
+from trainer.tracking import read_metrics
 
 POLL_S = 0.5
 IDLE_POLL_S = 2.0
@@ -216,7 +217,7 @@ class Worker:
         self, trial: optuna.Trial, folder: Path, reported: set[int], prune: bool = True
     ) -> bool:
         """Report new validation losses to Optuna; True when the pruner stops the trial."""
-        for record in results.read_metrics(folder):
+        for record in read_metrics(folder):
             step = int(record["step"])
             if "val_loss" in record and step not in reported:
                 trial.report(float(record["val_loss"]), step)
