@@ -64,6 +64,7 @@ def launch(model, data, out, processes: int, batch: int, *extra: str) -> str:
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "gemm_4bit" not in done.stderr, "bitsandbytes' CPU-kernel warning is not silenced"
     return done.stdout
 
 
