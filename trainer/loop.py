@@ -46,7 +46,7 @@ from trainer.progress import SessionStats
 from trainer.resume import restore_checkpoint, save_checkpoint
 from trainer.signals import StopRequest
 from trainer.state import RunState
-from trainer.tracking import Tracker, start_trackers, truncate_metrics
+from trainer.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
 from trainer.validation import Validator
 
 log = logging.getLogger("sdlora")
@@ -140,7 +140,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=None if tracker == "none" else tracker,
         project_config=ProjectConfiguration(
-            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / LOGS_DIR)
         ),
     )
     if accelerator.num_processes != world:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -440,6 +441,15 @@ class LoggingConfig:
         "Experiment tracker (metrics.jsonl is always written)", "tensorboard"
     )
     project: str = doc("Tracker project / run-group name", "sdlora")
+
+    def problems(self, where: str) -> list[str]:
+        """wandb is an extra: its absence is found with the config, not after the models load."""
+        if self.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+            return [
+                f'{where}.tracker: "wandb" needs the wandb package, which is not installed; '
+                "install it with: pip install 'sdlora[wandb]' (or use \"tensorboard\")"
+            ]
+        return []
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from trainer.config import RunConfig
 from trainer.grids import PROGRESSION_NAME
 from trainer.lora import WEIGHTS_NAME
 from trainer.samples import SAMPLES_DIR
-from trainer.tracking import METRICS_NAME, read_metrics
+from trainer.tracking import LOGS_DIR, METRICS_NAME, read_metrics
 
 _INDENT = "  "
 
@@ -68,7 +68,7 @@ def commands(config: RunConfig, train_longer: str) -> Commands:
 def outputs(config: RunConfig) -> list[tuple[str, str]]:
     """``(path, what it is)`` for every output of the run that exists."""
     root = Path(config.output_dir)
-    logs = root / "logs" / config.logging.project
+    logs = root / LOGS_DIR / config.logging.project
     found = [
         (root / WEIGHTS_NAME, "the LoRA (diffusers format)"),
         *[
@@ -80,7 +80,8 @@ def outputs(config: RunConfig) -> list[tuple[str, str]]:
         (root / "config.toml", "resolved config (--config accepts it)"),
         (root / "manifest.json", "sizes and SHA-256 of the final files"),
         (root / METRICS_NAME, "loss, LR, val loss, time of every update"),
-        (logs, f"tensorboard: tensorboard --logdir {shlex.quote(str(root / 'logs'))}"),
+        (logs, f"tensorboard: tensorboard --logdir {shlex.quote(str(root / LOGS_DIR))}"),
+        (root / LOGS_DIR / "wandb", "wandb's local files (offline: wandb sync <the run folder>)"),
         (root / SAMPLES_DIR / PROGRESSION_NAME, "samples: rows = prompts, columns = updates"),
         (root / "skipped_images.txt", "images left out, and why"),
     ]

@@ -15,6 +15,12 @@ TensorBoard: one run per ``output_dir``, ``logs/<logging.project>/``, whose hype
 are in that run too. A resumed run appends to it: its writer starts with a session-start
 event at the first update it trains, and TensorBoard discards what an earlier session wrote
 at that update and after, so every step has one value, as in ``metrics.jsonl``.
+
+wandb: one run per ``output_dir`` too, in project ``logging.project``, named like the LoRA.
+Its id is kept in ``logs/wandb_run.json`` and every resume continues that run
+(``resume="allow"``); wandb's local files go to ``logs/wandb/``, not the working directory.
+wandb keeps the first value logged at a step, so updates a resume trains again (after a kill
+past the checkpoint) keep their first values: the same ones, since resume is exact.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -42,6 +49,8 @@ METRICS_NAME = "metrics.jsonl"
 CLOCK_KEYS = ("time", "elapsed")
 # Seconds between tensorboard flushes (its default, 120 s, hides recent steps for long).
 TB_FLUSH_SECS = 30
+LOGS_DIR = "logs"
+WANDB_RUN_NAME = "wandb_run.json"  # in logs/: the id of this output_dir's wandb run
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -115,8 +124,9 @@ def start_trackers(accelerator, config: RunConfig, first_step: int) -> None:
     if name == "none":
         return
     hparams = flat_hparams(config.to_dict())
-    if name != "tensorboard":
-        accelerator.init_trackers(config.logging.project, hparams)
+    if name == "wandb":
+        options = wandb_options(config, first_step)
+        accelerator.init_trackers(config.logging.project, hparams, {"wandb": options})
         return
     options = {"purge_step": first_step, "flush_secs": TB_FLUSH_SECS}
     accelerator.init_trackers(config.logging.project, init_kwargs={"tensorboard": options})
@@ -128,6 +138,30 @@ def start_trackers(accelerator, config: RunConfig, first_step: int) -> None:
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     for summary in hparams_summaries(hparams, metrics):
         writer.file_writer.add_summary(summary)
+
+
+def wandb_options(config: RunConfig, first_step: int) -> dict[str, Any]:
+    """``wandb.init`` options: this output_dir's own run, continued by every resume.
+
+    A fresh start (``first_step`` 1) gets a new id; a resume reuses the recorded one, so its
+    curves continue the same wandb run rather than starting a second one per session.
+    """
+    from trainer.files import write_text
+    from trainer.outputs import output_name
+
+    logs = Path(config.output_dir) / LOGS_DIR
+    record = logs / WANDB_RUN_NAME
+    run_id = None
+    if first_step > 1 and record.is_file():
+        try:
+            run_id = str(json.loads(record.read_text())["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            run_id = None  # a damaged record: a new run beats a crash at the start
+    if run_id is None:
+        run_id = secrets.token_hex(8)  # wandb ids: letters and digits, at most 64
+        logs.mkdir(parents=True, exist_ok=True)
+        write_text(record, json.dumps({"id": run_id}) + "\n")
+    return {"id": run_id, "resume": "allow", "name": output_name(config), "dir": str(logs)}
 
 
 class Tracker:
