@@ -147,3 +147,33 @@ def test_export_record_of_a_checkpoint_comes_from_its_config(trained, tmp_path):
     record = json.loads(meta["sdlora_training"])
     assert record["steps"] == 2 and record["alpha"] == 8.0 and record["architecture"] == "sd1"
     assert record["base_model"] == "model"
+
+
+def test_export_never_replaces_other_weights_without_overwrite(trained, tmp_path, capsys):
+    """An export into a run's output_dir would replace its trained LoRA: refused, nothing
+    written; the same export rerun succeeds and changes nothing; --overwrite replaces."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (WEIGHTS_NAME, f"{NAME}-step00000002.safetensors"):
+        (run / name).write_bytes((trained / WEIGHTS_NAME).read_bytes())  # "the final LoRA"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    checkpoint = str(trained / "checkpoints" / "step-000002")
+    assert main(["export", checkpoint, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and str(run / WEIGHTS_NAME) in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before, "something was written"
+
+    fresh = tmp_path / "fresh"
+    assert main(["export", checkpoint, "--out", str(fresh)]) == 0
+    first = {p.name: p.read_bytes() for p in fresh.iterdir()}
+    assert main(["export", checkpoint, "--out", str(fresh)]) == 0  # the up arrow
+    again = {p.name: p.read_bytes() for p in fresh.iterdir()}
+    assert again.keys() == first.keys() and again == first
+    assert main(["export", checkpoint, "--out", str(fresh), "--dtype", "fp16"]) == 2
+    capsys.readouterr()
+
+    assert main(["export", checkpoint, "--out", str(run), "--overwrite"]) == 0
+    for name in first:
+        a, b = load_file(run / name), load_file(fresh / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not [p for p in run.iterdir() if p.name.startswith(".export-")]

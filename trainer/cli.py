@@ -179,6 +179,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="LoRA name: kohya file name and the name A1111 lists (default: the run's "
         "output.name or its output_dir's name)",
     )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in the destination that hold other weights (a rerun of the same "
+        "export needs no flag)",
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -368,7 +374,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a saved LoRA in the client formats."""
     from trainer.export import export
 
-    for path in export(args.source, args.format, args.out, args.dtype, args.name):
+    for path in export(args.source, args.format, args.out, args.dtype, args.name, args.overwrite):
         print(f"wrote {path}")
     return 0
 

@@ -14,6 +14,9 @@ recorded there (image count, tags, optimizer) are left out of the metadata rathe
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +117,49 @@ def _default_name(folder: Path) -> tuple[str, str | None]:
     return outputs.clean_name(root.resolve().name), None
 
 
+def same_lora(a: Path, b: Path) -> bool:
+    """Two safetensors files hold the same tensors and header metadata (safetensors writes
+    the header's keys in no fixed order, so bytes cannot tell)."""
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        names = fa.keys()
+        if fa.metadata() != fb.metadata() or set(names) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in names)
+
+
+def _write_guarded(target: Path, write, overwrite: bool) -> list[Path]:
+    """Write the files into a scratch folder beside their destination, then move each into
+    place. A destination file with other contents (a trained LoRA, another export) is
+    replaced only with ``overwrite``; one with the same contents (a rerun) is left as it is.
+    Either all files land or none does."""
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target))
+    try:
+        fresh = write(scratch)
+        there = [f for f in fresh if (target / f.name).exists()]
+        same = {f for f in there if same_lora(target / f.name, f)}
+        clashes = [target / f.name for f in there if f not in same]
+        if clashes and not overwrite:
+            names = ", ".join(str(c) for c in clashes)
+            raise ExportError(
+                f"{names}: already there, with other weights or metadata; nothing was "
+                "written. Pass --overwrite to replace it, or --out with another folder"
+            )
+        for f in fresh:
+            if f not in same:
+                os.replace(f, target / f.name)  # same file system, so each move is atomic
+        return [target / f.name for f in fresh]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def export(
     source: str | Path,
     fmt: str = "both",
     out: str | Path | None = None,
     dtype: str | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a saved LoRA as ``fmt`` (``diffusers``, ``kohya`` or ``both``); return the files.
 
@@ -130,10 +170,11 @@ def export(
         dtype: ``fp16``, ``bf16`` or ``fp32`` (default: the run's ``output.save_dtype``, else
             fp16).
         name: The LoRA's name (default: the run's ``output.name`` or output folder's name).
+        overwrite: Replace destination files that hold something else.
 
     Raises:
-        ExportError: a missing source, a file without adapter metadata, or an export that
-            would overwrite its own source.
+        ExportError: a missing source, a file without adapter metadata, an export that
+            would overwrite its own source, or (without ``overwrite``) other files in the way.
     """
     path = _weights_file(Path(source))
     folder = path.parent
@@ -161,16 +202,20 @@ def export(
     name = outputs.clean_name(name) if name else run_name
     is_checkpoint = folder.parent.name == ckpt.CHECKPOINTS
     steps = int(record.get("steps", 0)) if is_checkpoint else None
-    try:
-        return outputs.write_lora_files(
-            target,
-            state,
-            adapters,
-            record,
-            fmt,
-            name,
-            dtype or run_dtype or "fp16",
-            kohya_file=outputs.kohya_file_name(name, steps),
-        )
-    except ValueError as err:  # e.g. a per-output DoRA, which has no kohya form
-        raise ExportError(f"{path}: {err}; export it with --format diffusers") from err
+
+    def write(folder: Path) -> list[Path]:
+        try:
+            return outputs.write_lora_files(
+                folder,
+                state,
+                adapters,
+                record,
+                fmt,
+                name,
+                dtype or run_dtype or "fp16",
+                kohya_file=outputs.kohya_file_name(name, steps),
+            )
+        except ValueError as err:  # e.g. a per-output DoRA, which has no kohya form
+            raise ExportError(f"{path}: {err}; export it with --format diffusers") from err
+
+    return _write_guarded(target, write, overwrite)
