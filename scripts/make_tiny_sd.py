@@ -167,6 +167,35 @@ TINY_SD15 = Preset(
     ),
 )
 
+# SD 1.5's vae/config.json, and CLIP ViT-L/14's text config: the published values, which
+# SD 1.5 and SDXL base both use (SDXL with its own VAE scaling), written out in full.
+SD_VAE = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    scaling_factor=SD_SCALING_FACTOR,
+)
+CLIP_VIT_L = dict(
+    # The real vocabulary size keeps the embedding's real shape; the local tokenizer's ids
+    # are all below it.
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=MAX_TOKENS,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+)
+
 # The values of stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json (the text
 # encoder is CLIP ViT-L/14's). Written out in full, not left to library defaults, so a change
 # of a default in diffusers or transformers cannot change the shapes.
@@ -190,32 +219,8 @@ SD15_SHAPE = Preset(
         cross_attention_dim=768,
         attention_head_dim=8,
     ),
-    vae=dict(
-        sample_size=512,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=SD_SCALING_FACTOR,
-    ),
-    text_encoder=dict(
-        # The real vocabulary size keeps the embedding's real shape; the local tokenizer's
-        # ids are all below it.
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=MAX_TOKENS,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-    ),
+    vae=SD_VAE,
+    text_encoder=CLIP_VIT_L,
     dtype="fp16",  # 2.1 GB instead of 4.3; training loads it in its own compute dtype
 )
 
@@ -304,31 +309,15 @@ SDXL_SHAPE = Preset(
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     ),
-    vae=dict(
-        sample_size=1024,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=SDXL_SCALING_FACTOR,
-        force_upcast=True,
-    ),
-    text_encoder=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=MAX_TOKENS,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-    ),
+    # SDXL's VAE is SD's architecture, retrained: other scaling factor, and it overflows in
+    # fp16, which its config says with force_upcast.
+    vae={
+        **SD_VAE,
+        "sample_size": 1024,
+        "scaling_factor": SDXL_SCALING_FACTOR,
+        "force_upcast": True,
+    },
+    text_encoder=CLIP_VIT_L,
     text_encoder_2=dict(
         vocab_size=49408,
         hidden_size=1280,
