@@ -105,7 +105,7 @@ def unknown_key(cls: type[Schedule], key: str, where: str) -> str:
 
 def _registered() -> list[str]:
     # Only names already loaded: a hint must not import every plug-in.
-    return sorted(registry._schedules)
+    return sorted(registry.REGISTRY.loaded())
 
 
 def describe(name: str) -> str:

@@ -1,8 +1,8 @@
 """A registry of typed tables chosen by name: built-ins, entry-point plug-ins, and
 ``"package.module:Class"`` paths.
 
-One :class:`Registry` per kind of table (the optimizers use one; the LR schedules have their
-own older module in the same spirit, ``schedulers/registry.py``):
+One :class:`Registry` per kind of table (``schedulers/registry.py`` holds the LR schedules',
+``optimizers/registry.py`` the optimizers'):
 
 - built-ins register themselves with ``@registry.register("name")`` when their package is
   imported;
@@ -75,6 +75,7 @@ class Registry(Generic[T]):
         base: The base class every registered class must subclass.
         group: The entry-point group plug-ins declare themselves in.
         check: Extra contract checks, ``check(cls, what)`` raising :class:`RegistryError`.
+        base_name: How messages name ``base`` (default: its module and qualified name).
 
     Every registered class is a ``@dataclass(frozen=True)`` subclass of ``base`` with a
     one-line doc on every field, no field called ``name`` (the registry sets the class
@@ -87,9 +88,11 @@ class Registry(Generic[T]):
         base: T,
         group: str,
         check: Callable[[type, str], None] | None = None,
+        base_name: str = "",
     ) -> None:
         self.kind = kind
         self.base = base
+        self.base_name = base_name or f"{base.__module__}.{base.__qualname__}"
         self.group = group
         self._check = check
         self._classes: dict[str, T] = {}
@@ -132,11 +135,11 @@ class Registry(Generic[T]):
     def check_class(self, obj: object, what: str) -> None:
         """Raise :class:`RegistryError` unless ``obj`` honours the contract (see the class)."""
         if not (isinstance(obj, type) and issubclass(obj, self.base)):
-            shown = getattr(obj, "__qualname__", None) or repr(obj)
+            # A module's repr holds its absolute path; its name says the same.
+            shown = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
             kind = "class" if isinstance(obj, type) else type(obj).__name__
             raise RegistryError(
-                f"{what}: {shown!r} is a {kind}, not a subclass of "
-                f"{self.base.__module__}.{self.base.__qualname__}"
+                f"{what}: {shown or repr(obj)!r} is a {kind}, not a subclass of {self.base_name}"
             )
         # An undecorated subclass inherits __dataclass_params__, so look at the class itself.
         params = vars(obj).get("__dataclass_params__")
