@@ -8,15 +8,13 @@ and suggesting the closest valid key. Nothing is silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from optimizers import registry
 from optimizers.base import OptimizerSpec
-from typedtables import ConfigError, build_table, describe_table, field_types, toml_value
-from typedtables.registry import RegistryError, UnknownNameError
+from typedtables import ConfigError, describe_table, toml_value
 
 SOURCE = "the optimizer"
 DEFAULT = "adamw"
@@ -63,45 +61,16 @@ def from_table(table: Mapping[str, Any], where: str = "optimizer") -> OptimizerS
 def build(table: Any, where: str, problems: list[str]) -> OptimizerSpec:
     """Like :func:`from_table`, appending problems to ``problems`` instead of raising (for a
     caller that reports a whole config at once). Returns ``adamw`` when the name is bad."""
-    fallback = registry.get(DEFAULT)()
-    if not isinstance(table, Mapping):
-        problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
-        return fallback
-    name = table.get("name", DEFAULT)
-    if not isinstance(name, str):
-        problems.append(
-            f"{where}.name: expected an optimizer name (str), got {type(name).__name__} {name!r}"
-        )
-        return fallback
-    try:
-        cls = registry.get(name)
-    except (UnknownNameError, RegistryError) as err:
-        # Without the class there is no schema to check the other keys against.
-        problems.append(f"{where}.name: {err}")
-        return fallback
-    return build_table(cls, table, where, problems, unknown=unknown_key, skip=("name",))
-
-
-def unknown_key(cls: type[OptimizerSpec], key: str, where: str) -> str:
-    """The message for a key ``cls`` does not have, with the most useful hint found."""
-    keys = list(field_types(cls))
-    message = f"{where}.{key}: unknown key for the {cls.name!r} optimizer"
-    peer = PEER_NAMES.get(key)
-    if peer in keys:
-        return f"{message}; sdlora calls it {where}.{peer}"
-    if key in ELSEWHERE:
-        return f"{message}; {ELSEWHERE[key]}"
-    close = difflib.get_close_matches(key, keys, n=1)
-    if close:
-        return f"{message}; did you mean {where}.{close[0]}?"
-    owners = [n for n, c in sorted(registry.REGISTRY.loaded().items()) if key in field_types(c)]
-    if owners:
-        # Typically `--set optimizer.name=...` over a table written for another optimizer.
-        return (
-            f"{message}; it is a key of: {', '.join(owners)}. To switch optimizers, replace "
-            f"the whole table, e.g. --set '{where}={{name = \"{cls.name}\"}}'"
-        )
-    return f"{message}; its keys are: name, {', '.join(keys)}"
+    return registry.REGISTRY.build(
+        table,
+        where,
+        problems,
+        noun="optimizer",
+        default=DEFAULT,
+        fallback=DEFAULT,
+        hints=ELSEWHERE,
+        peer_names=PEER_NAMES,
+    )
 
 
 def describe(name: str) -> str:

@@ -8,15 +8,14 @@ valid key. Nothing is silently ignored.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from schedulers import registry
 from schedulers.base import Schedule
-from schedulers.errors import SOURCE, ScheduleRegistryError, UnknownScheduleError
-from typedtables import ConfigError, build_table, describe_table, field_types, toml_value
+from schedulers.errors import SOURCE
+from typedtables import ConfigError, describe_table, toml_value
 
 # Names other trainers use for our keys, so a ported config gets a precise hint.
 PEER_NAMES = {
@@ -63,49 +62,18 @@ def from_table(table: Mapping[str, Any], where: str = "lr_scheduler") -> Schedul
 def build(table: Any, where: str, problems: list[str]) -> Schedule:
     """Like :func:`from_table`, appending problems to ``problems`` instead of raising (for a
     caller that reports a whole config at once). Returns ``constant`` when the name is bad."""
-    fallback = registry.get("constant")()
-    if not isinstance(table, Mapping):
-        problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
-        return fallback
-    name = table.get("name")
-    if name is None:
-        problems.append(f"{where}.name: required; one of {', '.join(registry.available())}")
-        return fallback
-    if not isinstance(name, str):
-        problems.append(
-            f"{where}.name: expected a schedule name (str), got {type(name).__name__} {name!r}"
-        )
-        return fallback
-    try:
-        cls = registry.get(name)
-    except (UnknownScheduleError, ScheduleRegistryError) as err:
-        # Without the class there is no schema to check the other keys against.
-        problems.append(f"{where}.name: {err}")
-        return fallback
-    return build_table(cls, table, where, problems, unknown=unknown_key, skip=("name",))
-
-
-def unknown_key(cls: type[Schedule], key: str, where: str) -> str:
-    """The message for a key ``cls`` does not have, with the most useful hint found."""
-    keys = list(field_types(cls))
-    message = f"{where}.{key}: unknown key for the {cls.name!r} schedule"
-    peer = PEER_NAMES.get(key)
-    if peer in keys:
-        return f"{message}; sdlora calls it {where}.{peer}"
-    if key in RUN_LENGTH_KEYS:
-        return f"{message}; the run length comes from train.max_steps (or train.epochs)"
-    close = difflib.get_close_matches(key, keys, n=1)
-    if close:
-        return f"{message}; did you mean {where}.{close[0]}?"
-    owners = [n for n in _registered() if key in field_types(registry.get(n))]
-    if owners:
-        return f"{message}; it is a key of: {', '.join(owners)}"
-    return f"{message}; its keys are: name, {', '.join(keys)}"
-
-
-def _registered() -> list[str]:
-    # Only names already loaded: a hint must not import every plug-in.
-    return sorted(registry.REGISTRY.loaded())
+    return registry.REGISTRY.build(
+        table,
+        where,
+        problems,
+        noun="schedule",
+        default=None,  # no default schedule: the choice is the point of the table
+        fallback="constant",
+        hints=dict.fromkeys(
+            RUN_LENGTH_KEYS, "the run length comes from train.max_steps (or train.epochs)"
+        ),
+        peer_names=PEER_NAMES,
+    )
 
 
 def describe(name: str) -> str:

@@ -46,7 +46,8 @@ def test_every_problem_is_reported_at_once_with_its_key_and_a_hint():
         "lr_scheduler.lr_end: unknown key for the 'cosine' schedule; sdlora calls it "
         "lr_scheduler.min_lr",
         "lr_scheduler.num_cycles: unknown key for the 'cosine' schedule; it is a key of: "
-        "cosine_with_restarts",
+        "cosine_with_restarts. To switch, replace the whole table, e.g. "
+        "--set 'lr_scheduler={name = \"cosine\"}'",
         "lr_scheduler.num_training_steps: unknown key for the 'cosine' schedule; the run length "
         "comes from train.max_steps (or train.epochs)",
     ]

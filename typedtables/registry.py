@@ -23,8 +23,11 @@ import difflib
 import importlib
 import importlib.metadata
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+from typedtables.fields import field_types
+from typedtables.tables import build_table
 
 T = TypeVar("T", bound=type)
 
@@ -268,6 +271,89 @@ class Registry(Generic[T]):
             obj = getattr(obj, part)
         self.check_class(obj, what)
         return obj  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ tables
+
+    def build(
+        self,
+        table: Any,
+        where: str,
+        problems: list[str],
+        *,
+        noun: str,
+        default: str | None,
+        fallback: str,
+        hints: Mapping[str, str] = {},
+        peer_names: Mapping[str, str] = {},
+    ) -> Any:
+        """Build the table ``{"name": ..., <that class's fields>}``, appending every problem
+        to ``problems`` instead of raising (a caller reports a whole config at once).
+
+        Args:
+            table: The TOML data.
+            where: Its TOML path (``optimizer``), to name keys in messages.
+            noun: What one class is called in messages (``"schedule"``).
+            default: The name when the table has none; ``None``: the name is required.
+            fallback: The name built when the name is bad: without the class there is no
+                schema to check the other keys against.
+            hints: Keys that belong elsewhere, with where (``{"max_grad_norm": "..."}``).
+            peer_names: Other trainers' names for our keys (``{"eta_min": "min_lr"}``).
+        """
+        if not isinstance(table, Mapping):
+            problems.append(f"[{where}]: expected a table, got {type(table).__name__}")
+            return self.get(fallback)()
+        name = table.get("name", default)
+        if name is None:
+            problems.append(f"{where}.name: required; one of {', '.join(self.available())}")
+            return self.get(fallback)()
+        if not isinstance(name, str):
+            article = "an" if noun[0] in "aeiou" else "a"
+            problems.append(
+                f"{where}.name: expected {article} {noun} name (str), got "
+                f"{type(name).__name__} {name!r}"
+            )
+            return self.get(fallback)()
+        try:
+            cls = self.get(name)
+        except (UnknownNameError, RegistryError) as err:
+            problems.append(f"{where}.name: {err}")
+            return self.get(fallback)()
+
+        def unknown(cls: type, key: str, where: str) -> str:
+            return self.unknown_key(cls, key, where, noun, hints, peer_names)
+
+        return build_table(cls, table, where, problems, unknown=unknown, skip=("name",))
+
+    def unknown_key(
+        self,
+        cls: type,
+        key: str,
+        where: str,
+        noun: str,
+        hints: Mapping[str, str],
+        peer_names: Mapping[str, str],
+    ) -> str:
+        """The message for a key ``cls`` does not have, with the most useful hint found: our
+        name for a peer's key, where the key lives instead, the closest key, the classes
+        that have it (only those loaded: a hint must not import every plug-in), or the keys."""
+        keys = list(field_types(cls))
+        message = f"{where}.{key}: unknown key for the {cls.name!r} {noun}"
+        peer = peer_names.get(key)
+        if peer in keys:
+            return f"{message}; sdlora calls it {where}.{peer}"
+        if key in hints:
+            return f"{message}; {hints[key]}"
+        close = difflib.get_close_matches(key, keys, n=1)
+        if close:
+            return f"{message}; did you mean {where}.{close[0]}?"
+        owners = [n for n, c in sorted(self._classes.items()) if key in field_types(c)]
+        if owners:
+            # Typically `--set <where>.name=...` over a table written for another class.
+            return (
+                f"{message}; it is a key of: {', '.join(owners)}. To switch, replace the whole "
+                f"table, e.g. --set '{where}={{name = \"{cls.name}\"}}'"
+            )
+        return f"{message}; its keys are: name, {', '.join(keys)}"
 
     @contextlib.contextmanager
     def isolated(self) -> Iterator[None]:
