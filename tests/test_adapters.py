@@ -319,3 +319,48 @@ def test_exporting_per_output_dora_as_kohya_is_one_clear_error(dora_runs, capsys
     err = capsys.readouterr().err
     assert "per-output DoRA magnitude" in err and "--format diffusers" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- sdlora sample
+
+
+def test_sdlora_sample_loads_every_type_as_trained(exported, tiny_model, tmp_path, capsys):
+    """The pipeline `sdlora sample` draws with predicts what the trained models predict, for
+    every type (diffusers loads plain LoRA; peft, as in training, the others); scale 0 of a
+    LoHa/LoKr is the base model. Our kohya file of a non-LoRA type is refused in one line."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer import cli, sample
+
+    kind, result, files = exported
+    path = files[lora.WEIGHTS_NAME]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    ids = pipe.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def predict(unet, encoder) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = encoder.eval()(ids)[0]
+            return unet.eval()(latents, 10, encoder_hidden_states=hidden).sample
+
+    base = predict(pipe.unet, pipe.text_encoder)
+    set_scale = sample.apply_lora(pipe, path, sample.check_lora(path))
+    set_scale(1.0)
+    theirs = predict(pipe.unet, pipe.text_encoder)
+    ours = predict(result.unet, result.text_encoder)
+    assert (theirs - base).abs().max() > 1e-3, "the adapters loaded and do something"
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    if kind != "lora":
+        set_scale(0.0)
+        if kind != "dora":  # DoRA's magnitudes renormalise the base weight at any scale
+            torch.testing.assert_close(predict(pipe.unet, pipe.text_encoder), base)
+        set_scale(1.0)  # back from 0: the scaling is restored, not multiplied away
+        torch.testing.assert_close(
+            predict(pipe.unet, pipe.text_encoder), ours, rtol=1e-4, atol=1e-5
+        )
+        kohya = next(p for name, p in files.items() if name != lora.WEIGHTS_NAME)
+        argv = ["sample", "--lora", str(kohya), "--model", str(tiny_model), "--prompt", "a"]
+        capsys.readouterr()  # the progress bars of the pipeline loaded above
+        assert cli.main([*argv, "--out", str(tmp_path / "k.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and lora.WEIGHTS_NAME in err and "Traceback" not in err

@@ -5,15 +5,21 @@ LoRA scale. Every image of a row starts from the same noise (the same seed), so 
 differ only by the LoRA and its scale. The grid is one PNG whose text chunks hold the prompts
 and every setting, so the picture documents how it was made.
 
-The LoRA is loaded by diffusers (``load_lora_weights``, any format it reads, kohya included)
-and scaled with ``set_adapters``, which scales the UNet and text-encoder parts together. An
-SDXL model (``trainer/model_arch.py`` tells) is drawn with the SDXL pipeline.
+A plain LoRA is loaded by diffusers (``load_lora_weights``, any format it reads, kohya
+included) and scaled with ``set_adapters``, which scales the UNet and text-encoder parts
+together. diffusers cannot load LoHa or LoKr files, nor the per-input DoRA that is our
+default, and it drops a kohya file's DoRA magnitudes with a warning only. So our own
+diffusers-format file of those types is loaded the way training built it: the adapters
+attached by peft from the ``[lora]`` settings in its header, then its tensors loaded and
+checked key by key; the scale multiplies every adapter's own scaling. Our kohya-format file
+of those types is refused, naming the diffusers file to use. An SDXL model
+(``trainer/model_arch.py`` tells) is drawn with the SDXL pipeline.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,8 +28,9 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from trainer.files import write_atomic
+from trainer.lora import TRAINING_METADATA_KEY, WEIGHTS_NAME
 from trainer.lora_files import LoraFileError, read_header
-from trainer.lora_formats import parse
+from trainer.lora_formats import FORMAT_DIFFUSERS, parse
 from trainer.lora_metadata import model_name
 
 ADAPTER = "lora"
@@ -66,10 +73,82 @@ def default_resolution(lora: str | Path) -> int:
     return int(side) if side.isdigit() else 512
 
 
-def _check_lora(path: Path) -> None:
+def check_lora(path: Path) -> dict | None:
+    """The file's sdlora record when it needs the peft path (a DoRA, LoHa or LoKr in our
+    diffusers format), else None; raises for what no path can draw."""
     header = read_header(path)
-    if parse(header) is None:
+    parsed = parse(header)
+    if parsed is None:
         raise LoraFileError(f"{path}: holds no LoRA tensors; `sdlora inspect` tells what it is")
+    record = json.loads(header.metadata.get(TRAINING_METADATA_KEY, "{}") or "{}")
+    adapter = record.get("adapter_type", "lora")
+    if adapter == "lora":
+        return None
+    if parsed.format != FORMAT_DIFFUSERS:
+        raise LoraFileError(
+            f"{path}: a {adapter} in kohya format, which diffusers cannot draw faithfully; "
+            f"give the diffusers-format file of the same run ({WEIGHTS_NAME}; `sdlora export "
+            "--format diffusers` writes it from a checkpoint) to --lora"
+        )
+    return record
+
+
+def _peft_adapters(pipe, lora: Path, record: dict) -> list:
+    """Attach the file's adapters to the pipeline's models as training did, load its tensors,
+    and return every adapter layer (to scale them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from trainer import conditioning
+    from trainer import lora as lora_module
+    from trainer.config import LoraConfig
+
+    settings = LoraConfig(
+        type=record["adapter_type"],
+        rank=int(record["rank"]),
+        alpha=float(record["alpha"]),
+        target_modules=tuple(record["target_modules"]),
+        text_encoder_target_modules=tuple(record.get("text_encoder_target_modules") or ())
+        or LoraConfig().text_encoder_target_modules,
+        **record.get("adapter_args", {}),
+    )
+    encoders = {
+        name: getattr(pipe, name)
+        for name in ("text_encoder", "text_encoder_2")
+        if record.get(f"{name}_trained") and getattr(pipe, name, None) is not None
+    }
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    lora_module.attach(pipe.unet, encoders, settings, conditioning.unread_layers(sdxl))
+    try:
+        lora_module.load_into(lora, pipe.unet, encoders)
+    except ValueError as err:
+        raise LoraFileError(f"{err}; is --model the model it was trained on?") from err
+    models = [pipe.unet, *encoders.values()]
+    for model in models:
+        # The adapters were made fp32 for training; draw them in the pipeline's dtype, as
+        # diffusers' own loader does (a model-wide .to(dtype) would warn about fp32 modules).
+        for param in model.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                param.data = param.data.to(pipe.device, pipe.unet.dtype)
+    return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def apply_lora(pipe, lora: Path, record: dict | None) -> Callable[[float], None]:
+    """Load the LoRA into the pipeline (``record``: from :func:`check_lora`); return the
+    function that sets its strength."""
+    if record is None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+        return lambda scale: pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    layers = _peft_adapters(pipe, lora, record)
+    return lambda scale: _scaled(layers, scale)
+
+
+def _scaled(layers: list, scale: float) -> None:
+    """Every adapter at ``scale`` times its trained strength (alpha / rank)."""
+    for layer in layers:
+        base = layer.__dict__.setdefault("_sdlora_scaling", dict(layer.scaling))
+        for name, value in base.items():
+            layer.scaling[name] = value * scale
 
 
 def _render(pipe, prompt: str, settings: SampleSettings) -> Image.Image:
@@ -86,7 +165,7 @@ def _render(pipe, prompt: str, settings: SampleSettings) -> Image.Image:
 
 
 def render(
-    lora: Path, model: str, settings: SampleSettings, device: str
+    lora: Path, model: str, settings: SampleSettings, device: str, record: dict | None = None
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -104,9 +183,9 @@ def render(
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     rows = [[_render(pipe, prompt, settings)] for prompt in settings.prompts]
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+    set_scale = apply_lora(pipe, lora, record)
     for scale in settings.scales:
-        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+        set_scale(scale)
         for row, prompt in zip(rows, settings.prompts, strict=True):
             row.append(_render(pipe, prompt, settings))
     return rows
@@ -148,9 +227,9 @@ def sample(
         LoraFileError: the LoRA file is missing, truncated or not a LoRA.
     """
     lora = Path(lora)
-    _check_lora(lora)
+    record = check_lora(lora)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = render(lora, model, settings, device)
+    rows = render(lora, model, settings, device, record)
     labels = ["base"] + [f"lora x{s:g}" for s in settings.scales]
     image = grid(rows, labels)
     info = png_metadata(lora, model, settings, labels)
