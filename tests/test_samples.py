@@ -205,3 +205,12 @@ def test_the_negative_prompt_reaches_the_png_metadata(make_config, tmp_path):
     loop.run(cfg)
     (png,) = (out / "samples" / "step-000001").glob("p00-*.png")
     assert "Negative prompt: blurry" in Image.open(png).text["parameters"]
+
+
+def test_the_sweep_report_takes_each_prompts_image_of_the_last_point_in_order(sampled):
+    """samples.png of a sweep is one column per prompt: the point's grid.png is no prompt."""
+    from trainer.sweep.report import last_samples
+
+    images = last_samples(sampled)
+    assert [samples.read_metadata(p)["prompt"] for p in images] == PROMPTS
+    assert {p.parent.name for p in images} == {"step-000004"}

@@ -25,6 +25,16 @@ _BACKGROUND = (255, 255, 255)
 _BLANK = (128, 128, 128)
 
 
+# A sample point's per-prompt image, ``samples.image_name``: p<prompt index>-seed<seed>.png.
+_PROMPT_IMAGE = re.compile(r"p(\d+)-seed-?\d+\.png")
+
+
+def prompt_images(folder: Path) -> list[Path]:
+    """A sample point's per-prompt images in prompt order (its grid of them left out)."""
+    found = [(_PROMPT_IMAGE.fullmatch(p.name), p) for p in folder.iterdir()]
+    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found if m)]
+
+
 def step_folders(root: Path) -> list[tuple[int, Path]]:
     """``(update, folder)`` of every ``step-NNNNNN`` folder under ``root``, by update."""
     if not root.is_dir():

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from trainer import grids
 from trainer.files import write_atomic, write_text
 from trainer.sweep.overrides import set_flags
 from trainer.sweep.results import RunResult
@@ -245,9 +246,10 @@ def val_figure(results: Sequence[RunResult]) -> bytes:
 
 
 def last_samples(folder: Path) -> list[Path]:
-    """The sample images of the run's last validation point, in file-name order."""
-    steps = sorted((folder / "samples").glob("step-*"))
-    return sorted(steps[-1].glob("*.png")) if steps else []
+    """The per-prompt images (``pKK-seedS.png``) of the run's last sample point, in prompt
+    order; the point's own grid of them beside is left out."""
+    steps = grids.step_folders(folder / "samples")
+    return grids.prompt_images(steps[-1][1]) if steps else []
 
 
 def samples_figure(results: Sequence[RunResult]) -> bytes:
