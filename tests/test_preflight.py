@@ -127,8 +127,12 @@ def test_an_unreachable_hub_is_reported_at_once(make_config, monkeypatch, no_mod
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    # conftest set HF_HUB_OFFLINE=1 before huggingface_hub read it: without this, the lookup
+    # fails with OfflineModeIsEnabled and no connection is ever tried.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     (problem,) = problems(make_config('model.pretrained="someone/sd-typo"'))
     assert "could not be reached" in problem
+    assert "offline" not in problem.split("(", 1)[1].split(")")[0].lower(), "no connection tried"
 
 
 def test_output_dir_that_is_a_file(make_config, tmp_path, no_model_load):

@@ -142,7 +142,7 @@ def vae_problems(config: ModelConfig) -> list[str]:
 
 def _hub_problems(config: ModelConfig, key: str, path: Path, timeout: float) -> list[str]:
     import huggingface_hub
-    from huggingface_hub.utils import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.utils import RepositoryNotFoundError
 
     source, revision = config.pretrained, config.revision or None
     cached = huggingface_hub.try_to_load_from_cache(source, "model_index.json", revision=revision)
@@ -161,7 +161,11 @@ def _hub_problems(config: ModelConfig, key: str, path: Path, timeout: float) -> 
             f"{key}: {local}, and no model of that id exists on the hub (or it is private or "
             "gated: log in with `hf auth login`)"
         ]
-    except (HfHubHTTPError, OSError, ValueError) as err:
+    except Exception as err:
+        # What a failed lookup raises depends on huggingface_hub's HTTP client (httpx's
+        # ConnectError, not an OSError, in 2.x; requests' in 0.x): any failure of this probe
+        # means the id could not be checked, which is the user's problem to hear, not a
+        # traceback.
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         return [
             f"{key}: {local}, and the hub could not be reached to look it up ({first}); "
