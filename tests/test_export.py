@@ -87,6 +87,9 @@ def test_exporting_the_last_checkpoint_gives_the_final_files(trained, tmp_path):
         a, b = load_file(exported), load_file(final)
         assert set(a) == set(b)
         assert all(torch.equal(a[k], b[k]) for k in a)
+        # Every metadata entry too: the image count, tags and optimizer the loop recorded
+        # in the checkpoint, and its save time (a file name differs, so its title does not).
+        assert header(exported) == header(final)
 
 
 def test_kohya_export_predicts_like_the_diffusers_file(trained, tiny_model, tmp_path):

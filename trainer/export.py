@@ -97,12 +97,17 @@ def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) ->
             {**old, "architecture": arch.name, "steps": steps, "finished_at": finished_at}
         )
     config = config_module.load(folder / ckpt.CONFIG_NAME)
-    facts = meta.RunFacts(
-        steps=steps,
-        epochs=int(trainer_state["epoch"]) + 1 if "epoch" in trainer_state else 0,
-        num_processes=int(trainer_state.get("num_processes", 1)),
-        prediction_type=_prediction_type(config),
-    )
+    if "run_facts" in trainer_state:
+        # What the loop knew (image count, tags, optimizer...), as the final files use it.
+        facts = meta.RunFacts(**trainer_state["run_facts"])
+        finished_at = trainer_state.get("saved_at", finished_at)
+    else:  # a checkpoint from before run_facts were recorded
+        facts = meta.RunFacts(
+            steps=steps,
+            epochs=int(trainer_state["epoch"]) + 1 if "epoch" in trainer_state else 0,
+            num_processes=int(trainer_state.get("num_processes", 1)),
+            prediction_type=_prediction_type(config),
+        )
     return meta.training_record(config, arch.name, facts, finished_at)
 
 
