@@ -206,3 +206,26 @@ def test_a_truncated_file_is_one_clear_error(ours, tmp_path, capsys):
 def test_against_needs_a_diffusers_folder(ours, tmp_path, capsys):
     assert main(["inspect", str(ours / WEIGHTS_NAME), "--against", str(tmp_path)]) == 2
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`sdlora inspect --modules FILE | head -1`: a report larger than the pipe's buffer,
+    whose reader leaves after one line, ends with status 0 and no traceback."""
+    import subprocess
+    import sys
+
+    tensors = {}
+    for i in range(3000):  # ~200 KB of module lines, more than a pipe holds
+        name = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_{i}"
+        tensors[f"{name}.lora_down.weight"] = torch.zeros(4, 8)
+        tensors[f"{name}.lora_up.weight"] = torch.zeros(8, 4)
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    code = "import sys; from trainer.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, "inspect", "--modules", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"file:")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err
