@@ -142,6 +142,32 @@ def test_output_dir_that_is_a_file(make_config, tmp_path, no_model_load):
     assert problem == f"output_dir = {str(target)!r}: is a file, not a folder; choose a folder path"
 
 
+def test_an_unusable_output_dir_is_reported_with_the_models_and_datas_problems(
+    make_config, tmp_path, no_model_load
+):
+    target = tmp_path / "taken"
+    target.write_text("a file")
+    found = problems(
+        make_config(
+            f'model.pretrained="{tmp_path / "no-model"}"',
+            f'data.path="{tmp_path / "no-data"}"',
+            output=target,
+        )
+    )
+    assert len(found) == 3, found
+    assert found[0].startswith("output_dir = ")
+    assert any(p.startswith("model.pretrained") for p in found)
+    assert any("no-data" in p for p in found)
+
+
+def test_a_refused_start_is_reported_with_the_other_problems(make_config, tmp_path, no_model_load):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)  # a fresh start is refused here
+    found = problems(make_config('lora.target_modules=["no_such_layer"]', output=out))
+    assert len(found) == 2, found
+    assert any("checkpoints" in p for p in found) and any("no_such_layer" in p for p in found)
+
+
 def test_output_dir_under_a_file(make_config, tmp_path, no_model_load):
     (tmp_path / "taken").write_text("a file")
     (problem,) = problems(make_config(output=tmp_path / "taken" / "run"))

@@ -86,14 +86,21 @@ def check(
         ConfigError: with every problem found (data problems included), naming keys and files.
         CheckpointError: an explicitly named checkpoint is missing or damaged.
     """
+    # Every problem in one report: an unusable output_dir, or a start refused there, is
+    # reported with the model's and the data's problems, not alone (fix one, rerun, meet
+    # the next). The checks after it then assume a fresh start.
     problems = output_dir_problems(Path(config.output_dir))
-    if problems:
-        raise ConfigError(problems)
-    checked = decide_start(config, num_processes, overwrite)
-    if checked.complete:
-        return checked
-    problems = models.source_problems(config.model)
+    checked = Checked()
     if not problems:
+        try:
+            checked = decide_start(config, num_processes, overwrite)
+        except ConfigError as err:
+            problems += err.problems
+        if checked.complete:
+            return checked
+    source = models.source_problems(config.model)
+    problems += source
+    if not source:
         found, checked.architecture = model_problems(config)
         problems += found
     problems += models.vae_problems(config.model)
