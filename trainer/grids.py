@@ -26,13 +26,18 @@ _BLANK = (128, 128, 128)
 
 
 # A sample point's per-prompt image, ``samples.image_name``: p<prompt index>-seed<seed>.png.
-_PROMPT_IMAGE = re.compile(r"p(\d+)-seed-?\d+\.png")
+_PROMPT_IMAGE = re.compile(r"p(\d+)-seed(-?\d+)\.png")
 
 
-def prompt_images(folder: Path) -> list[Path]:
-    """A sample point's per-prompt images in prompt order (its grid of them left out)."""
-    found = [(_PROMPT_IMAGE.fullmatch(p.name), p) for p in folder.iterdir()]
-    return [p for _, p in sorted((int(m.group(1)), p) for m, p in found if m)]
+def images_by_prompt(folder: Path) -> dict[int, Path]:
+    """A sample point's image of each prompt index, in prompt order (the point's grid of
+    them, and any temporary file of an interrupted write, left out)."""
+    found = {}
+    for path in sorted(folder.iterdir()):
+        match = _PROMPT_IMAGE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), path)
+    return dict(sorted(found.items()))
 
 
 def step_folders(root: Path) -> list[tuple[int, Path]]:

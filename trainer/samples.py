@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from trainer import grids
+from trainer.files import write_atomic
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -45,7 +45,6 @@ METADATA_KEY = "sdlora"
 A1111_KEY = "parameters"
 SAMPLER = "DDIM"
 GRID_TAG = "samples/grid"
-_IMAGE_NAME = re.compile(r"p(\d+)-seed(-?\d+)\.png")
 
 
 @dataclass(frozen=True)
@@ -93,6 +92,11 @@ class SampleSpec:
         if not self.negative_prompt:
             del facts["negative_prompt"]
         return facts
+
+
+def save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
+    """Write a PNG atomically: a kill mid-write leaves the previous file or none."""
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def step_folder(output_dir: str | Path, step: int) -> Path:
@@ -270,7 +274,7 @@ def draw(
             ).images[0]
             facts = spec.metadata(k, step)
             info = png_info(facts, a1111_parameters(facts))
-            image.save(folder / image_name(k, spec.seed), pnginfo=info)
+            save_png(image, folder / image_name(k, spec.seed), info)
             images.append(image)
     finally:
         parts.vae.to(vae_device)
@@ -300,7 +304,7 @@ def sample_point(
     rows = [[image] for image in images]
     labels = [f"p{k:02d}" for k in range(count)]
     facts = {"run": spec.run, "updates": [step], "prompts": list(spec.prompts), "seed": spec.seed}
-    grids.grid(rows, labels).save(folder / grids.GRID_NAME, pnginfo=png_info(facts))
+    save_png(grids.grid(rows, labels), folder / grids.GRID_NAME, png_info(facts))
     tracker.log_image(GRID_TAG, grids.grid(rows, labels, tile_max=grids.TILE_MAX), step)
     tracker.message(f"samples at update {step} ({time.monotonic() - start:.1f} s): {folder}")
     return folder
@@ -327,7 +331,7 @@ def write_progression(state: RunState) -> Path | None:
         return None
     points = [points[i] for i in grids.spread(len(points), grids.MAX_COLUMNS)]
     # The prompts may have changed between sessions: a row per index seen, blank where absent.
-    found = [_images_by_prompt(folder) for _, folder in points]
+    found = [grids.images_by_prompt(folder) for _, folder in points]
     indices = sorted({k for images in found for k in images})
     if not indices:
         return None
@@ -338,19 +342,9 @@ def write_progression(state: RunState) -> Path | None:
     )
     facts = {"run": spec.run, "updates": steps, "prompts": list(spec.prompts), "seed": spec.seed}
     path = root / grids.PROGRESSION_NAME
-    image.save(path, pnginfo=png_info(facts))
+    save_png(image, path, png_info(facts))
     state.tracker.message(f"progression of the samples: {path}")
     return path
-
-
-def _images_by_prompt(folder: Path) -> dict[int, Path]:
-    """The sample of each prompt index in a ``step-NNNNNN`` folder."""
-    found = {}
-    for path in sorted(folder.iterdir()):
-        match = _IMAGE_NAME.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match.group(1)), path)
-    return found
 
 
 def _load(path: Path) -> Image.Image:

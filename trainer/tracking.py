@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from trainer import progress
 from trainer.checkpoint import CHECKPOINTS
 from trainer.config import RunConfig, flatten
+from trainer.files import write_text
 from trainer.plan import Plan
 
 METRICS_NAME = "metrics.jsonl"
@@ -82,7 +83,8 @@ def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     path = Path(output_dir) / METRICS_NAME
     if path.is_file():
         kept = [r for r in read_metrics(output_dir) if r["step"] <= last_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # Atomic: a kill here must not leave the history half-written.
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def history(output_dir: Path, update: int, resumed_from: Path | None) -> list[dict[str, Any]]:
@@ -146,7 +148,6 @@ def wandb_options(config: RunConfig, first_step: int) -> dict[str, Any]:
     A fresh start (``first_step`` 1) gets a new id; a resume reuses the recorded one, so its
     curves continue the same wandb run rather than starting a second one per session.
     """
-    from trainer.files import write_text
     from trainer.outputs import output_name
 
     logs = Path(config.output_dir) / LOGS_DIR

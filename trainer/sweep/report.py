@@ -249,7 +249,7 @@ def last_samples(folder: Path) -> list[Path]:
     """The per-prompt images (``pKK-seedS.png``) of the run's last sample point, in prompt
     order; the point's own grid of them beside is left out."""
     steps = grids.step_folders(folder / "samples")
-    return grids.prompt_images(steps[-1][1]) if steps else []
+    return list(grids.images_by_prompt(steps[-1][1]).values()) if steps else []
 
 
 def samples_figure(results: Sequence[RunResult]) -> bytes:
