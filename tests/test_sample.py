@@ -72,3 +72,25 @@ def test_bad_inputs_are_one_clear_error(lora_file, tiny_model, tmp_path, capsys)
     assert main(["sample", "--lora", str(not_lora), *common]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no LoRA tensors" in err and "Traceback" not in err
+
+
+def test_a_unet_only_lora_samples_without_library_notices(tiny_model, tmp_path):
+    """The command the end-of-run summary suggests, on the usual UNet-only LoRA, prints no
+    diffusers 'No LoRA keys associated to CLIPTextModel' or transformers torchvision notice
+    (a fresh process: the torchvision one is printed once per process)."""
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    lora.attach(pipe.unet, None, LoraConfig(rank=4, alpha=4.0))
+    state, packed = lora.collect({"unet": pipe.unet})
+    record = {"architecture": "sd1", "resolution": SIDE, "steps": 0}
+    (path,) = outputs.write_lora_files(tmp_path, state, packed, record, "diffusers", "u", "fp32")
+    code = "import sys; from trainer.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["sample", "--lora", str(path), "--model", str(tiny_model), "--prompt", "a"]
+    args += ["--steps", "1", "--scales", "1", "--out", str(tmp_path / "grid.png")]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No LoRA keys" not in done.stderr and "torchvision" not in done.stderr, done.stderr

@@ -19,6 +19,7 @@ of those types is refused, naming the diffusers file to use. An SDXL model
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,7 +138,20 @@ def apply_lora(pipe, lora: Path, record: dict | None) -> Callable[[float], None]
     """Load the LoRA into the pipeline (``record``: from :func:`check_lora`); return the
     function that sets its strength."""
     if record is None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+        from trainer import samples
+
+        parsed = parse(read_header(lora))
+        unet_only = parsed is not None and parsed.components == ["unet"]
+        loggers = (
+            [logging.getLogger(n) for n in samples.DIFFUSERS_LORA_LOGGERS] if unet_only else []
+        )
+        for logger in loggers:
+            logger.addFilter(samples.NO_TEXT_KEYS)
+        try:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+        finally:
+            for logger in loggers:
+                logger.removeFilter(samples.NO_TEXT_KEYS)
         return lambda scale: pipe.set_adapters([ADAPTER], adapter_weights=[scale])
     layers = _peft_adapters(pipe, lora, record)
     return lambda scale: _scaled(layers, scale)
@@ -168,6 +182,9 @@ def render(
     lora: Path, model: str, settings: SampleSettings, device: str, record: dict | None = None
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
+    from trainer import samples
+
+    samples.quiet_torchvision_notice()
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from trainer import model_arch

@@ -167,11 +167,22 @@ class _DropMessages(logging.Filter):
 _TORCHVISION_FALLBACK = _DropMessages("requires torchvision (not installed); falling back to")
 
 
-def _import_pipeline():
-    """diffusers' SD pipeline and DDIM, importing them without the message above."""
+def quiet_torchvision_notice() -> None:
+    """Drop the message above; call before diffusers' pipelines are imported."""
     logger = logging.getLogger("transformers.utils.import_utils")
     if _TORCHVISION_FALLBACK not in logger.filters:
         logger.addFilter(_TORCHVISION_FALLBACK)
+
+
+# diffusers warns, for each text encoder, that a LoRA has no keys for it: the normal case of a
+# UNet-only LoRA. Dropped only for a file that holds no text-encoder tensors at all.
+NO_TEXT_KEYS = _DropMessages("No LoRA keys associated to")
+DIFFUSERS_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
+def _import_pipeline():
+    """diffusers' SD pipeline and DDIM, importing them without the message above."""
+    quiet_torchvision_notice()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return DDIMScheduler, StableDiffusionPipeline
