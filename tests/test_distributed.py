@@ -42,7 +42,7 @@ SHORT = (
 
 def launch(model, data, out, processes: int, batch: int, *extra: str) -> str:
     """``accelerate launch ... train.py --config configs/tiny.toml`` with the paths set; returns
-    what it printed."""
+    what it printed (stdout, then stderr)."""
     sets = [
         f'model.pretrained="{model}"',
         f'data.path="{data}"',
@@ -65,7 +65,7 @@ def launch(model, data, out, processes: int, batch: int, *extra: str) -> str:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "gemm_4bit" not in done.stderr, "bitsandbytes' CPU-kernel warning is not silenced"
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,22 @@ def test_two_process_resume_is_bitwise_exact(two_processes, tiny_model, tiny_dat
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed = without_clock(read_metrics(tmp_path / "out"))
     assert resumed == without_clock(read_metrics(two_processes))[3:]
+
+
+def test_two_processes_finish_a_killed_run_and_say_so_once(
+    two_processes, tiny_model, tiny_data, tmp_path
+):
+    """Killed while writing its final weights: the rerun with --resume latest rewrites them
+    from the last checkpoint, and each decision is printed once, not once per process."""
+    out = tmp_path / "out"
+    shutil.copytree(two_processes, out)
+    weights = out / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    printed = launch(tiny_model, tiny_data, out, 2, 2, *SHORT, 'checkpoint.resume="latest"')
+    assert printed.count("final outputs incomplete") == 1, printed[-3000:]
+    assert printed.count("already trained") == 1, printed[-3000:]
+    a, b = load_file(weights), load_file(two_processes / WEIGHTS_NAME)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_shipped_tiny_config_runs_on_two_processes(tiny_model, tiny_data, tmp_path):

@@ -21,7 +21,6 @@ main process, so every process of a multi-process launch takes the same decision
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from trainer.data import DataError, Example, Prepared
 from trainer.lora import WEIGHTS_NAME
 from trainer.plan import Plan, plan_run
 from trainer.resume import check_resumable, comparable_config, config_diff
-
-log = logging.getLogger("sdlora")
 
 # What a run writes into output_dir (the disk latent cache is left alone: it is keyed by
 # content, so it stays valid for any later run).
@@ -210,24 +207,27 @@ def decide_start(config: RunConfig, num_processes: int, overwrite: bool) -> Chec
     if overwrite:
         names = dict.fromkeys([*RUN_OUTPUTS, *final.manifest_files(output_dir)])
         found = [name for name in names if (output_dir / name).exists()]
-        if found:
-            log.warning("--overwrite: removing the previous run's %s", ", ".join(found))
-        return Checked(clear=bool(found))
+        removing = [f"--overwrite: removing the previous run's {', '.join(found)}"]
+        return Checked(clear=bool(found), warnings=removing if found else [])
     current = comparable_config(config.to_dict(), num_processes)
-    done = finished_run(output_dir, current)
+    incomplete: list[str] = []
+    done = finished_run(output_dir, current, incomplete)
     if done is not None:
         return done
     if resume:
-        return _resume_point(config, current, resume)
-    return _fresh_start(output_dir, current)
+        checked = _resume_point(config, current, resume)
+    else:
+        checked = _fresh_start(output_dir, current)
+    checked.warnings[:0] = incomplete
+    return checked
 
 
-def finished_run(output_dir: Path, current: dict) -> Checked | None:
-    """``complete`` when the outputs of this very run exist and verify, else None."""
+def finished_run(output_dir: Path, current: dict, warnings: list[str]) -> Checked | None:
+    """``complete`` when the outputs of this very run exist and verify, else None (and why
+    not, in ``warnings``, when they exist but do not verify)."""
     manifest, problems = final.read_manifest(output_dir)
     if manifest is None or problems:
-        for problem in problems:
-            log.warning("final outputs incomplete: %s", problem)
+        warnings += [f"final outputs incomplete: {problem}" for problem in problems]
         return None
     if config_diff(saved_run(manifest), current):
         return None
@@ -282,8 +282,9 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
     saved = comparable_config(saved, state["num_processes"])
     allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
-    for key, old, new in allowed:
-        log.warning("resume: %s changed from %r to %r (allowed)", key, old, new)
+    checked.warnings += [
+        f"resume: {key} changed from {old!r} to {new!r} (allowed)" for key, old, new in allowed
+    ]
     checked.resume_from = folder
     checked.updates_done = int(state["global_step"])
     if not allowed and checked.updates_done >= int(state["total_updates"]):
@@ -338,7 +339,7 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
             ]
         )
     if (output_dir / "metrics.jsonl").exists():
-        log.info("output_dir holds a run that saved no weights; starting it over")
+        return Checked(messages=["output_dir holds a run that saved no weights; starting it over"])
     return Checked()
 
 
