@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -141,6 +142,11 @@ def test_export_errors_are_one_clear_line(trained, tmp_path, capsys):
     save_file({"unet.a.lora_A.weight": torch.zeros(1, 1)}, str(stray / WEIGHTS_NAME))
     assert main(["export", str(stray)]) == 2
     assert "lora_adapter_metadata" in capsys.readouterr().err
+    kohya_only = tmp_path / "kohya-only"  # a run with output.format = "kohya"
+    shutil.copytree(trained / "checkpoints", kohya_only / "checkpoints")
+    assert main(["export", str(kohya_only)]) == 2
+    err = capsys.readouterr().err
+    assert f"sdlora export {kohya_only / 'checkpoints' / 'step-000003'}" in err
 
 
 def test_export_record_of_a_checkpoint_comes_from_its_config(trained, tmp_path):

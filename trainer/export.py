@@ -39,6 +39,14 @@ class ExportError(ValueError):
 def _weights_file(source: Path) -> Path:
     path = source / WEIGHTS_NAME if source.is_dir() else source
     if not path.is_file():
+        latest = ckpt.find_latest(source) if source.is_dir() else None
+        if latest is not None:
+            # e.g. output.format = "kohya": the run's folder holds no diffusers file to
+            # export from, but its checkpoints do.
+            raise ExportError(
+                f"{path}: not there (the run wrote no diffusers file); export a checkpoint, "
+                f"e.g. sdlora export {latest}"
+            )
         raise ExportError(
             f"{path}: no LoRA weights; pass an output_dir or checkpoint folder, or its "
             f"{WEIGHTS_NAME}"
