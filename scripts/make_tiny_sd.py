@@ -524,6 +524,12 @@ def main() -> None:
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    try:  # the trainer's own quieting of library notices, when it is installed
+        from trainer import quiet
+
+        quiet.import_notices()
+    except ImportError:
+        pass
     try:
         preset_spec(args.arch, args.preset)
     except ValueError as err:

@@ -463,10 +463,9 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; a bad config or dataset prints its problems and exits with 2."""
-    # peft imports bitsandbytes when it is installed (the adamw8bit extra); on a CPU with
-    # AVX512-BF16 it then warns on every start that an optional 4-bit CPU kernel package is
-    # missing. We never run 4-bit CPU matmuls, so the line is noise in front of every run.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from trainer import quiet
+
+    quiet.import_notices()
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
     from trainer.export import ExportError

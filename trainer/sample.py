@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from trainer import quiet
 from trainer.files import write_atomic
 from trainer.lora import TRAINING_METADATA_KEY, WEIGHTS_NAME
 from trainer.lora_files import LoraFileError, read_header
@@ -138,20 +139,16 @@ def apply_lora(pipe, lora: Path, record: dict | None) -> Callable[[float], None]
     """Load the LoRA into the pipeline (``record``: from :func:`check_lora`); return the
     function that sets its strength."""
     if record is None:
-        from trainer import samples
-
         parsed = parse(read_header(lora))
         unet_only = parsed is not None and parsed.components == ["unet"]
-        loggers = (
-            [logging.getLogger(n) for n in samples.DIFFUSERS_LORA_LOGGERS] if unet_only else []
-        )
+        loggers = [logging.getLogger(n) for n in quiet.DIFFUSERS_LORA_LOGGERS] if unet_only else []
         for logger in loggers:
-            logger.addFilter(samples.NO_TEXT_KEYS)
+            logger.addFilter(quiet.NO_TEXT_KEYS)
         try:
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
         finally:
             for logger in loggers:
-                logger.removeFilter(samples.NO_TEXT_KEYS)
+                logger.removeFilter(quiet.NO_TEXT_KEYS)
         return lambda scale: pipe.set_adapters([ADAPTER], adapter_weights=[scale])
     layers = _peft_adapters(pipe, lora, record)
     return lambda scale: _scaled(layers, scale)
@@ -182,9 +179,7 @@ def render(
     lora: Path, model: str, settings: SampleSettings, device: str, record: dict | None = None
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
-    from trainer import samples
-
-    samples.quiet_torchvision_notice()
+    quiet.import_notices()
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from trainer import model_arch

@@ -20,7 +20,6 @@ sites read.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +31,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from trainer import grids
+from trainer import grids, quiet
 from trainer.files import write_atomic
 
 if TYPE_CHECKING:
@@ -150,39 +149,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- drawing
 
 
-class _DropMessages(logging.Filter):
-    """Drops log records whose message contains one of the given texts."""
-
-    def __init__(self, *texts: str) -> None:
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.texts)
-
-
-# transformers 5 logs this once per process when diffusers' pipeline module imports
-# CLIPImageProcessor without torchvision. We pass no feature extractor, and torchvision cannot
-# be installed beside the CPU torch wheel, so the user can do nothing about it.
-_TORCHVISION_FALLBACK = _DropMessages("requires torchvision (not installed); falling back to")
-
-
-def quiet_torchvision_notice() -> None:
-    """Drop the message above; call before diffusers' pipelines are imported."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if _TORCHVISION_FALLBACK not in logger.filters:
-        logger.addFilter(_TORCHVISION_FALLBACK)
-
-
-# diffusers warns, for each text encoder, that a LoRA has no keys for it: the normal case of a
-# UNet-only LoRA. Dropped only for a file that holds no text-encoder tensors at all.
-NO_TEXT_KEYS = _DropMessages("No LoRA keys associated to")
-DIFFUSERS_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
-
-
 def _import_pipeline():
-    """diffusers' SD pipeline and DDIM, importing them without the message above."""
-    quiet_torchvision_notice()
+    """diffusers' SD pipeline and DDIM, imported without transformers' torchvision notice."""
+    quiet.import_notices()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return DDIMScheduler, StableDiffusionPipeline
