@@ -344,7 +344,7 @@ def test_sdlora_sample_loads_every_type_as_trained(exported, tiny_model, tmp_pat
             return unet.eval()(latents, 10, encoder_hidden_states=hidden).sample
 
     base = predict(pipe.unet, pipe.text_encoder)
-    set_scale = sample.apply_lora(pipe, path, sample.check_lora(path))
+    set_scale = sample.apply_lora(pipe, sample.check_lora(path))
     set_scale(1.0)
     theirs = predict(pipe.unet, pipe.text_encoder)
     ours = predict(result.unet, result.text_encoder)

@@ -7,6 +7,8 @@ those libraries still comes through.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 
 class DropMessages(logging.Filter):
@@ -43,3 +45,16 @@ def import_notices() -> None:
     logger = logging.getLogger("transformers.utils.import_utils")
     if TORCHVISION_FALLBACK not in logger.filters:
         logger.addFilter(TORCHVISION_FALLBACK)
+
+
+@contextmanager
+def dropping(drop: DropMessages, logger_names: Sequence[str]) -> Iterator[None]:
+    """Drop ``drop``'s messages on these loggers inside the block only."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)

@@ -19,7 +19,6 @@ of those types is refused, naming the diffusers file to use. An SDXL model
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,24 +74,35 @@ def default_resolution(lora: str | Path) -> int:
     return int(side) if side.isdigit() else 512
 
 
-def check_lora(path: Path) -> dict | None:
-    """The file's sdlora record when it needs the peft path (a DoRA, LoHa or LoKr in our
-    diffusers format), else None; raises for what no path can draw."""
+@dataclass(frozen=True)
+class LoraSource:
+    """What drawing a LoRA file needs to know, read once from its header."""
+
+    path: Path
+    # Its sdlora record when it needs the peft path (a DoRA, LoHa or LoKr in our diffusers
+    # format), else None: diffusers loads it.
+    record: dict | None
+    unet_only: bool  # holds no text-encoder tensors
+
+
+def check_lora(path: Path) -> LoraSource:
+    """Read the file's header; raise for what no path can draw."""
     header = read_header(path)
     parsed = parse(header)
     if parsed is None:
         raise LoraFileError(f"{path}: holds no LoRA tensors; `sdlora inspect` tells what it is")
+    unet_only = parsed.components == ["unet"]
     record = json.loads(header.metadata.get(TRAINING_METADATA_KEY, "{}") or "{}")
     adapter = record.get("adapter_type", "lora")
     if adapter == "lora":
-        return None
+        return LoraSource(path, None, unet_only)
     if parsed.format != FORMAT_DIFFUSERS:
         raise LoraFileError(
             f"{path}: a {adapter} in kohya format, which diffusers cannot draw faithfully; "
             f"give the diffusers-format file of the same run ({WEIGHTS_NAME}; `sdlora export "
             "--format diffusers` writes it from a checkpoint) to --lora"
         )
-    return record
+    return LoraSource(path, record, unet_only)
 
 
 def _peft_adapters(pipe, lora: Path, record: dict) -> list:
@@ -135,31 +145,26 @@ def _peft_adapters(pipe, lora: Path, record: dict) -> list:
     return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def apply_lora(pipe, lora: Path, record: dict | None) -> Callable[[float], None]:
-    """Load the LoRA into the pipeline (``record``: from :func:`check_lora`); return the
-    function that sets its strength."""
-    if record is None:
-        parsed = parse(read_header(lora))
-        unet_only = parsed is not None and parsed.components == ["unet"]
-        loggers = [logging.getLogger(n) for n in quiet.DIFFUSERS_LORA_LOGGERS] if unet_only else []
-        for logger in loggers:
-            logger.addFilter(quiet.NO_TEXT_KEYS)
-        try:
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
-        finally:
-            for logger in loggers:
-                logger.removeFilter(quiet.NO_TEXT_KEYS)
+def apply_lora(pipe, lora: LoraSource) -> Callable[[float], None]:
+    """Load the LoRA (from :func:`check_lora`) into the pipeline; return the function that
+    sets its strength."""
+    if lora.record is None:
+        # A UNet-only LoRA is the usual case, not worth diffusers' per-encoder notice.
+        drop = quiet.DIFFUSERS_LORA_LOGGERS if lora.unet_only else ()
+        with quiet.dropping(quiet.NO_TEXT_KEYS, drop):
+            pipe.load_lora_weights(
+                str(lora.path.parent), weight_name=lora.path.name, adapter_name=ADAPTER
+            )
         return lambda scale: pipe.set_adapters([ADAPTER], adapter_weights=[scale])
-    layers = _peft_adapters(pipe, lora, record)
-    return lambda scale: _scaled(layers, scale)
+    layers = _peft_adapters(pipe, lora.path, lora.record)
+    trained = [(layer, dict(layer.scaling)) for layer in layers]  # alpha / rank of each
 
+    def set_scale(scale: float) -> None:
+        for layer, scaling in trained:
+            for name, value in scaling.items():
+                layer.scaling[name] = value * scale
 
-def _scaled(layers: list, scale: float) -> None:
-    """Every adapter at ``scale`` times its trained strength (alpha / rank)."""
-    for layer in layers:
-        base = layer.__dict__.setdefault("_sdlora_scaling", dict(layer.scaling))
-        for name, value in base.items():
-            layer.scaling[name] = value * scale
+    return set_scale
 
 
 def _render(pipe, prompt: str, settings: SampleSettings) -> Image.Image:
@@ -176,7 +181,7 @@ def _render(pipe, prompt: str, settings: SampleSettings) -> Image.Image:
 
 
 def render(
-    lora: Path, model: str, settings: SampleSettings, device: str, record: dict | None = None
+    lora: LoraSource, model: str, settings: SampleSettings, device: str
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
     quiet.import_notices()
@@ -195,7 +200,7 @@ def render(
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     rows = [[_render(pipe, prompt, settings)] for prompt in settings.prompts]
-    set_scale = apply_lora(pipe, lora, record)
+    set_scale = apply_lora(pipe, lora)
     for scale in settings.scales:
         set_scale(scale)
         for row, prompt in zip(rows, settings.prompts, strict=True):
@@ -239,9 +244,9 @@ def sample(
         LoraFileError: the LoRA file is missing, truncated or not a LoRA.
     """
     lora = Path(lora)
-    record = check_lora(lora)
+    source = check_lora(lora)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = render(lora, model, settings, device, record)
+    rows = render(source, model, settings, device)
     labels = ["base"] + [f"lora x{s:g}" for s in settings.scales]
     image = grid(rows, labels)
     info = png_metadata(lora, model, settings, labels)
