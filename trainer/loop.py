@@ -352,10 +352,10 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
     # One collective per update: the mean loss, and whether any process was signalled, so
     # all processes stop (and save) at the same update.
     stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
-    totals = accelerator.reduce(stats, reduction="sum")
+    loss_total, signalled = accelerator.reduce(stats, reduction="sum").tolist()  # one sync
     record = {
         "step": update,
-        "loss": totals[0].item() / (plan.accumulation * accelerator.num_processes),
+        "loss": loss_total / (plan.accumulation * accelerator.num_processes),
         "lr": [group["lr"] for group in state.optimizer.param_groups],
         "epoch": (micro - 1) // plan.micro_batches_per_epoch,
         "samples": micro * config.train.batch_size * accelerator.num_processes,
@@ -366,7 +366,7 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         with state.tracker.paused("validation"):  # kept out of the throughput shown
             validate(state, record)
     state.tracker.update(record)
-    interrupted = bool(totals[1].item()) and update < plan.total_updates
+    interrupted = bool(signalled) and update < plan.total_updates
     every = config.checkpoint.every_n_steps
     if interrupted or (every and update % every == 0 and update < plan.total_updates):
         with state.tracker.paused("checkpoint"):
