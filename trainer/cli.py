@@ -459,6 +459,9 @@ COMMANDS = {
     "sweep": cmd_sweep,
     "config-help": cmd_config_help,
 }
+# The commands that load models: the installed libraries are checked against sdlora's ranges
+# before they start, so a mismatched set is named as such instead of failing deep inside.
+LOADS_MODELS = {"train", "export", "inspect", "sample", "sweep"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -471,12 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.export import ExportError
     from trainer.lora_files import LoraFileError
     from trainer.models import ModelLoadError
+    from trainer.versions import IncompatibleEnvironment, check
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command in LOADS_MODELS:
+            check()
         return COMMANDS[args.command](args)
     except (
+        IncompatibleEnvironment,
         ConfigError,
         DataError,
         ModelLoadError,

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from peft import LoHaConfig, LoKrConfig, PeftConfig
+from peft import LoHaConfig, LoKrConfig, PeftConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
@@ -141,11 +141,20 @@ def _add_adapter(
     config: LoraConfig,
     layers: Sequence[int] | None = None,
 ) -> None:
+    peft_config = _peft_config(config, targets, layers)
     try:
-        model.add_adapter(_peft_config(config, targets, layers))
+        # Through peft itself for every component, not the models' own ``add_adapter``:
+        # transformers' refuses to run when it dislikes the installed peft's version (5.24
+        # wants peft >= 0.22 for features we do not use), which would stop text-encoder
+        # training over a check this code does not need.
+        inject_adapter_in_model(peft_config, model, adapter_name=dora.ADAPTER)
     except ValueError as err:  # e.g. a target that names a block, not a layer peft can adapt
         first = str(err).splitlines()[0]
         raise ConfigError([f"{key}: peft cannot adapt these modules ({first})"]) from err
+    # What the libraries' own add_adapter records: peft's state-dict helpers read the config
+    # from ``peft_config``; the no-path base model keeps local folders out of the file.
+    peft_config.base_model_name_or_path = None
+    model.peft_config = {dora.ADAPTER: peft_config}
     if config.type == "dora" and config.dora_axis == "input":
         dora.use_input_axis(model)
 
@@ -164,7 +173,7 @@ def adapter_state(
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
-    config = model.peft_config["default"].to_dict()
+    config = model.peft_config[dora.ADAPTER].to_dict()
     # JSON cannot hold sets; diffusers stores target_modules as a list.
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
