@@ -4,13 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install quickstart test test-fast lint format bench clean
+# The exact versions the tests ran (requirements/README.md). Every install goes through a lock:
+# `pip install -c LOCK -e ".[dev]"`. The CPU lock pins PyTorch's CPU build, which pip finds on
+# PyTorch's CPU index, or in the find-links this machine's pip is configured with.
+LOCK ?= requirements/cpu.lock
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# pip's configured find-links (this machine's own copy of the CPU build), else PyTorch's index.
+FIND_LINKS := $(strip $(shell python3 -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | head -n 1))
+PIP_TORCH := $(if $(FIND_LINKS),,--extra-index-url $(TORCH_CPU_INDEX))
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install quickstart test test-fast test-latest test-floors lock lint format bench clean
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	# The CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(PIP_TORCH) -c $(LOCK) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,6 +50,30 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Regenerate both locks from pyproject.toml with the newest releases its ranges allow, then run
+# `make test` and commit (README: Development).
+UV_LOCK := $(VENV)/bin/uv pip compile pyproject.toml --all-extras --upgrade --quiet \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
+# uv comes with the dev extra; a checkout whose lock is missing or broken gets it on its own.
+$(VENV)/bin/uv:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(if $(wildcard $(LOCK)),-c $(LOCK)) uv
+lock: $(VENV)/bin/uv
+	$(UV_LOCK) --python-version 3.11 -c requirements/torch-cpu.txt \
+		$(if $(FIND_LINKS),--find-links $(FIND_LINKS),--index $(TORCH_CPU_INDEX)) \
+		--index-strategy unsafe-best-match -o requirements/cpu.lock
+	$(UV_LOCK) --python-version 3.12 -o requirements/cuda.lock
+
+# Drift, reported rather than suffered: a throwaway venv with the newest release of every
+# dependency (torch held at the lock's CPU build: PyPI's newer ones are multi-GB CUDA builds),
+# the fast suite, and which packages moved relative to the lock. Exits non-zero if tests fail.
+test-latest: $(VENV)/.installed
+	$(PY) scripts/deps_check.py latest --lock $(LOCK)
+
+# The lowest version each range in pyproject.toml allows, and the fast suite on them.
+test-floors: $(VENV)/.installed
+	$(PY) scripts/deps_check.py floors --lock $(LOCK) --uv $(VENV)/bin/uv
+
 # Our loop against a bare PyTorch loop; and, given DIFFUSERS_SCRIPT=path/to/
 # train_text_to_image_lora.py (it needs torchvision and datasets in the venv), against the
 # diffusers example script. Results go in BENCHMARKS.md by hand, with the machine named.
@@ -57,4 +88,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf output tiny .pytest_cache .ruff_cache
+	rm -rf output tiny .pytest_cache .ruff_cache .venv-latest .venv-floors
