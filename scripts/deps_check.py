@@ -96,9 +96,9 @@ def pip_install(python: Path, constraints: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(constraints)
     try:
+        command = [str(python), "-m", "pip", "install", "--quiet", *pip_torch_source()]
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", *pip_torch_source()]
-            + ["-c", f.name, "-e", ".[dev]"],
+            [*command, "-c", f.name, "-e", ".[dev]"],
             check=True,
             cwd=ROOT,
         )

@@ -4,10 +4,10 @@ installed environment equal to the CPU lock."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from deps_check import canonical, installed, moved, read_lock
 from packaging.requirements import Requirement
 

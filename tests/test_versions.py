@@ -83,7 +83,8 @@ def test_text_encoder_lora_trains_when_transformers_refuses_its_own_add_adapter(
     from peft import LoraConfig
     from transformers import CLIPTextModel
 
-    encoder = CLIPTextModel.from_pretrained(make_config().model.pretrained, subfolder="text_encoder")
+    model = make_config().model.pretrained
+    encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
     with pytest.raises(ValueError, match="simulated gate"):  # the gate is live on its own path
         encoder.add_adapter(LoraConfig(target_modules=["q_proj"]))
     result = loop.run(make_config("lora.train_text_encoder=true", "train.max_steps=2"))
