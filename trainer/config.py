@@ -26,6 +26,7 @@ import tomllib
 from optimizers import BaseLR
 from optimizers import config as optimizer_config
 from schedulers import config as schedule_config
+from trainer import adapter_formats
 from trainer.deprecated import move_optimizer_keys, unknown_train_key
 from trainer.schema import (
     MAX_UPDATES,
@@ -160,20 +161,17 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
 
 
 def adapter_format_checks(config: RunConfig) -> list[str]:
-    """The adapter type against the files ``output.format`` asks for (docs/adapters.md).
-
-    Each type is written only where a client applies it exactly: A1111/Forge and ComfyUI read
-    DoRA with per-input magnitudes, LoHa and LoKr from the kohya file; diffusers reads only
-    LoRA and peft's own DoRA (per-output magnitudes), from the diffusers file.
-    """
+    """The adapter type against the files ``output.format`` asks for: the rule in
+    ``trainer/adapter_formats.py`` (which ``sdlora export --format`` obeys too), then what
+    diffusers cannot load into a text encoder (docs/adapters.md)."""
     lora, fmt = config.lora, config.output.format
-    if lora.type == "dora" and lora.dora_axis == "output" and fmt != "diffusers":
-        return [
-            f"lora.dora_axis: 'output' cannot be written in the kohya format (output.format = "
-            f"{fmt!r}): A1111/Forge apply dora_scale per input column and ComfyUI divides a "
-            "per-output one by the base weight's norm, so both would load it wrong; set "
-            "output.format = 'diffusers', or lora.dora_axis = 'input' for those clients"
-        ]
+    refused = adapter_formats.refusal(lora.type, lora.dora_axis, fmt)
+    if refused:
+        fix = "set output.format = " + " or ".join(repr(f) for f in refused.allowed)
+        if lora.type == "dora":  # the other axis writes the other file
+            fix += f", or lora.dora_axis = {'input' if lora.dora_axis == 'output' else 'output'!r}"
+        label = adapter_formats.label(lora.type, lora.dora_axis)
+        return [f"output.format: {fmt!r} with {label}: {refused.why}; {fix}"]
     if (
         lora.type == "dora"
         and lora.dora_axis == "output"
@@ -184,18 +182,6 @@ def adapter_format_checks(config: RunConfig) -> list[str]:
             "DoRA magnitudes into the UNet only (transformers' adapter loader drops the text "
             "encoder's, so it would run without them); train the UNet only, or use "
             "lora.dora_axis = 'input' with the kohya file"
-        ]
-    if lora.type == "dora" and lora.dora_axis == "input" and fmt == "diffusers":
-        return [
-            "output.format: 'diffusers' with lora.type = 'dora' and lora.dora_axis = 'input': "
-            "diffusers applies DoRA per output row and cannot load this file; use 'kohya' or "
-            "'both' (A1111/Forge, ComfyUI), or lora.dora_axis = 'output' for diffusers"
-        ]
-    if lora.type in ("loha", "lokr") and fmt == "diffusers":
-        return [
-            f"output.format: 'diffusers' with lora.type = {lora.type!r}: diffusers' "
-            "load_lora_weights reads only LoRA and DoRA; use 'kohya' or 'both' (the kohya file "
-            "is what A1111/Forge and ComfyUI load)"
         ]
     return []
 
