@@ -186,3 +186,206 @@ def test_export_never_replaces_other_weights_without_overwrite(trained, tmp_path
         a, b = load_file(run / name), load_file(fresh / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert not [p for p in run.iterdir() if p.name.startswith(".export-")]
+
+
+# ---------------------------------------------------------------- bad sources, clear errors
+
+
+def only_export_error(capsys, path) -> str:
+    """The one `error: PATH: ...` line a failed export prints (no traceback)."""
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {path}: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.write_text("unet.a.lora_A.weight = [[0.0]]\n"),  # a text file
+        lambda p: torch.save({"state_dict": {"a": torch.zeros(2)}}, p),  # a .ckpt pickle
+    ],
+    ids=["text", "pickle"],
+)
+def test_a_file_that_is_not_safetensors_is_the_inspect_error(tmp_path, capsys, make):
+    path = tmp_path / "model.ckpt"
+    make(path)
+    assert main(["export", str(path)]) == 2
+    err = only_export_error(capsys, path)
+    assert "not a safetensors file" in err and ".ckpt/.pt pickle is not read" in err
+    assert main(["inspect", str(path)]) == 2
+    assert capsys.readouterr().err == err, "export and inspect disagree about the file"
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_truncated_file_is_the_inspect_error(trained, tmp_path, capsys):
+    data = (trained / WEIGHTS_NAME).read_bytes()
+    for cut in (len(data) // 2, 100):  # inside the tensors; inside the header
+        source = tmp_path / f"cut{cut}"
+        source.mkdir()
+        path = source / WEIGHTS_NAME
+        path.write_bytes(data[:cut])
+        assert main(["export", str(source)]) == 2
+        err = only_export_error(capsys, path)
+        assert "truncated" in err and "get it again" in err
+        assert main(["inspect", str(path)]) == 2
+        assert capsys.readouterr().err == err
+        assert not (source / "export").exists()
+
+
+def test_our_kohya_file_names_the_file_to_export_instead(trained, tmp_path, capsys):
+    """The kohya file holds no peft adapter config; the error names its own source, and
+    exporting that source gives the kohya file's tensors back."""
+    kohya_file = trained / f"{NAME}.safetensors"
+    assert main(["export", str(kohya_file)]) == 2
+    err = only_export_error(capsys, kohya_file)
+    assert err.rstrip().endswith(f"sdlora export {trained / WEIGHTS_NAME}")
+
+    # A run with output.format = "kohya": no diffusers file, its checkpoint is named.
+    kohya_run = tmp_path / "kohya-run"
+    shutil.copytree(trained / "checkpoints", kohya_run / "checkpoints")
+    alone = kohya_run / kohya_file.name
+    shutil.copy(kohya_file, alone)
+    assert main(["export", str(alone)]) == 2
+    named = kohya_run / "checkpoints" / "step-000003"
+    assert only_export_error(capsys, alone).rstrip().endswith(f"sdlora export {named}")
+    assert main(["export", str(named), "--format", "kohya", "--out", str(tmp_path / "again")]) == 0
+    again = load_file(tmp_path / "again" / f"{NAME}-step00000003.safetensors")
+    given = load_file(kohya_file)
+    assert again.keys() == given.keys() and all(torch.equal(again[k], given[k]) for k in given)
+
+    # A checkpoint's export: the diffusers file beside it.
+    assert main(["export", str(trained / "checkpoints" / "step-000002")]) == 0
+    capsys.readouterr()
+    exported = trained / "export" / "step-000002"
+    step_file = exported / f"{NAME}-step00000002.safetensors"
+    assert main(["export", str(step_file)]) == 2
+    assert (
+        only_export_error(capsys, step_file)
+        .rstrip()
+        .endswith(f"sdlora export {exported / WEIGHTS_NAME}")
+    )
+
+    lone = tmp_path / "lone" / kohya_file.name  # copied away from everything
+    lone.parent.mkdir()
+    shutil.copy(kohya_file, lone)
+    assert main(["export", str(lone)]) == 2
+    err = only_export_error(capsys, lone)
+    assert "none is beside it" in err and WEIGHTS_NAME in err and "checkpoints/step-" in err
+    assert sorted(p.name for p in lone.parent.iterdir()) == [lone.name]
+
+
+def without_alpha(trained, folder):
+    """The run's diffusers file with an adapter config that records no alpha: the kohya
+    file cannot be written, which is found only while writing."""
+    meta = header(trained / WEIGHTS_NAME)
+    adapters = json.loads(meta["lora_adapter_metadata"])
+    meta["lora_adapter_metadata"] = json.dumps(
+        {k: v for k, v in adapters.items() if not k.endswith("lora_alpha")}
+    )
+    folder.mkdir()
+    save_file(load_file(trained / WEIGHTS_NAME), str(folder / WEIGHTS_NAME), metadata=meta)
+    return folder / WEIGHTS_NAME
+
+
+def test_a_failed_export_leaves_no_folder_it_created(trained, tmp_path, capsys):
+    source = without_alpha(trained, tmp_path / "source")
+    out = tmp_path / "new" / "deeper"
+    assert main(["export", str(source), "--format", "kohya", "--out", str(out)]) == 2
+    assert "lora_alpha" in only_export_error(capsys, source)
+    assert not (tmp_path / "new").exists()
+    assert main(["export", str(source)]) == 2  # the default --out, SOURCE/export
+    capsys.readouterr()
+    assert sorted(p.name for p in source.parent.iterdir()) == [WEIGHTS_NAME]
+
+    existing = tmp_path / "existing"  # a folder the user made stays, empty as it was
+    existing.mkdir()
+    assert main(["export", str(source), "--out", str(existing)]) == 2
+    capsys.readouterr()
+    assert existing.is_dir() and list(existing.iterdir()) == []
+
+
+def test_an_interrupted_export_leaves_no_folder_it_created(trained, tmp_path, monkeypatch):
+    from trainer import outputs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "write_lora_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["export", str(trained), "--out", str(tmp_path / "new" / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- which formats each type gets
+
+MODULE = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+# The tensors of one module of each adapter type (peft's names, the tiny model's width 32).
+TYPE_TENSORS = {
+    ("lora", "input"): {"lora_A.weight": (4, 32), "lora_B.weight": (32, 4)},
+    ("dora", "input"): {
+        "lora_A.weight": (4, 32),
+        "lora_B.weight": (32, 4),
+        "lora_magnitude_vector": (1, 32),
+    },
+    ("dora", "output"): {
+        "lora_A.weight": (4, 32),
+        "lora_B.weight": (32, 4),
+        "lora_magnitude_vector": (32,),
+    },
+    ("loha", "input"): {
+        "hada_w1_a": (32, 4),
+        "hada_w1_b": (4, 32),
+        "hada_w2_a": (32, 4),
+        "hada_w2_b": (4, 32),
+    },
+    ("lokr", "input"): {"lokr_w1": (4, 4), "lokr_w2_a": (8, 4), "lokr_w2_b": (4, 8)},
+}
+# docs/adapters.md, "Files and clients": the formats each type is written in.
+WRITTEN_IN = {
+    ("lora", "input"): {"diffusers", "kohya", "both"},
+    ("dora", "input"): {"kohya", "both"},
+    ("dora", "output"): {"diffusers"},
+    ("loha", "input"): {"kohya", "both"},
+    ("lokr", "input"): {"kohya", "both"},
+}
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "both"])
+@pytest.mark.parametrize("kind", list(TYPE_TENSORS), ids="-".join)
+def test_training_and_export_write_each_type_in_the_same_formats(
+    trained, make_config, tmp_path, capsys, kind, fmt
+):
+    from trainer.config import ConfigError
+
+    adapter_type, axis = kind
+    sets = [f"lora.type={adapter_type}", f"output.format={fmt}"]
+    if adapter_type == "dora":
+        sets.append(f"lora.dora_axis={axis}")
+    try:
+        make_config(*sets)
+        trains = True
+    except ConfigError as err:
+        trains = False
+        assert "output.format" in str(err)
+
+    source = tmp_path / "source"
+    source.mkdir()
+    state = {f"{MODULE}.{name}": torch.randn(shape) for name, shape in TYPE_TENSORS[kind].items()}
+    meta = header(trained / WEIGHTS_NAME)
+    meta["lora_adapter_metadata"] = json.dumps({"unet.r": 4, "unet.lora_alpha": 8.0})
+    save_file(state, str(source / WEIGHTS_NAME), metadata=meta)
+    out = tmp_path / "out"
+    code = main(["export", str(source), "--format", fmt, "--out", str(out), "--name", "t"])
+    captured = capsys.readouterr()
+
+    assert trains == (fmt in WRITTEN_IN[kind])
+    assert (code == 0) == trains, captured.err
+    if trains:
+        expected = {"diffusers": [WEIGHTS_NAME], "kohya": ["t.safetensors"]}
+        names = expected.get(fmt, [WEIGHTS_NAME, "t.safetensors"])
+        assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    else:
+        assert captured.err.startswith(f"error: {source / WEIGHTS_NAME}: --format {fmt} ")
+        assert "Traceback" not in captured.err and not out.exists()
+        assert all(f"--format {f}" in captured.err for f in WRITTEN_IN[kind])

@@ -161,7 +161,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         choices=["diffusers", "kohya", "both"],
         default="both",
         help="'diffusers' = pytorch_lora_weights.safetensors, 'kohya' = NAME.safetensors for "
-        "A1111/ComfyUI/SD.Next, 'both' (default)",
+        "A1111/ComfyUI/SD.Next, 'both' (default); each adapter type only where training "
+        "writes it (LoHa, LoKr, per-input DoRA: not 'diffusers'; per-output DoRA: only it)",
     )
     export.add_argument(
         "--out",

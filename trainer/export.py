@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from trainer import architectures, lora_keys, outputs
+from trainer import adapter_formats, architectures, lora_formats, lora_keys, outputs
 from trainer import checkpoint as ckpt
 from trainer import lora_metadata as meta
 from trainer.lora import ADAPTER_METADATA_KEY, TRAINING_METADATA_KEY, WEIGHTS_NAME
+from trainer.lora_files import Header, LoraFileError, load_tensors, read_header
 
 EXPORT_DIR = "export"
 
@@ -132,21 +131,59 @@ def _default_name(folder: Path) -> tuple[str, str | None]:
 
 def same_lora(a: Path, b: Path) -> bool:
     """Two safetensors files hold the same tensors and header metadata (safetensors writes
-    the header's keys in no fixed order, so bytes cannot tell)."""
-    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
-        names = fa.keys()
-        if fa.metadata() != fb.metadata() or set(names) != set(fb.keys()):
-            return False
-        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in names)
+    the header's keys in no fixed order, so bytes cannot tell). A damaged file is nobody's
+    equal: it is in the way like any other file."""
+    try:
+        ha, hb = read_header(a), read_header(b)
+    except LoraFileError:
+        return False
+    if ha.metadata != hb.metadata or ha.tensors != hb.tensors:
+        return False
+    ta, tb = load_tensors(ha), load_tensors(hb)
+    return all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _new_folders(target: Path) -> list[Path]:
+    """The folders that creating ``target`` makes, deepest first (empty: it exists)."""
+    new, folder = [], target.absolute()
+    while not folder.exists():
+        new.append(folder)
+        folder = folder.parent
+    return new
 
 
 def _write_guarded(target: Path, write, overwrite: bool) -> list[Path]:
     """Write the files into a scratch folder beside their destination, then move each into
     place. A destination file with other contents (a trained LoRA, another export) is
     replaced only with ``overwrite``; one with the same contents (a rerun) is left as it is.
-    Either all files land or none does."""
-    target.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target))
+    Either all files land or none does, and a failed export leaves no folder it created."""
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{target}: a file, not a folder; pass --out with a folder")
+    created = _new_folders(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=target))
+    except OSError as err:
+        _remove_empty(created)
+        raise ExportError(f"{target}: cannot write there ({err.strerror}); pass --out") from None
+    try:
+        return _move_into_place(target, scratch, write, overwrite)
+    except BaseException:
+        _remove_empty(created)  # an interrupted export too: Ctrl-C leaves no empty --out
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this export created, deepest first, while they are empty (so
+    nothing another process put there is lost); never a folder that existed before."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _move_into_place(target: Path, scratch: Path, write, overwrite: bool) -> list[Path]:
     try:
         fresh = write(scratch)
         there = [f for f in fresh if (target / f.name).exists()]
@@ -164,6 +201,101 @@ def _write_guarded(target: Path, write, overwrite: bool) -> list[Path]:
         return [target / f.name for f in fresh]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _json(path: Path, header: Header, key: str) -> dict:
+    try:
+        value = json.loads(header.metadata.get(key, "{}"))
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: its header's {key} is not a JSON object; the file is damaged")
+    return value
+
+
+def _kohya_source(path: Path, record: dict) -> Path | None:
+    """What sdlora wrote a kohya file of ours from: the diffusers file beside it (same run
+    record), else the checkpoint of its step (``output_dir``, or ``export/step-NNNNNN``)."""
+    beside = path.parent / WEIGHTS_NAME
+    try:
+        if beside.is_file() and _json(beside, read_header(beside), TRAINING_METADATA_KEY) == record:
+            return beside
+    except (LoraFileError, ExportError):
+        pass  # a damaged diffusers file beside is no source to name
+    if not isinstance(record.get("steps"), int):
+        return None
+    roots = [path.parent]
+    if path.parent.parent.name == EXPORT_DIR:
+        roots.append(path.parent.parent.parent)
+    for root in roots:
+        checkpoint = ckpt.step_dir(root, record["steps"])
+        if (checkpoint / WEIGHTS_NAME).is_file():
+            return checkpoint
+    return None
+
+
+def _no_adapter_record(path: Path, header: Header) -> ExportError:
+    """Why a file without peft's adapter config cannot be exported, and what to export."""
+    parsed = lora_formats.parse(header)
+    kohya = parsed is not None and parsed.format in (
+        lora_formats.FORMAT_KOHYA,
+        lora_formats.FORMAT_LYCORIS,
+    )
+    if kohya and TRAINING_METADATA_KEY in header.metadata:
+        ours = (
+            f"{path}: sdlora's kohya-format file; it has no {ADAPTER_METADATA_KEY} (peft's "
+            "adapter config) to write a diffusers file from, so export reads the "
+            "diffusers-format file it was written from"
+        )
+        source = _kohya_source(path, _json(path, header, TRAINING_METADATA_KEY))
+        if source is not None:
+            return ExportError(f"{ours}: sdlora export {source}")
+        return ExportError(
+            f"{ours}, and none is beside it: export the run's {WEIGHTS_NAME} or its "
+            "checkpoints/step-NNNNNN folder (the kohya file itself is ready for A1111/Forge "
+            "and ComfyUI as it is)"
+        )
+    return ExportError(
+        f"{path}: no {ADAPTER_METADATA_KEY} in its header, so rank and alpha are unknown; "
+        "only LoRAs saved by sdlora can be exported (`sdlora inspect` reads any LoRA)"
+    )
+
+
+def _check_format(path: Path, header: Header, fmt: str) -> None:
+    """Refuse a format the adapter type may not be written in, as training does
+    (``trainer/adapter_formats.py``), before anything is written."""
+    try:
+        kind = lora_keys.adapter_type(header.tensors)
+    except ValueError as err:
+        raise ExportError(f"{path}: {err}; not a LoRA sdlora wrote") from None
+    magnitudes = [
+        info.shape
+        for key, info in header.tensors.items()
+        if key.endswith("." + lora_keys.PEFT_MAGNITUDE)
+    ]
+    axis = "output" if any(len(shape) < 2 for shape in magnitudes) else "input"
+    refused = adapter_formats.refusal(kind, axis, fmt)
+    if refused:
+        fix = " or ".join(f"--format {f}" for f in refused.allowed)
+        raise ExportError(
+            f"{path}: --format {fmt} with {adapter_formats.label(kind, axis)}: {refused.why}; "
+            f"export it with {fix}"
+        )
+
+
+def _read_source(path: Path, fmt: str) -> tuple[Header, dict]:
+    """The checked header of an exportable file and its adapter config.
+
+    Raises:
+        LoraFileError: a missing, truncated or non-safetensors file.
+        ExportError: no adapter config (naming what to export instead), or a format its
+            adapter type may not be written in.
+    """
+    header = read_header(path)
+    if ADAPTER_METADATA_KEY not in header.metadata:
+        raise _no_adapter_record(path, header)
+    _check_format(path, header, fmt)
+    return header, _json(path, header, ADAPTER_METADATA_KEY)
 
 
 def export(
@@ -186,27 +318,22 @@ def export(
         overwrite: Replace destination files that hold something else.
 
     Raises:
-        ExportError: a missing source, a file without adapter metadata, an export that
-            would overwrite its own source, or (without ``overwrite``) other files in the way.
+        LoraFileError: a source file that is not a whole safetensors file.
+        ExportError: a missing source, a file without adapter metadata, a format its
+            adapter type is not written in, an export that would overwrite its own source,
+            or (without ``overwrite``) other files in the way.
     """
     path = _weights_file(Path(source))
     folder = path.parent
+    header, adapters = _read_source(path, fmt)
     target = Path(out) if out else default_out(folder)
     if fmt in ("diffusers", "both") and target.resolve() == folder.resolve():
         raise ExportError(
             f"{target}: exporting the diffusers file here would overwrite the source "
             f"{path.name}; pass --out with another folder"
         )
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    if ADAPTER_METADATA_KEY not in header:
-        raise ExportError(
-            f"{path}: no {ADAPTER_METADATA_KEY} in its header, so rank and alpha are unknown; "
-            "only LoRAs saved by sdlora can be exported (`sdlora inspect` reads any LoRA)"
-        )
-    adapters = json.loads(header[ADAPTER_METADATA_KEY])
-    state = load_file(str(path))
-    old = json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
+    state = load_tensors(header)
+    old = _json(path, header, TRAINING_METADATA_KEY)
     if old.get("format", 0) >= meta.RECORD_FORMAT:
         record = old
     else:
@@ -228,7 +355,7 @@ def export(
                 dtype or run_dtype or "fp16",
                 kohya_file=outputs.kohya_file_name(name, steps),
             )
-        except ValueError as err:  # e.g. a per-output DoRA, which has no kohya form
+        except ValueError as err:  # e.g. no alpha recorded, so no kohya file
             raise ExportError(f"{path}: {err}; export it with --format diffusers") from err
 
     return _write_guarded(target, write, overwrite)
