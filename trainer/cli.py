@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -209,14 +210,43 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     )
 
 
+# A --scales value that starts with "-" (``-1,0.5``, ``-.5``, ``-inf``): argparse reads any
+# word starting with "-" as an option unless it is one plain negative number.
+_NEGATIVE_SCALES = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _join_negative_scales(args: Sequence[str]) -> list[str]:
+    """``--scales -1,0.5`` → ``--scales=-1,0.5``, which argparse reads as the value."""
+    out: list[str] = []
+    for arg in args:
+        if out and out[-1] == "--scales" and _NEGATIVE_SCALES.match(arg):
+            out[-1] = f"--scales={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser(
         "sample",
         help="fixed-seed images of the base model and of a LoRA at several scales, as one PNG",
     )
+    # The top-level parser hands every word after "sample" to this one through
+    # parse_known_args; joining there makes `--scales -1,0.5` work on every Python.
+    parse = sample.parse_known_args
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        return parse(None if args is None else _join_negative_scales(args), namespace)
+
+    sample.parse_known_args = parse_known_args  # type: ignore[method-assign]
     sample.add_argument("--lora", required=True, help="the LoRA file (any format diffusers reads)")
     sample.add_argument(
-        "--model", required=True, help="the base model: a diffusers folder or hub id"
+        "--model",
+        required=True,
+        help="the base model: a diffusers folder or hub id, of the LoRA's family (SD 1.x, "
+        "SD 2.x or SDXL)",
     )
     sample.add_argument(
         "--prompt",
@@ -227,21 +257,30 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     )
     sample.add_argument("--negative-prompt", default="", help="negative prompt for every image")
     sample.add_argument(
-        "--scales", default="0,0.5,1", help="LoRA scales, one column each (default 0,0.5,1)"
+        "--scales",
+        default="0,0.5,1",
+        metavar="S,S,...",
+        help="LoRA scales, one column each (default 0,0.5,1); negative ones invert the LoRA: "
+        "--scales -1,0,1 or --scales=-1,0,1",
     )
     sample.add_argument("--seed", type=int, default=0, help="seed of every image (default 0)")
-    sample.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    sample.add_argument(
+        "--steps", type=int, default=20, help="denoising steps, at least 1 (default 20)"
+    )
     sample.add_argument(
         "--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)"
     )
     sample.add_argument(
         "--resolution",
         type=int,
-        help="image side in pixels (default: the LoRA's modelspec.resolution, else 512)",
+        help="image side in pixels, a multiple of 8 (default: the LoRA's modelspec.resolution, "
+        "else 512)",
     )
     sample.add_argument("--out", default="grid.png", help="the PNG to write (default grid.png)")
     sample.add_argument(
-        "--device", default="", help="torch device, e.g. cuda or cpu (default: cuda if present)"
+        "--device",
+        default="",
+        help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if present, else cpu)",
     )
 
 
@@ -394,13 +433,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Render the base-vs-LoRA comparison grid."""
+    """Render the base-vs-LoRA comparison grid, once every problem of the request is ruled
+    out (all of them reported together, before any model loads)."""
     from trainer import sample
+    from trainer.lora_files import LoraFileError
+    from trainer.sample_checks import problems
 
-    side = args.resolution or sample.default_resolution(args.lora)
+    found = []
+    try:
+        scales = sample.parse_scales(args.scales)
+    except ValueError as err:
+        found.append(str(err))
+        scales = ()
+    try:
+        source = sample.check_lora(Path(args.lora))
+    except LoraFileError as err:
+        found.append(f"--lora {err}")
+        source = None
+    side = args.resolution
+    if side is None:
+        side = source.resolution if source is not None else 512
     settings = sample.SampleSettings(
         prompts=tuple(args.prompts),
-        scales=sample.parse_scales(args.scales),
+        scales=scales,
         seed=args.seed,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
@@ -408,7 +463,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         height=side,
         negative_prompt=args.negative_prompt,
     )
-    print(f"wrote {sample.sample(args.lora, args.model, settings, args.out, args.device)}")
+    found += problems(source, args.model, settings, args.device)
+    if found or source is None:
+        raise ConfigError(found, "sdlora sample")
+    print(f"wrote {sample.draw(source, args.model, settings, args.out, args.device)}")
     return 0
 
 

@@ -31,6 +31,9 @@ TORCHVISION_FALLBACK = DropMessages("requires torchvision (not installed); falli
 # UNet-only LoRA. Dropped only around loading a file that holds no text-encoder tensors.
 NO_TEXT_KEYS = DropMessages("No LoRA keys associated to")
 DIFFUSERS_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+# diffusers logs a LoRA that does not fit the model (a page of size mismatches) before it
+# re-raises; dropped where the caller turns that error into one line of its own.
+LORA_LOAD_FAILED = DropMessages("was unsuccessful with the following error")
 
 
 def import_notices() -> None:

@@ -14,12 +14,17 @@ attached by peft from the ``[lora]`` settings in its header, then its tensors lo
 checked key by key; the scale multiplies every adapter's own scaling. Our kohya-format file
 of those types is refused, naming the diffusers file to use. An SDXL model
 (``trainer/model_arch.py`` tells) is drawn with the SDXL pipeline.
+
+Everything that can be wrong with the request is found before any model loads and reported
+together (``trainer/sample_checks.py``): the settings, the device, the model's path, and a
+LoRA made for another family than the model's.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,10 +33,12 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from trainer import quiet
+from trainer.config import ConfigError
 from trainer.files import write_atomic
+from trainer.inspect_lora import _architecture as lora_architecture
 from trainer.lora import TRAINING_METADATA_KEY, WEIGHTS_NAME
 from trainer.lora_files import LoraFileError, read_header
-from trainer.lora_formats import FORMAT_DIFFUSERS, parse
+from trainer.lora_formats import FORMAT_DIFFUSERS, Parsed, parse
 from trainer.lora_metadata import model_name
 
 ADAPTER = "lora"
@@ -53,25 +60,19 @@ class SampleSettings:
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
-    """``"0,0.5,1"`` → ``(0.0, 0.5, 1.0)``.
+    """``"0,0.5,1"`` → ``(0.0, 0.5, 1.0)``; negative scales are fine (they invert the LoRA).
+    ``nan`` and ``1e999`` parse: ``sample_checks.settings_problems`` refuses them.
 
     Raises:
-        LoraFileError: for anything that is not a comma-separated list of numbers.
+        ValueError: for anything that is not a comma-separated list of numbers.
     """
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise LoraFileError(f"--scales {text!r}: expected numbers separated by commas") from None
+        raise ValueError(f"--scales {text!r}: expected numbers separated by commas") from None
     if not scales:
-        raise LoraFileError("--scales: give at least one LoRA scale, e.g. 0,0.5,1")
+        raise ValueError("--scales: give at least one LoRA scale, e.g. 0,0.5,1")
     return scales
-
-
-def default_resolution(lora: str | Path) -> int:
-    """The LoRA's own training side (``modelspec.resolution``), else 512."""
-    spec = read_header(lora).metadata.get("modelspec.resolution", "")
-    side = spec.split("x", 1)[0]
-    return int(side) if side.isdigit() else 512
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,21 @@ class LoraSource:
     # format), else None: diffusers loads it.
     record: dict | None
     unet_only: bool  # holds no text-encoder tensors
+    family: str = "unknown"  # sd1, sd2, sdxl or unknown
+    family_evidence: str = ""  # where the family was read, for messages
+    base_model: str = ""  # the model it was trained on, when the header names it
+    resolution: int = 512  # its training side (modelspec.resolution), else 512
+
+
+def _family(parsed: Parsed, metadata: dict[str, str]) -> tuple[str, str]:
+    """The LoRA's family, from its header as ``sdlora inspect`` reads it; a file that says
+    nothing is SDXL when its kohya keys name SDXL's first text encoder (``lora_te1_``)."""
+    family, evidence = lora_architecture(parsed, metadata)
+    if family == "unknown" and any(name.startswith("lora_te1_") for name in parsed.modules):
+        return "sdxl", "its keys: lora_te1_, the first of two text encoders"
+    if evidence.startswith((TRAINING_METADATA_KEY, "modelspec.", "ss_")):
+        return family, f"its header's {evidence}"
+    return family, f"its keys: {evidence}"
 
 
 def check_lora(path: Path) -> LoraSource:
@@ -92,17 +108,26 @@ def check_lora(path: Path) -> LoraSource:
     if parsed is None:
         raise LoraFileError(f"{path}: holds no LoRA tensors; `sdlora inspect` tells what it is")
     unet_only = parsed.components == ["unet"]
-    record = json.loads(header.metadata.get(TRAINING_METADATA_KEY, "{}") or "{}")
+    meta = header.metadata
+    record = json.loads(meta.get(TRAINING_METADATA_KEY, "{}") or "{}")
+    side = meta.get("modelspec.resolution", "").split("x", 1)[0]
+    family, evidence = _family(parsed, meta)
+    facts = {
+        "family": family,
+        "family_evidence": evidence,
+        "base_model": record.get("base_model") or meta.get("ss_sd_model_name", ""),
+        "resolution": int(side) if side.isdigit() else 512,
+    }
     adapter = record.get("adapter_type", "lora")
     if adapter == "lora":
-        return LoraSource(path, None, unet_only)
+        return LoraSource(path, None, unet_only, **facts)
     if parsed.format != FORMAT_DIFFUSERS:
         raise LoraFileError(
             f"{path}: a {adapter} in kohya format, which diffusers cannot draw faithfully; "
             f"give the diffusers-format file of the same run ({WEIGHTS_NAME}; `sdlora export "
             "--format diffusers` writes it from a checkpoint) to --lora"
         )
-    return LoraSource(path, record, unet_only)
+    return LoraSource(path, record, unet_only, **facts)
 
 
 def _peft_adapters(pipe, lora: Path, record: dict) -> list:
@@ -145,13 +170,32 @@ def _peft_adapters(pipe, lora: Path, record: dict) -> list:
     return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+@contextmanager
+def _not_fitting(path: Path) -> Iterator[None]:
+    """diffusers' error for a LoRA of other shapes (a file whose header does not say its family,
+    so the checks could not tell) as one line naming the file, not a page of size mismatches."""
+    try:
+        with quiet.dropping(quiet.LORA_LOAD_FAILED, quiet.DIFFUSERS_LORA_LOGGERS):
+            yield
+    except (RuntimeError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        if isinstance(err, torch.OutOfMemoryError) or not lines:
+            raise
+        first = lines[0].rstrip(":") + (f": {lines[1]}" if len(lines) > 1 else "")
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+        raise LoraFileError(
+            f"{path}: does not fit --model: {first}{more}; a LoRA for another model family? "
+            "`sdlora inspect FILE --against MODEL` lists the keys that do not fit"
+        ) from err
+
+
 def apply_lora(pipe, lora: LoraSource) -> Callable[[float], None]:
     """Load the LoRA (from :func:`check_lora`) into the pipeline; return the function that
     sets its strength."""
     if lora.record is None:
         # A UNet-only LoRA is the usual case, not worth diffusers' per-encoder notice.
         drop = quiet.DIFFUSERS_LORA_LOGGERS if lora.unet_only else ()
-        with quiet.dropping(quiet.NO_TEXT_KEYS, drop):
+        with quiet.dropping(quiet.NO_TEXT_KEYS, drop), _not_fitting(lora.path):
             pipe.load_lora_weights(
                 str(lora.path.parent), weight_name=lora.path.name, adapter_name=ADAPTER
             )
@@ -242,12 +286,24 @@ def sample(
 
     Raises:
         LoraFileError: the LoRA file is missing, truncated or not a LoRA.
+        ConfigError: every problem ``sample_checks.problems`` finds, before any model loads.
     """
-    lora = Path(lora)
-    source = check_lora(lora)
+    from trainer.sample_checks import problems
+
+    source = check_lora(Path(lora))
+    found = problems(source, model, settings, device)
+    if found:
+        raise ConfigError(found, "sdlora sample")
+    return draw(source, model, settings, out, device)
+
+
+def draw(
+    source: LoraSource, model: str, settings: SampleSettings, out: str | Path, device: str = ""
+) -> Path:
+    """:func:`sample` once the request is checked."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = render(source, model, settings, device)
     labels = ["base"] + [f"lora x{s:g}" for s in settings.scales]
     image = grid(rows, labels)
-    info = png_metadata(lora, model, settings, labels)
+    info = png_metadata(source.path, model, settings, labels)
     return write_atomic(out, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
