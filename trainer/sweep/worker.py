@@ -21,6 +21,7 @@ import logging
 import signal
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -241,10 +242,19 @@ def run(
     storage_url: str | None,
     report_only: bool = False,
     retry_failed: bool = False,
+    problems: Sequence[str] = (),
 ) -> int:
-    """``sdlora sweep``: check every trial, run this worker, write the report."""
+    """``sdlora sweep``: check every trial, run this worker, write the report.
+
+    Args:
+        problems: The sweep file's own problems (``spec.read``), reported with the others.
+    """
     engine.quiet_optuna()
-    runs = expand.check(spec, launch)
+    # Everything the sweep file, the storage URL and every run can get wrong is found here,
+    # before the storage is opened: nothing below may fail on them once the study records
+    # this sweep's fingerprint.
+    found = [*problems, *engine.storage_problems(storage_url)]
+    runs = expand.check(spec, launch, found)
     storage = engine.open_storage(storage_url, spec.sweep_dir, spec.file.heartbeat_seconds)
     where = str(spec.path)
     if report_only:
