@@ -1,5 +1,5 @@
-"""What a sweep file can get wrong, found before any trial runs and all at once. No trial
-trains here: the studies are built by hand."""
+"""What a sweep file can get wrong, found before any trial runs and all at once; and what a
+rerun after failed trials says. No trial trains here: the studies are built by hand."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sweep_helpers import REPO, write_sweep
 
 from trainer import cli
 from trainer.config import ConfigError, load
-from trainer.sweep import claims, engine, expand, spec
+from trainer.sweep import claims, engine, expand, process, results, spec, worker
 
 
 @pytest.fixture
@@ -202,3 +202,61 @@ def test_a_storage_url_without_its_driver_names_the_package_to_install(capsys):
     # What the sweep extra supports needs nothing more.
     assert engine.storage_problems("postgresql://u@h/db") == []
     assert engine.storage_problems("sqlite:///sweep.db") == []
+
+
+# ---------------------------------------------------------------- a rerun after failures
+
+
+def fail_every_trial(path: Path, out: Path) -> spec.Spec:
+    """What a first attempt whose every run failed leaves in the sweep's journal."""
+    s = spec.load(path, str(out))
+    runs = expand.check(s, [])
+    storage = engine.open_storage(None, s.sweep_dir, 60)
+    study = engine.open_study(s, storage)
+    claims.check_fingerprint(study, worker.sweep_fingerprint(s, runs), str(path))
+    space = engine.grid_space(s)
+    claims.enqueue_missing(study, runs, space)
+
+    def objective(trial: optuna.Trial) -> float:  # as the worker's, with every run failing
+        for key in space:
+            trial.suggest_categorical(key, space[key])
+        trial.set_user_attr(claims.ERROR, "error: boom")
+        raise worker.RunFailed("error: boom")
+
+    study.optimize(objective, n_trials=len(runs), catch=(worker.RunFailed,))
+    assert [t.state.name for t in study.get_trials()] == ["FAIL"] * len(runs)
+    return s
+
+
+def test_a_rerun_after_failed_trials_names_them_and_exits_1(base, tmp_path, capsys):
+    path = write(tmp_path, base, 'seeds = [3]\n[grid]\n"train.learning_rate" = [1e-3, 1e-4]\n')
+    out = tmp_path / "out"
+    s = fail_every_trial(path, out)
+    for extra in ((), ("--report-only",)):
+        assert cli.main(["sweep", str(path), "--out", str(out), *extra]) == 1
+        text = capsys.readouterr()
+        assert "No configuration has finished all its seeds" in text.out
+        assert "2 run(s) of this sweep failed" in text.err
+        assert "--retry-failed" in text.err
+        for run in expand.build_runs(s, s.points):
+            log = run.folder(s) / process.LOG_NAME
+            assert f"{run.point.label} · seed 3 (optuna trial" in text.err
+            assert str(log) in text.err
+
+
+def test_a_failed_search_trial_blames_its_first_unfinished_seed(base, tmp_path):
+    s = spec.load(
+        write(
+            tmp_path,
+            base,
+            'seeds = [0, 1]\nn_trials = 1\n[search]\n"train.learning_rate" = '
+            "{ low = 1e-4, high = 1e-3, log = true }\n",
+        ),
+        str(tmp_path / "out"),
+    )
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_float("train.learning_rate", 1e-4, 1e-3, log=True)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    collected = results.collect(s, study, [])
+    assert [(r.run.seed, r.state) for r in collected] == [(0, "failed"), (1, "not run")]
