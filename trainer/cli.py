@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage",
         metavar="URL",
         help="an Optuna RDB URL shared by workers on several machines, e.g. "
-        "postgresql://user:pass@host/db (default: a journal file in the sweep folder)",
+        "postgresql://user:pass@host/db (default: a journal file in the sweep folder); the "
+        "sweep extra has the drivers of postgresql:// and sqlite:///",
     )
     sweep.add_argument("--out", metavar="DIR", help="the sweep folder (replaces output_dir)")
     sweep.add_argument(
@@ -479,9 +480,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             [f"sdlora sweep needs Optuna ({err}); install it: pip install -e '.[sweep]'"],
             "sdlora sweep",
         ) from err
-    sweep = spec.load(args.file, args.out)
+    # The file's problems are reported together with those of its runs and --storage.
+    sweep, problems = spec.read(args.file, args.out)
     launch = shlex.split(args.launch) if args.launch is not None else list(sweep.file.launch)
-    return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed)
+    return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed, problems)
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:

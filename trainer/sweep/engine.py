@@ -4,7 +4,8 @@
   (``optuna.storages.JournalStorage`` over ``JournalFileBackend``): an append-only log under a
   file lock, safe for several worker processes on one machine (Optuna advises against SQLite
   for that). With ``--storage URL``, any Optuna RDB URL (PostgreSQL, MySQL) with Optuna's
-  heartbeat on, so workers on other machines can take over a dead worker's trial.
+  heartbeat on, so workers on other machines can take over a dead worker's trial; the URL and
+  its driver are checked with the sweep file (:func:`storage_problems`).
 - **Study.** One per sweep, named by the sweep file; the same command on every worker
   creates it or loads it (Optuna settles two creators racing: one creates, the other loads).
 - **Sampler.** Grids and trial lists use ``GridSampler`` over their parameters and every
@@ -50,6 +51,51 @@ def storage_url(url: str) -> str:
     return url
 
 
+# The pip package of each database driver module SQLAlchemy may import for an RDB URL.
+DRIVER_PACKAGES = {
+    "psycopg": "'psycopg[binary]'",
+    "psycopg2": "psycopg2-binary",
+    "pymysql": "pymysql",
+    "MySQLdb": "mysqlclient",
+    "mysql": "mysql-connector-python",
+    "mariadb": "mariadb",
+    "oracledb": "oracledb",
+    "pyodbc": "pyodbc",
+    "pymssql": "pymssql",
+}
+EXTRA_URLS = "postgresql:// (psycopg 3) and sqlite:/// (Python's own sqlite3)"
+
+
+def storage_problems(url: str | None) -> list[str]:
+    """What is wrong with a ``--storage`` URL, found without connecting: its form, and the
+    database driver SQLAlchemy would import for it (Optuna's RDB storage goes through
+    SQLAlchemy, and the sweep extra installs only the drivers of :data:`EXTRA_URLS`)."""
+    if not url:
+        return []
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(storage_url(url))
+        shown = parsed.render_as_string(hide_password=True)
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        return [f"--storage {url}: not an Optuna RDB URL ({err}); e.g. postgresql://user@host/db"]
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = (err.name or str(err)).split(".")[0]
+        install = f"pip install {DRIVER_PACKAGES.get(module, module)}"
+        if parsed.get_backend_name() in ("mysql", "mariadb") and module != "pymysql":
+            install += " (or write mysql+pymysql://... and pip install pymysql, pure Python)"
+        return [
+            f"--storage {shown}: SQLAlchemy opens {parsed.drivername}:// URLs with the "
+            f"{parsed.get_driver_name()} driver, and its module {module!r} is not installed: "
+            f"{install}; the sweep extra installs drivers only for {EXTRA_URLS}"
+        ]
+    return []
+
+
 def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
     """The study's storage: the sweep folder's journal file, or the RDB at ``url``.
 
@@ -65,6 +111,9 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    problems = storage_problems(url)  # checked before any trial; again for other callers
+    if problems:
+        raise ConfigError(problems, "--storage")
     url = storage_url(url)
     last: Exception | None = None
     for attempt in range(6):
@@ -80,9 +129,10 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
                 [f"--storage {url}: not an Optuna RDB URL ({err}); e.g. postgresql://user@host/db"],
                 "--storage",
             ) from err
-        except ImportError as err:
+        except ImportError as err:  # a driver whose own imports fail
+            cause = err.__cause__ or err
             raise ConfigError(
-                [f"--storage {url}: {err}; install the sweep extra: pip install -e '.[sweep]'"],
+                [f"--storage {url}: the database driver cannot be imported ({cause})"],
                 "--storage",
             ) from err
         except Exception as err:  # SQLAlchemy's many errors: retried, then shown

@@ -98,7 +98,11 @@ def build_runs(
 
 
 def launch_processes(launch: Sequence[str]) -> int:
-    """The process count the launch flags ask for (``--num_processes``), else 1."""
+    """The process count the launch flags ask for (``--num_processes``), else 1.
+
+    Raises:
+        ValueError: the count is not a whole number.
+    """
     for i, arg in enumerate(launch):
         if arg == "--num_processes" and i + 1 < len(launch):
             return int(launch[i + 1])
@@ -107,21 +111,52 @@ def launch_processes(launch: Sequence[str]) -> int:
     return 1
 
 
-def check(spec: Spec, launch: Sequence[str]) -> list[Run]:
+def check(spec: Spec, launch: Sequence[str], found: Sequence[str] = ()) -> list[Run]:
     """Expand and check every run before any starts; raise ConfigError with every problem.
 
     Checked: each run's whole config (keys, types, ranges, cross-table rules), then the parts
     of preflight that need no model, once per distinct setting: the sweep folder is writable,
-    the model source exists and has the LoRA target modules, the dataset and held-out set are
-    usable, and the run length derived from them fits the schedule. The sweep's own needs: a
-    validation set (the objective), validation during training when a pruner is on, and no
-    two configurations training the same thing.
+    the model source (and VAE) exists and has the LoRA target modules, the dataset and
+    held-out set are usable, and the run length derived from them fits the schedule. The
+    sweep's own needs: a validation set (the objective), validation during training when a
+    pruner is on, no two configurations training the same thing, and a grid Optuna's
+    GridSampler takes.
+
+    Args:
+        spec: The sweep, as ``spec.read`` gave it.
+        launch: The trials' accelerate launch flags.
+        found: Problems found already (the sweep file's own, the storage URL's), reported
+            first in the same list.
     """
-    problems: dict[str, list[str]] = {}
+    problems: dict[str, list[str]] = {p: [] for p in found}
+    try:
+        processes = launch_processes(launch)
+    except ValueError:
+        problems[f"launch / --launch: --num_processes needs a whole number ({list(launch)})"] = []
+        processes = 1
+    runs: list[Run] = []
+    try:
+        # A missing or empty base is named among the sweep file's own problems.
+        if spec.file.base and spec.base.is_file():
+            run_config.read_toml(spec.base)
+            runs = _check_runs(spec, processes, problems)
+    except ConfigError as err:  # the base is not TOML: no run can be built from it
+        problems.update({p: [] for p in err.problems})
+    if problems:
+        total = len(runs) or 1
+        lines = []
+        for problem, names in problems.items():
+            who = "every trial" if len(names) >= total and total > 1 else ", ".join(names)
+            lines.append(f"{who}: {problem}" if who else problem)
+        raise ConfigError(lines, f"{spec.path} (checked before any trial starts)")
+    return runs
+
+
+def _check_runs(spec: Spec, processes: int, problems: dict[str, list[str]]) -> list[Run]:
+    """Every run's problems into ``problems`` (problem → the runs it concerns)."""
     points = list(spec.points) if spec.mode != "search" else search_corners(spec)
     runs = build_runs(spec, points, problems)
-    processes = launch_processes(launch)
-    once: dict[str, list[str]] = {}
+    once: dict[str, Any] = {}
     for run in runs:
         for problem in run_problems(spec, run.config, processes, once):
             problems.setdefault(problem, []).append(f"trial {run.point.label!r} (seed {run.seed})")
@@ -132,24 +167,31 @@ def check(spec: Spec, launch: Sequence[str]) -> list[Run]:
             problems.setdefault(
                 f"trains the same config as trial {other.point.label!r}; drop one of them", []
             ).append(f"trial {run.point.label!r} (seed {run.seed})")
-    if problems:
-        total = len(runs) or 1
-        lines = []
-        for problem, names in problems.items():
-            who = "every trial" if len(names) >= total and total > 1 else ", ".join(names)
-            lines.append(f"{who}: {problem}")
-        raise ConfigError(lines, f"{spec.path} (checked before any trial starts)")
+    if spec.mode != "search":
+        for problem in grid_problems(spec, runs):
+            problems.setdefault(problem, [])
     return runs
 
 
-def run_problems(
-    spec: Spec, cfg: RunConfig, processes: int, once: dict[str, list[str]]
-) -> list[str]:
-    """Model-free problems of one run's config; each distinct check runs once (``once``)."""
-    from trainer import lr_plot, models, preflight
-    from trainer.data import DataError
+def grid_problems(spec: Spec, runs: Sequence[Run]) -> list[str]:
+    """Whether GridSampler takes the grid and numbers every run, as queueing them will ask
+    (``claims.enqueue_missing``): found here, before the study gets its fingerprint, so a
+    grid it cannot take never leaves a study that a corrected sweep file cannot reuse."""
+    from trainer.sweep.engine import grid_ids, grid_space
 
-    def cached(key: Any, compute: Callable[[], list[str]]) -> list[str]:
+    try:
+        ids = grid_ids(grid_space(spec))
+        missing = [r.name for r in runs if tuple(sorted(r.params.items())) not in ids]
+    except (TypeError, ValueError) as err:
+        return [f"[{spec.mode}]: Optuna's GridSampler cannot take these values ({err})"]
+    return [f"{name}: not a point of Optuna's grid" for name in missing]
+
+
+def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any]) -> list[str]:
+    """Model-free problems of one run's config; each distinct check runs once (``once``)."""
+    from trainer import models, preflight
+
+    def cached(key: Any, compute: Callable[[], Any]) -> Any:
         text = json.dumps(key, sort_keys=True, default=str)
         if text not in once:
             once[text] = compute()
@@ -159,33 +201,21 @@ def run_problems(
     model = cfg.model
 
     def model_problems() -> list[str]:
-        found = models.source_problems(model)
-        if found:
-            return found
-        # The family against model.arch, and the targets in every trained text encoder.
-        return preflight.model_problems(cfg)[0]
-
-    p += cached(["model", cfg.to_dict()["model"], cfg.to_dict()["lora"]], model_problems)
-
-    def length_problems() -> list[str]:
-        try:
-            lr_plot.total_updates(cfg, processes)
-        except (ConfigError, DataError) as err:
-            return err.problems if isinstance(err, ConfigError) else [str(err)]
-        return []
+        # The family against model.arch, and the targets in every trained text encoder, once
+        # the source exists; the VAE either way, as the run's own preflight checks them.
+        found = models.source_problems(model) or preflight.model_problems(cfg)[0]
+        return found + models.vae_problems(model)
 
     data = cfg.to_dict()
-    p += cached(
-        [
-            "length",
-            data["data"],
-            data["validation"],
-            data["train"],
-            data["lr_scheduler"],
-            processes,
-        ],
-        length_problems,
-    )
+    p = p + cached(["model", data["model"], data["lora"]], model_problems)
+    # The dataset is read even when train.max_steps fixes the length: a missing data.path
+    # is found here with the rest, not by the first trial.
+    examples = cached(["data", data["data"], data["validation"]], lambda: _examples(cfg))
+    if isinstance(examples, list):
+        p = p + examples
+    else:
+        key = ["length", data["data"], data["validation"], data["train"], data["lr_scheduler"]]
+        p = p + cached([*key, processes], lambda: _length_problems(cfg, examples, processes))
     val = cfg.validation
     if not (val.fraction or val.path):
         p.append(
@@ -198,6 +228,29 @@ def run_problems(
             "set it (e.g. 50), or drop [pruner]"
         )
     return p
+
+
+def _examples(cfg: RunConfig) -> Any:
+    """The run's training examples, checked as its preflight checks them (image headers
+    only); their problems (a list) when the data is unusable."""
+    from trainer.data import DataError
+    from trainer.feed import checked_examples
+
+    try:
+        return checked_examples(cfg, show_progress=False, decode=False)[0]
+    except DataError as err:
+        return [str(err)]
+
+
+def _length_problems(cfg: RunConfig, examples: Any, processes: int) -> list[str]:
+    """Whether the run length derived from the data fits the batch and the schedule."""
+    from trainer.plan import plan_run
+
+    try:
+        plan_run(cfg, examples.groups, processes)
+    except ConfigError as err:
+        return err.problems
+    return []
 
 
 def search_corners(spec: Spec) -> list[Point]:

@@ -128,13 +128,16 @@ def collect(spec: Spec, study: optuna.Study, runs: list[Run]) -> list[RunResult]
             trial_runs = build_runs(spec, [point])
         except Exception:  # a sampled config that failed to build: its trial shows the error
             continue
+        blamed = False  # a failed trial stopped at its first unfinished run: that one failed
         for run in trial_runs:
             result = read_run(run, run.folder(spec))
             _set_state(result, trial)
             if result.final_val is not None:
                 result.state = "complete"
+            elif result.state == "failed" and not blamed:
+                blamed = True
             elif result.state in ("pruned", "failed", "complete") and not result.metrics:
-                result.state = "not run"
+                result.state, result.error = "not run", ""
             results.append(result)
     return results
 

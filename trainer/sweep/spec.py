@@ -7,14 +7,15 @@ inside the run configs) is relative to the directory you run from, as everywhere
 A sweep varies its trials in one of three ways: ``[[trials]]`` (a list of override tables),
 ``[grid]`` (every combination of the values listed per key) or ``[search]`` (ranges that
 Optuna's TPE sampler explores for ``n_trials`` configurations). ``seeds`` repeats each
-configuration once per seed. ``[set]`` overrides every trial, ``[pruner]`` stops clearly worse
-trials early. See docs/sweeps.md.
+configuration once per seed (``[set] "train.seed" = 7`` without ``seeds`` means ``seeds =
+[7]``; nothing else may set the seed). ``[set]`` overrides every trial, ``[pruner]`` stops
+clearly worse trials early. See docs/sweeps.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from typedtables import ConfigError, build_table, doc
 TABLES = ("set", "grid", "trials", "search", "pruner")
 RANGE_KEYS = ("low", "high", "log", "step")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold")
+SEED_KEY = "train.seed"  # set per run from ``seeds``; see _seed_problems
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class SweepFile:
         "",
     )
     seeds: tuple[int, ...] = doc(
-        "Every configuration trains once per seed (train.seed); empty = the base config's seed",
+        "Every configuration trains once per seed (train.seed); left out = [set]'s train.seed, "
+        "else the base config's seed",
         [],
     )
     launch: tuple[str, ...] = doc(
@@ -72,6 +75,12 @@ class SweepFile:
         return p
 
 
+def param_value(value: Any) -> Any:
+    """A value as an Optuna parameter: scalars as they are; a table or a list by its label,
+    because Optuna's categorical values must be plain scalars (and GridSampler hashes them)."""
+    return label(value) if isinstance(value, (Mapping, list, tuple)) else value
+
+
 @dataclass(frozen=True)
 class Point:
     """One configuration of a grid or a trial list, before seeds."""
@@ -98,7 +107,7 @@ class SearchParam:
 
     def choice_labels(self) -> list[Any]:
         """Categorical values as Optuna stores them: scalars as they are, tables by label."""
-        return [label(c) if isinstance(c, Mapping) else c for c in self.choices]
+        return [param_value(c) for c in self.choices]
 
     def value(self, param: Any) -> Any:
         """The override value for a sampled parameter (a choice label maps back to its table)."""
@@ -144,17 +153,38 @@ def load(path: str | Path, output_dir: str | None = None) -> Spec:
     Raises:
         ConfigError: every problem at once, each naming its key.
     """
+    spec, problems = read(path, output_dir)
+    if problems:
+        raise ConfigError(problems, str(spec.path))
+    return spec
+
+
+def read(path: str | Path, output_dir: str | None = None) -> tuple[Spec, list[str]]:
+    """Read a sweep file, returning its problems instead of raising on them.
+
+    The spec is the best reading of a file with problems (a bad value is left out), so that
+    ``expand.check`` can expand it and report the problems of its runs in the same list.
+
+    Raises:
+        ConfigError: the file is missing or is not TOML (nothing else can be read then).
+    """
     path = Path(path)
     data = read_toml(path)
     problems: list[str] = []
     file = build_table(SweepFile, data, "", problems, skip=TABLES)
     problems = [p.lstrip(".") for p in problems]
+    if "seeds" in data and data["seeds"] == []:
+        problems.append(
+            "seeds: an empty list trains nothing; give at least one seed (seeds = [0, 1, 2]), "
+            "or leave seeds out to train once with the base config's train.seed"
+        )
     name = file.name or path.stem
     base = (path.parent / file.base).resolve() if file.base else path
     if file.base and not base.is_file():
         problems.append(f"base: {file.base!r} is not a file (looked for {base})")
     sweep_dir = Path(output_dir or file.output_dir or f"output/sweeps/{name}")
-    common = tuple(_settings(data.get("set", {}), "set", problems))
+    common = _settings(data.get("set", {}), "set", problems)
+    file, common = _set_seed(file, "seeds" in data, common, problems)
     modes = [t for t in ("grid", "trials", "search") if t in data]
     if len(modes) != 1:
         problems.append(
@@ -170,6 +200,7 @@ def load(path: str | Path, output_dir: str | None = None) -> Spec:
         points = _trials(data.get("trials", []), problems)
     else:
         search = _search(data["search"], problems)
+    problems += _seed_problems(mode, points, search)
     if mode == "search" and file.n_trials < 1:
         problems.append("n_trials: with [search], set how many configurations to try (>= 1)")
     if mode != "search" and (file.n_trials or file.sampler_seed != -1):
@@ -177,11 +208,12 @@ def load(path: str | Path, output_dir: str | None = None) -> Spec:
             "n_trials / sampler_seed: only for [search]; a grid or trial list is run whole"
         )
     pruner = _pruner(data.get("pruner"), problems)
-    if problems:
-        raise ConfigError(problems, str(path))
+    # Repeated seeds are reported above; expanding them once keeps that the only report.
+    file = replace(file, seeds=tuple(dict.fromkeys(file.seeds)))
     return Spec(
-        path, file, name, base, sweep_dir, common, mode, tuple(points), tuple(search), pruner
-    )
+        path, file, name, base, sweep_dir, tuple(common), mode, tuple(points), tuple(search),
+        pruner,
+    ), problems  # fmt: skip
 
 
 def _settings(table: Any, where: str, problems: list[str]) -> list[Assignment]:
@@ -192,6 +224,42 @@ def _settings(table: Any, where: str, problems: list[str]) -> list[Assignment]:
     for key, value in table.items():
         out += assignments(key, value)
     return out
+
+
+def _set_seed(
+    file: SweepFile, seeds_given: bool, common: list[Assignment], problems: list[str]
+) -> tuple[SweepFile, list[Assignment]]:
+    """``[set] "train.seed" = 7`` without ``seeds`` means ``seeds = [7]``: every run's seed is
+    set from ``seeds``, after all overrides, so a seed left in [set] would be overridden."""
+    given = [value for key, value in common if key == SEED_KEY]
+    if not given:
+        return file, common
+    value = given[-1]
+    if seeds_given:
+        problems.append(
+            f"set.{SEED_KEY}: the seeds are given by seeds = {list(file.seeds)}; drop "
+            f"{SEED_KEY} from [set] (or list it in seeds)"
+        )
+    elif not isinstance(value, int) or isinstance(value, bool):
+        problems.append(f"set.{SEED_KEY}: expected an integer seed, got {value!r}")
+    else:
+        file = replace(file, seeds=(value,))
+    return file, [a for a in common if a[0] != SEED_KEY]
+
+
+def _seed_problems(mode: str, points: list[Point], search: list[SearchParam]) -> list[str]:
+    """A grid, trial list or search that varies train.seed: each run's seed comes from
+    ``seeds`` (which the verdict compares over), so a varied seed would be overridden."""
+    keys: list[str] = []
+    for i, point in enumerate(points):
+        if any(k == SEED_KEY for k, _ in point.settings):
+            keys.append(f"trials[{i}].{SEED_KEY}" if mode == "trials" else f"grid.{SEED_KEY}")
+    for p in search:
+        values = p.choices or (None,)
+        if any(k == SEED_KEY for v in values for k, _ in assignments(p.key, v)):
+            keys.append(f"search.{p.key}")
+    text = "the seed is not varied per configuration; list the seeds in seeds = [0, 1, 2] and "
+    return [f"{k}: {text}every configuration trains once per seed" for k in dict.fromkeys(keys)]
 
 
 def _axes(table: Mapping, prefix: str, problems: list[str]) -> list[tuple[str, list]]:
@@ -234,7 +302,7 @@ def _grid(table: Any, problems: list[str]) -> list[Point]:
         for (key, _), value in zip(axes, combo, strict=True):
             settings += assignments(key, value)
             parts.append(key_label(key, value))
-            params[key] = label(value) if isinstance(value, Mapping) else value
+            params[key] = param_value(value)
         points.append(Point(", ".join(parts), params, tuple(settings)))
     return points
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import signal
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -241,15 +243,28 @@ def run(
     storage_url: str | None,
     report_only: bool = False,
     retry_failed: bool = False,
+    problems: Sequence[str] = (),
 ) -> int:
-    """``sdlora sweep``: check every trial, run this worker, write the report."""
+    """``sdlora sweep``: check every trial, run this worker, write the report.
+
+    Args:
+        problems: The sweep file's own problems (``spec.read``), reported with the others.
+
+    Returns:
+        0 when the sweep is done; 1 when a run of it failed (here or in an earlier attempt)
+        and was not queued again; 130 when stopped.
+    """
     engine.quiet_optuna()
-    runs = expand.check(spec, launch)
+    # Everything the sweep file, the storage URL and every run can get wrong is found here,
+    # before the storage is opened: nothing below may fail on them once the study records
+    # this sweep's fingerprint.
+    found = [*problems, *engine.storage_problems(storage_url)]
+    runs = expand.check(spec, launch, found)
     storage = engine.open_storage(storage_url, spec.sweep_dir, spec.file.heartbeat_seconds)
     where = str(spec.path)
     if report_only:
         study = engine.load_study(spec, storage)
-        return _report(spec, study, runs)
+        return 1 if _report(spec, study, runs) else 0
     study = engine.open_study(spec, storage)
     claims.check_fingerprint(study, sweep_fingerprint(spec, runs), where)
     if spec.mode != "search":
@@ -258,8 +273,8 @@ def run(
         for number in claims.retry_failed(study):
             tqdm.write(f"trial {number}: failed before; queued again")
     code = Worker(spec, launch, storage, study, runs).loop()
-    _report(spec, study, runs)
-    return code
+    failed = _report(spec, study, runs)
+    return 1 if code == 0 and failed else code
 
 
 def sweep_fingerprint(spec: Spec, runs: list[Run]) -> str:
@@ -275,8 +290,19 @@ def sweep_fingerprint(spec: Spec, runs: list[Run]) -> str:
     return claims.fingerprint(definition)
 
 
-def _report(spec: Spec, study: optuna.Study, runs: list[Run]) -> int:
+def _report(spec: Spec, study: optuna.Study, runs: list[Run]) -> list[results.RunResult]:
+    """Write the report; name the failed runs and how to retry them. Returns the failed runs."""
     collected = results.collect(spec, study, runs if spec.mode != "search" else [])
     page, verdict = report.write(spec, collected)
     tqdm.write(f"{verdict.text}\nreport: {page}")
-    return 0
+    failed = [r for r in collected if r.state == "failed"]
+    if failed:
+        lines = [f"{len(failed)} run(s) of this sweep failed; their logs:"]
+        for r in failed:
+            trial = "" if r.trial is None else f" (optuna trial {r.trial})"
+            lines.append(f"  {r.run.name}{trial}: {r.folder / process.LOG_NAME}")
+        lines.append(
+            "fix the cause, then run the same command with --retry-failed to train them again"
+        )
+        tqdm.write("\n".join(lines), file=sys.stderr)
+    return failed
