@@ -206,3 +206,40 @@ def test_documented_launch_commands_use_the_launcher_without_tracebacks():
             ):
                 found.append(f"{path.name}:{number}: {line.strip()}")
     assert found == []
+
+
+@pytest.mark.parametrize(
+    "raised, status, said",
+    [
+        (subprocess.CalledProcessError(2, ["train.py"]), 2, ""),
+        (subprocess.CalledProcessError(-9, ["train.py"]), 137, "train.py was killed by SIGKILL"),
+        ({1: -15, 0: 2}, 2, ""),  # rank 0 failed; the agent then stopped rank 1
+        ({0: -9, 1: -9}, 137, "train.py (rank 0) was killed by SIGKILL"),
+        (KeyboardInterrupt(), 130, ""),
+    ],
+    ids=["one-exit-2", "one-killed", "two-exit-2", "two-killed", "ctrl-c-no-child"],
+)
+def test_the_launcher_exits_with_the_failed_process_status(
+    raised, status, said, monkeypatch, capsys
+):
+    """What accelerate raises for a failed run becomes that run's exit status, with a line only
+    where no training process could say anything itself (killed by a signal)."""
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trainer import launch
+
+    if isinstance(raised, dict):
+        failures = {r: ProcessFailure(r, 100 + r, code, "<N/A>") for r, code in raised.items()}
+        raised = ChildFailedError("train.py", failures)
+
+    def fail(args):
+        raise raised
+
+    def no_child(pid, options):
+        raise ChildProcessError  # pytest's own children are not the launcher's to reap
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", fail)
+    monkeypatch.setattr(launch.os, "waitpid", no_child)
+    assert launch.main(["--num_processes", "1", "train.py", "--config", "c.toml"]) == status
+    assert capsys.readouterr().err.strip() == (f"error: {said}" if said else "")
