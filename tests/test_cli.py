@@ -1,10 +1,16 @@
-"""The command line itself: ``--version`` and help text on every flag."""
+"""The command line itself: ``--version``, help text on every flag, the resume command, and
+the documented launcher (``python -m trainer.launch``) under a bad config and Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import tomllib
 
 from trainer import cli
 from trainer.cli import build_parser, main, package_version
+from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,3 +98,148 @@ def test_resume_command_of_a_direct_python_run_uses_this_python():
     assert shlex.split(command.split(" && ", 1)[1]) == [
         sys.executable, "train.py", "--config", "c.toml", "--resume", "latest"
     ]  # fmt: skip
+
+
+def test_resume_command_repeats_the_launch_module_and_its_flags():
+    """``python -m trainer.launch`` (the documented launcher) and accelerate's module form are
+    launchers too: the resume command starts the run the same way, with this interpreter."""
+    from trainer.cli import resume_command
+
+    argv = ["train.py", "--config", "c.toml", "--set", "train.max_steps=9"]
+    for module in ("trainer.launch", "accelerate.commands.launch"):
+        parent = ["python", "-m", module, "--multi_gpu", "--num_processes", "2", "train.py",
+                  "--config", "c.toml"]  # fmt: skip
+        command = resume_command(argv, parent)
+        assert shlex.split(command.split(" && ", 1)[1]) == [
+            sys.executable, "-m", module, "--multi_gpu", "--num_processes", "2", "train.py",
+            "--config", "c.toml", "--set", "train.max_steps=9", "--resume", "latest",
+        ]  # fmt: skip
+
+
+def launch_flags(processes: int) -> list[str]:
+    """``accelerate launch`` flags for ``processes`` CPU processes, every setting explicit (as
+    in tests/test_distributed.py), so no user accelerate config is read."""
+    if processes > 1:  # MULTI_GPU over gloo on a machine without CUDA (docker/accelerate/)
+        flags = ["--config_file", str(REPO / "docker" / "accelerate" / "cpu2.yaml")]
+        flags += ["--num_processes", str(processes), "--main_process_port", "0"]
+    else:
+        flags = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+        flags += ["--dynamo_backend", "no"]
+    return [*flags, "--num_cpu_threads_per_process", "1"]
+
+
+def launch_env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_config_error_under_the_documented_launcher_ends_with_our_line_alone(processes):
+    """Under ``accelerate launch`` a bad key printed our error, then accelerate's
+    CalledProcessError (one process) or torch elastic's ChildFailedError (two) traceback."""
+    cmd = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    cmd += ["--config", "configs/tiny.toml", "--set", "train.max_stpes=3"]
+    done = subprocess.run(
+        cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]  # our status, not accelerate's 1
+    assert "error: 1 problem(s) in configs/tiny.toml" in done.stderr
+    assert "train.max_stpes: unknown key; did you mean 'max_steps'?" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "Error:" not in done.stderr  # no CalledProcessError / ChildFailedError summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_under_the_launcher_saves_and_its_resume_command_finishes_the_run(
+    processes, tiny_model, tiny_data, tmp_path
+):
+    """Ctrl-C (SIGINT to the terminal's process group) stops the run with a checkpoint, the
+    resume command and status 130, with no KeyboardInterrupt / SignalException traceback;
+    the printed command, run as is, relaunches the same way and finishes the run."""
+    out = tmp_path / "out"
+    sets = [f'model.pretrained="{tiny_model}"', f'data.path="{tiny_data}"', f'output_dir="{out}"']
+    sets += ["train.max_steps=60", "checkpoint.every_n_steps=2", 'logging.tracker="none"']
+    cmd = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    cmd += ["--config", "configs/tiny.toml", *(x for s in sets for x in ("--set", s))]
+    # Its own session, so the SIGINT below reaches the launcher and what shares its terminal
+    # group, as a Ctrl-C does, and nothing of pytest's.
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "checkpoints" / "step-000002").is_dir():
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=240)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal landed (machine too fast)")
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    printed = stdout.split("resume with:\n", 1)[1].splitlines()[0].strip()
+    launcher = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    assert shlex.split(printed.split(" && ", 1)[1])[: len(launcher)] == launcher
+    done = subprocess.run(
+        printed, shell=True, env=launch_env(), capture_output=True, text=True, cwd="/",
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_metrics(out)[-1]["step"] == 60
+
+
+def test_documented_launch_commands_use_the_launcher_without_tracebacks():
+    """Every command line in the README, docs/ and the Makefile starts training through
+    ``python -m trainer.launch``, the launcher the tests above run, not ``accelerate launch``."""
+    # docs/sweeps.md shows the command a sweep trial runs, which trainer/sweep/process.py sets.
+    docs = [p for p in sorted((REPO / "docs").glob("*.md")) if p.name != "sweeps.md"]
+    found = []
+    for path in [REPO / "README.md", REPO / "Makefile", *docs]:
+        block = path.suffix != ".md"  # the Makefile is all commands
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                block = not block
+            elif re.search(
+                r"(^|\s|/)accelerate launch\s" if block else r"`accelerate launch\s", line
+            ):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "raised, status, said",
+    [
+        (subprocess.CalledProcessError(2, ["train.py"]), 2, ""),
+        (subprocess.CalledProcessError(-9, ["train.py"]), 137, "train.py was killed by SIGKILL"),
+        ({1: -15, 0: 2}, 2, ""),  # rank 0 failed; the agent then stopped rank 1
+        ({0: -9, 1: -9}, 137, "train.py (rank 0) was killed by SIGKILL"),
+        (KeyboardInterrupt(), 130, ""),
+    ],
+    ids=["one-exit-2", "one-killed", "two-exit-2", "two-killed", "ctrl-c-no-child"],
+)
+def test_the_launcher_exits_with_the_failed_process_status(
+    raised, status, said, monkeypatch, capsys
+):
+    """What accelerate raises for a failed run becomes that run's exit status, with a line only
+    where no training process could say anything itself (killed by a signal)."""
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trainer import launch
+
+    if isinstance(raised, dict):
+        failures = {r: ProcessFailure(r, 100 + r, code, "<N/A>") for r, code in raised.items()}
+        raised = ChildFailedError("train.py", failures)
+
+    def fail(args):
+        raise raised
+
+    def no_child(pid, options):
+        raise ChildProcessError  # pytest's own children are not the launcher's to reap
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", fail)
+    monkeypatch.setattr(launch.os, "waitpid", no_child)
+    assert launch.main(["--num_processes", "1", "train.py", "--config", "c.toml"]) == status
+    assert capsys.readouterr().err.strip() == (f"error: {said}" if said else "")

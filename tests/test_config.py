@@ -210,3 +210,44 @@ def test_schedule_problems_are_config_problems(tmp_path):
     )
     joined = "\n".join(problems)
     assert "warmup" in joined and "min_lr" in joined  # warmup >= run, floor above the base LR
+
+
+@pytest.mark.parametrize(
+    "override, kind, reason",
+    [
+        ('lr_scheduler={name="cosine"', "inline table", "unclosed inline table"),
+        ("lr_scheduler={name=cosine}", "inline table", "invalid value"),  # quotes the shell ate
+        ('lora.target_modules=["to_q", "to_v"', "array", "unclosed array"),
+        ('model.pretrained="some/model', "string", "unterminated string"),
+        ("model.pretrained='some/model", "string", 'expected "\'"'),
+    ],
+)
+def test_set_value_that_opens_like_toml_but_does_not_parse_names_the_set(
+    tmp_path, override, kind, reason
+):
+    """It used to pass on as a string, and the error then blamed the config file's table."""
+    (problem,) = problems_of(tmp_path, MINIMAL, [override])
+    assert problem.startswith(f"--set {override!r}: the value opens like a TOML {kind}")
+    assert reason in problem.lower(), problem
+    assert "quote the whole argument" in problem
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL), [override])
+    assert err.value.source == "--set" and "run.toml" not in str(err.value)
+
+
+def test_set_toml_error_says_where_in_the_value():
+    value = '{name = "cosine", warmup_steps = }'
+    with pytest.raises(ConfigError) as err:
+        config.apply_overrides({}, [f"lr_scheduler={value}"])
+    (problem,) = err.value.problems
+    # tomllib's own column, counted in "v = " + value, is 4 past the value's 1-based character.
+    assert f"(at character {value.index('}') + 1} of the value)" in problem
+
+
+def test_every_bad_set_is_reported_at_once_and_bare_words_stay_strings(tmp_path):
+    bad = ["lr_scheduler={", "lora.target_modules=[", "data.path.x=1"]
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, MINIMAL), ["data.path=/data/[cats]", *bad])
+    assert [p.split(":")[0] for p in err.value.problems] == [f"--set {b!r}" for b in bad]
+    cfg = config.load(write(tmp_path, MINIMAL), ["data.path=/data/[cats]", "output_dir=a{b"])
+    assert cfg.data.path == "/data/[cats]" and cfg.output_dir == "a{b"

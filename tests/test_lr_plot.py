@@ -1,12 +1,16 @@
-"""``sdlora lr-plot`` writes exactly the LRs that training applies."""
+"""``sdlora lr-plot`` writes exactly the LRs that training applies, at every update of a
+short run and at a bounded sample of a long one."""
 
 from __future__ import annotations
 
 import csv
+import tracemalloc
 
 import pytest
 
+import schedulers
 from schedulers import preview
+from schedulers.base import Schedule
 from trainer import loop, lr_plot
 from trainer.cli import main
 from trainer.tracking import read_metrics
@@ -143,3 +147,90 @@ def test_warmup_longer_than_an_epoch_based_run_is_a_config_error(make_config, ca
         lr_plot.run(cfg, None, None)
     with pytest.raises(ConfigError, match="warmup"):
         loop.run(cfg)
+
+
+def count_evaluations(monkeypatch, limit: int) -> list[int]:
+    """Count ``Schedule.lrs`` calls (what a plotted update costs), failing past ``limit``."""
+    calls = [0]
+    lrs = Schedule.lrs
+
+    def counted(self, step, total_steps, base_lrs):
+        calls[0] += 1
+        assert calls[0] <= limit, f"more than {limit} schedule evaluations"
+        return lrs(self, step, total_steps, base_lrs)
+
+    monkeypatch.setattr(Schedule, "lrs", counted)
+    return calls
+
+
+def test_a_ten_million_update_run_is_sampled_with_bounded_work(make_config, tmp_path, monkeypatch):
+    """10,000,000 updates took 42 s, 3.2 GB and wrote a 293 MB CSV; now at most MAX_ROWS rows
+    per curve, with the first and last updates, the warmup's end and each restart exactly."""
+    total = 10_000_000
+    cfg = make_config(
+        f"train.max_steps={total}",
+        'lr_scheduler={name = "cosine_with_restarts", num_cycles = 3, warmup_steps = 0.01}',
+        "lora.train_text_encoder=true",
+        "train.text_encoder_lr=3e-4",
+    )
+    csv_path = tmp_path / "lr.csv"
+    figures = spy_on_png(monkeypatch)
+    calls = count_evaluations(monkeypatch, limit=2 * 12_000)  # two curves: cosine and linear
+    tracemalloc.start()
+    try:
+        text = lr_plot.run(cfg, str(csv_path), str(tmp_path / "lr.png"), compare=["linear"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    monkeypatch.undo()
+    assert peak < 64 * 1024**2, f"{peak / 1024**2:.0f} MiB traced"
+    steps, rows = csv_steps(csv_path), csv_rows(csv_path)
+    assert preview.MAX_ROWS * 0.9 < len(steps) <= preview.MAX_ROWS, calls
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == total
+    # Written exactly: each row is the LR training sets at that update (step N is index N - 1).
+    assert rows == [cfg.lr_scheduler.lrs(n - 1, total, cfg.base_lrs()) for n in steps]
+    # The warmup's last update and the peak after it, and both sides of each restart: warmup
+    # round(0.01 * total) updates, then 3 cycles of (total - warmup) / 3 updates each.
+    warmup = total // 100
+    cycle = (total - warmup) // 3
+    for index in (warmup, warmup + cycle, warmup + 2 * cycle):
+        assert {index, index + 1} <= set(steps), index
+    restart = steps.index(warmup + cycle + 1)
+    assert rows[restart - 1][0] < 1e-9 and rows[restart][0] == pytest.approx(1e-3)
+    assert f"{len(steps):,} of 10,000,000 updates: every " in text
+    (fig,) = figures
+    lines = fig.axes[0].get_lines()
+    assert list(lines[0].get_xdata()) == steps and len(lines) == 4
+    assert all(len(line.get_xdata()) <= preview.MAX_ROWS for line in lines)
+    assert "drawn" in fig.axes[0].get_title()
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {"name": "multistep", "milestones": [333, 334, 777], "gamma": 0.5},
+        {"name": "step", "step_size": 250, "gamma": 0.5, "warmup_steps": 40},
+        {"name": "cosine_with_restarts", "first_cycle_steps": 301, "cycle_mult": 1.5},
+    ],
+    ids=["multistep", "step", "restarts-growing"],
+)
+def test_sampling_keeps_both_sides_of_every_jump(table):
+    """Against the curve at every update: each update where the LR changes by more than a
+    percent of the base LR is shown with the update before it."""
+    schedule = schedulers.from_table(table)
+    total, base = 5000, [1e-3, 3e-4]
+    full = preview.lr_curve(schedule, total, base)
+    curve = preview.sample_curve(schedule, total, base, max_rows=500)
+    assert len(curve.steps) <= 500 and curve.stride > 1
+    assert curve.rows == [full[n - 1] for n in curve.steps]
+    jumps = [i for i in range(1, total) if abs(full[i][0] - full[i - 1][0]) > 1e-5]
+    assert jumps, "the reference curve has jumps"
+    for i in jumps:
+        assert {i, i + 1} <= set(curve.steps), f"update {i + 1}"
+
+
+def test_a_run_of_max_rows_is_every_update():
+    schedule = schedulers.get("cosine")(warmup_steps=3)
+    curve = preview.sample_curve(schedule, 300, [1e-4], max_rows=300)
+    assert curve.steps == list(range(1, 301)) and curve.stride == 1 and curve.note == ""
+    assert curve.rows == preview.lr_curve(schedule, 300, [1e-4])

@@ -93,3 +93,62 @@ def test_durations_and_sizes_read_like_tqdm():
     assert format_duration(2 * 86400 + 61) == "2d 0:01:01"
     assert progress.format_bytes(3 * 1024**3) == "3.00 GiB"
     assert progress.format_bytes(5 * 1024**2) == "5 MiB"
+
+
+VALUES = progress.LineValues(
+    loss=0.1234, loss_ema=0.1301, lrs=[1e-4, 5e-5], epoch=2, epochs=10, updates_per_s=1.52,
+    images_per_s=12.2, elapsed_s=70, eta_s=242, peak_bytes=1100 * 1024**2, peak_kind="RSS",
+    val_loss=0.118, val_step=200,
+)  # fmt: skip
+# What a narrow line keeps longest, most important first (update counter aside: tqdm's).
+PRIORITY = [
+    ("loss", r"ema 0\.1301"),
+    ("lr", r"lr 1\.00e-04\b"),
+    ("eta", r"(<|eta )0:04:02"),
+    ("rate", r"1\.52 upd/s"),
+    ("val", r"val 0\.1180"),
+]
+
+
+def test_a_narrow_line_keeps_the_important_fields_first():
+    full = progress.format_line(VALUES)
+    assert progress.format_line(VALUES, len(full)) == full
+    for width in range(len(full) + 5):
+        line = progress.format_line(VALUES, width)
+        kept = [bool(re.search(pattern, line)) for _, pattern in PRIORITY]
+        assert kept == sorted(kept, reverse=True), f"{width}: {line!r}"  # a prefix of PRIORITY
+        assert len(line) <= max(width, len("ema 0.1301")), f"{width}: {line!r}"
+        if width >= 51:  # smoothed loss, UNet LR, ETA and rate: 51 characters
+            assert all(kept[:4]), f"{width}: {line!r}"
+
+
+def test_an_80_column_terminal_shows_counter_loss_lr_rate_and_eta(
+    make_config, capfd, every_update_drawn, monkeypatch
+):
+    """tqdm cut the line at the terminal's width, before the rate, ETA and val loss."""
+    import tqdm.std
+
+    # An 80x24 terminal, as tqdm measures it (it keeps the last column free: 79 wide).
+    monkeypatch.setattr(tqdm.std, "_screen_shape_wrapper", lambda: lambda fp: (79, 23))
+    cfg = make_config(
+        "train.max_steps=12",
+        "lora.train_text_encoder=true",
+        "train.text_encoder_lr=5e-5",
+        "validation.fraction=0.25",
+        "validation.every_n_steps=2",
+    )
+    loop.run(cfg)
+    drawn = [c for c in re.split(r"[\r\n]", capfd.readouterr().err) if re.search(r"\d+/12\b", c)]
+    records = read_metrics(cfg.output_dir)
+    shown = {}
+    for chunk in drawn:
+        assert len(chunk) <= 79, chunk
+        match = re.search(r"(\d+)/12, ema (\S+) \| lr (\S+) \| (\S+) upd/s \| eta ([\d:]+)", chunk)
+        if match:
+            shown[int(match[1])] = match
+    assert sorted(shown) == list(range(1, 13)), drawn[-3:]
+    for step, match in shown.items():
+        expected = expected_line(records, step)
+        assert match[2] == expected["ema"] and float(match[4]) > 0
+        lrs = records[step - 1]["lr"]
+        assert match[3] in (format_lrs(lrs), format_lrs(lrs[:1])), "the UNet's LR first"

@@ -376,14 +376,24 @@ def _sets_max_steps(assignment: str) -> bool:
     return assignment.partition("=")[0].strip() in ("train.max_steps", "max_steps")
 
 
+# The launchers whose flags a resume must repeat, as ``python -m MODULE``: ours, which is
+# accelerate's without its traceback (trainer/launch.py), and accelerate's own module form.
+LAUNCH_MODULES = ("trainer.launch", "accelerate.commands.launch")
+
+
 def _launcher(program: str, parent: Sequence[str]) -> list[str]:
-    """How this process was started: ``accelerate launch [its flags] train.py``, ``python
-    train.py`` or ``sdlora``, read from the launching process where it was accelerate."""
+    """How this process was started: ``python -m trainer.launch [its flags] train.py``,
+    ``accelerate launch [its flags] train.py``, ``python train.py`` or ``sdlora``, read from
+    the launching process where it was a launcher."""
     script = Path(program).name
     if script == "train.py":
+        end = next((i for i, a in enumerate(parent) if Path(a).name == "train.py"), len(parent))
+        for i, arg in enumerate(parent[: end - 1]):
+            if arg == "-m" and parent[i + 1] in LAUNCH_MODULES:
+                # This interpreter: the launcher started the run with its own sys.executable.
+                return [sys.executable, *parent[i:end], program]
         if "launch" in parent and any(Path(a).name == "accelerate" for a in parent):
             start = next(i for i, a in enumerate(parent) if Path(a).name == "accelerate")
-            end = next((i for i, a in enumerate(parent) if Path(a).name == "train.py"), len(parent))
             return [parent[start], *parent[start + 1 : end], program]
         return [sys.executable, program]
     if script == "sdlora":

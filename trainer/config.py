@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -223,30 +224,73 @@ def flatten(data: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[s
 # ---------------------------------------------------------------- files and overrides
 
 
+# What a --set value opens with when it is meant as TOML: a string, an array or an inline
+# table. One of these that does not parse is a mistake to report (an unclosed brace, quotes
+# the shell ate), not a bare string to pass on and fail later in a key that blames the file.
+TOML_OPENERS = {'"': "string", "'": "string", "[": "array", "{": "inline table"}
+TOML_EXAMPLES = {
+    "string": '"some text"',
+    "array": '["a", "b"]',
+    "inline table": '{name = "cosine"}',
+}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``table.key=value``; the value is TOML (``--set train.max_steps=10``), or a bare
-    string when it is not valid TOML (``--set data.path=/data/cats``)."""
+    string when it is not valid TOML and does not open like a TOML string, array or table
+    (``--set data.path=/data/cats``)."""
     if "=" not in text:
         raise ConfigError([f"--set {text!r}: expected table.key=value"], "--set")
     key, raw = text.split("=", 1)
+    prefix = "v = "
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
+        value = tomllib.loads(prefix + raw)["v"]
+    except tomllib.TOMLDecodeError as err:
+        kind = TOML_OPENERS.get(raw.lstrip()[:1])
+        if kind is None:
+            return key.strip().split("."), raw
+        # tomllib counts columns from the start of "v = ..."; say where in the value instead.
+        reason = re.sub(
+            r"\(at line 1, column (\d+)\)",
+            lambda m: f"(at character {int(m[1]) - len(prefix)} of the value)",
+            str(err),
+        ).replace("(at end of document)", "(at the end of the value)")
+        raise ConfigError(
+            [
+                f"--set {text!r}: the value opens like a TOML {kind} but is not valid TOML: "
+                f"{reason[:1].lower()}{reason[1:]}; write it as in a config file and quote the "
+                f"whole argument for your shell, e.g. --set '{key.strip()}="
+                f"{TOML_EXAMPLES[kind]}'"
+            ],
+            "--set",
+        ) from err
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of raw TOML data with ``--set`` overrides applied (validated later)."""
+    """Return a copy of raw TOML data with ``--set`` overrides applied (validated later).
+
+    Raises:
+        ConfigError: Every ``--set`` that cannot be read or applied, all at once.
+    """
     data = json.loads(json.dumps(data))  # deep copy of plain TOML data
+    problems = []
     for text in overrides:
-        keys, value = parse_override(text)
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as err:
+            problems += err.problems
+            continue
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"--set {text!r}: {k} is not a table"], "--set")
-        node[keys[-1]] = value
+                problems.append(f"--set {text!r}: {k} is not a table")
+                break
+        else:
+            node[keys[-1]] = value
+    if problems:
+        raise ConfigError(problems, "--set")
     return data
 
 

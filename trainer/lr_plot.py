@@ -2,8 +2,11 @@
 
 The run length comes from the same ``plan_run`` that training uses (dataset size, batch,
 accumulation, epochs or max_steps, processes), and the LRs from the same ``Schedule.lrs``
-call the loop makes, so the CSV is exactly what training will apply. It needs no model; it
-reads the dataset folder (image headers only) only when the run length is given in epochs.
+call the loop makes, so the CSV is exactly what training will apply. A run longer than
+``preview.MAX_ROWS`` updates is shown at that many of them, which includes the first, the
+last, the warmup's end and each jump, so the preview stays instant at any length. It needs no
+model; it reads the dataset folder (image headers only) only when the run length is given in
+epochs.
 """
 
 from __future__ import annotations
@@ -78,31 +81,39 @@ def run(
     processes: int | None = None,
     examples: int | None = None,
 ) -> str:
-    """Write the requested files and return the text table to print."""
+    """Write the requested files and return the text table to print.
+
+    A run of more than ``preview.MAX_ROWS`` updates is written and drawn at that many of its
+    updates (:func:`schedulers.preview.sample_curve`), and the text says which.
+    """
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     total = total_updates(config, processes, examples)
     lrs = config.base_lrs()
     problems = config.lr_scheduler.check(total, base_lrs=lrs)
     if problems:
         raise ConfigError(problems, "config (with the derived run length)")
-    rows = preview.lr_curve(config.lr_scheduler, total, lrs)
+    curve = preview.sample_curve(config.lr_scheduler, total, lrs)
     if csv_path:
-        preview.write_csv(csv_path, rows)
+        preview.write_csv(csv_path, curve.rows, curve.steps)
     if png_path:
         # Every param group of every curve, so the text encoder's LR is seen, not just the UNet's.
-        curves = {config.lr_scheduler.name: rows}
+        curves = {config.lr_scheduler.name: curve}
         for spec in compare:
             label, other = compare_schedule(spec, config)
             problems = other.check(total, base_lrs=lrs)
             if problems:
                 raise ConfigError(problems, f"--compare {spec}")
-            curves[label] = preview.lr_curve(other, total, lrs)
+            curves[label] = preview.sample_curve(other, total, lrs)
         names = GROUP_NAMES[: len(lrs)]
         bases = ", ".join(f"{lr:g} ({name})" for lr, name in zip(lrs, names, strict=True))
+        drawn = f" (1 in {curve.stride:,} drawn)" if curve.stride > 1 else ""
+        title = f"{total} optimizer updates{drawn}, base LR {bases}"
         Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-        preview.write_png(png_path, curves, f"{total} optimizer updates, base LR {bases}", names)
+        preview.write_png(png_path, curves, title, names)
     header = (
         f"{config.lr_scheduler.name}: {total} optimizer updates on {processes} process(es), "
         f"base LRs {lrs}"
     )
-    return header + "\n" + preview.format_table(rows)
+    if curve.note:
+        header += f"\nshown, written and drawn: {curve.note}; training sets the LR at every update"
+    return header + "\n" + preview.format_table(curve.rows, steps=curve.steps)

@@ -162,23 +162,55 @@ class LineValues:
     val_step: int | None
 
 
-def format_line(v: LineValues) -> str:
-    """The text after ``N/TOTAL`` on the progress line.
+def line_fields(v: LineValues) -> dict[str, tuple[str, ...]]:
+    """Each field of the progress line, in the order shown, as its forms from the longest to
+    the shortest; an empty form leaves the field out."""
+    loss, ema, eta = format_loss(v.loss), format_loss(v.loss_ema), format_duration(v.eta_s)
+    rate = f"{v.updates_per_s:.2f} upd/s"
+    val = ("",)
+    if v.val_loss is not None:
+        val = (f"val {format_loss(v.val_loss)}@{v.val_step}", f"val {format_loss(v.val_loss)}", "")
+    return {
+        "loss": (f"loss {loss} ema {ema}", f"ema {ema}"),
+        "lr": (f"lr {format_lrs(v.lrs)}", f"lr {format_lrs(v.lrs[:1])}", ""),
+        "epoch": (f"epoch {v.epoch + 1}/{v.epochs}", ""),
+        "rate": (f"{rate} {v.images_per_s:.1f} img/s", rate, ""),
+        "time": (f"{format_duration(v.elapsed_s)}<{eta}", f"eta {eta}", ""),
+        "peak": (f"peak {format_bytes(v.peak_bytes)} {v.peak_kind}", ""),
+        "val": val,
+    }
+
+
+# What a narrow terminal gives up first, one step at a time, each naming the field that takes
+# its next shorter form. What stays longest, in order: the smoothed loss (after the update
+# counter, which tqdm draws), the UNet's LR, the ETA, the rate, the validation loss. The epoch
+# and the peak memory go first: the ETA says more than the epoch, and memory is settled in the
+# first updates. Details go before whole fields: images/s, the elapsed time, the validation
+# loss's update, the raw loss beside the smoothed one, the text encoders' LRs.
+SHRINK_ORDER = (
+    "epoch", "peak", "rate", "time", "val", "loss", "lr", "val", "rate", "time", "lr",
+)  # fmt: skip
+
+
+def format_line(v: LineValues, width: int | None = None) -> str:
+    """The text after ``N/TOTAL`` on the progress line, in at most ``width`` characters where
+    the fields allow (:data:`SHRINK_ORDER`); every field in full without a width.
 
     Example: ``loss 0.1234 ema 0.1301 | lr 1.00e-04 | epoch 3/10 | 1.52 upd/s 12.2 img/s |
-    0:01:10<0:04:02 | peak 1.10 GiB RSS | val 0.1180@200``.
+    0:01:10<0:04:02 | peak 1.10 GiB RSS | val 0.1180@200``; in 40 characters,
+    ``ema 0.1301 | lr 1.00e-04 | eta 0:04:02``.
     """
-    parts = [
-        f"loss {format_loss(v.loss)} ema {format_loss(v.loss_ema)}",
-        f"lr {format_lrs(v.lrs)}",
-        f"epoch {v.epoch + 1}/{v.epochs}",
-        f"{v.updates_per_s:.2f} upd/s {v.images_per_s:.1f} img/s",
-        f"{format_duration(v.elapsed_s)}<{format_duration(v.eta_s)}",
-        f"peak {format_bytes(v.peak_bytes)} {v.peak_kind}",
-    ]
-    if v.val_loss is not None:
-        parts.append(f"val {format_loss(v.val_loss)}@{v.val_step}")
-    return " | ".join(parts)
+    fields = line_fields(v)
+    level = dict.fromkeys(fields, 0)
+
+    def text() -> str:
+        return " | ".join(form for name, forms in fields.items() if (form := forms[level[name]]))
+
+    for name in SHRINK_ORDER:
+        if width is None or len(text()) <= width:
+            break
+        level[name] = min(level[name] + 1, len(fields[name]) - 1)
+    return text()
 
 
 @dataclass(frozen=True)

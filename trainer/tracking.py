@@ -165,6 +165,13 @@ def wandb_options(config: RunConfig, first_step: int) -> dict[str, Any]:
     return {"id": run_id, "resume": "allow", "name": output_name(config), "dir": str(logs)}
 
 
+# The progress line: tqdm draws the label, the bar and the update counter, our postfix the rest.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+# In a terminal too narrow for all of it, the numbers matter more than the label and the bar.
+NARROW_BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+BAR_MIN, NARROW_BAR_MIN = 10, 3
+
+
 class Tracker:
     """Everything the loop reports: ``update``, ``message``, ``paused``, ``checkpointed``,
     ``log_image``, ``sub_progress``, ``close``."""
@@ -207,7 +214,7 @@ class Tracker:
             disable=not self.main,
             dynamic_ncols=True,
             # Our own rate, elapsed time and ETA are in the postfix (training time only).
-            bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+            bar_format=BAR_FORMAT,
         )
 
     def _remember(self, record: Mapping[str, Any]) -> None:
@@ -231,7 +238,8 @@ class Tracker:
             if "val_loss" in record:
                 self.val = (record["val_loss"], record["step"])
             # Set before bar.update, which draws: the line shows this update, never the last.
-            self.bar.set_postfix_str(self._line(record, ema), refresh=False)
+            self.bar.bar_format, line = self._fit(self._values(record, ema))
+            self.bar.set_postfix_str(line, refresh=False)
             if self.enabled_tracker:
                 values = {"train/loss": record["loss"]}
                 if "val_loss" in record:
@@ -247,7 +255,7 @@ class Tracker:
                 self.accelerator.log(values, step=record["step"])
         self.bar.update(1)
 
-    def _line(self, record: Mapping[str, Any], ema: float) -> str:
+    def _values(self, record: Mapping[str, Any], ema: float) -> progress.LineValues:
         step = record["step"]
         rate = self.done / self.training_s if self.training_s > 0 else 0.0
         eta = (self.total - step) / rate if rate else 0.0
@@ -255,23 +263,35 @@ class Tracker:
             left = progress.validation_points_left(step, self.total, self.val_every)
             eta += left * self.clock.mean_pause_s("validation")
         peak, kind = progress.peak_memory(self.accelerator.device)
-        return progress.format_line(
-            progress.LineValues(
-                loss=record["loss"],
-                loss_ema=ema,
-                lrs=record["lr"],
-                epoch=record["epoch"],
-                epochs=self.epochs,
-                updates_per_s=rate,
-                images_per_s=rate * self.images_per_update,
-                elapsed_s=record["elapsed"],
-                eta_s=eta,
-                peak_bytes=peak,
-                peak_kind=kind,
-                val_loss=self.val[0] if self.val else None,
-                val_step=self.val[1] if self.val else None,
-            )
+        return progress.LineValues(
+            loss=record["loss"],
+            loss_ema=ema,
+            lrs=record["lr"],
+            epoch=record["epoch"],
+            epochs=self.epochs,
+            updates_per_s=rate,
+            images_per_s=rate * self.images_per_update,
+            elapsed_s=record["elapsed"],
+            eta_s=eta,
+            peak_bytes=peak,
+            peak_kind=kind,
+            val_loss=self.val[0] if self.val else None,
+            val_step=self.val[1] if self.val else None,
         )
+
+    def _fit(self, values: progress.LineValues) -> tuple[str, str]:
+        """The bar format and the postfix that fit the terminal's width, read at each update
+        as tqdm reads it (the window may be resized). Everything when it fits beside a bar of
+        BAR_MIN; else the label goes, the bar shrinks to NARROW_BAR_MIN and the postfix gives
+        up what matters least (progress.SHRINK_ORDER), rather than tqdm cutting its end off."""
+        full = progress.format_line(values)
+        width = self.bar.dynamic_ncols(self.bar.fp)[0] if self.bar.dynamic_ncols else None
+        # tqdm writes ", " before the postfix; the counter is never longer than total/total.
+        counter = len(f"| {self.total}/{self.total}, ")
+        if width is None or len(f"{self.bar.desc} 100%|") + BAR_MIN + counter + len(full) <= width:
+            return BAR_FORMAT, full
+        room = width - len("100%|") - NARROW_BAR_MIN - counter
+        return NARROW_BAR_FORMAT, progress.format_line(values, room)
 
     @contextmanager
     def paused(self, kind: str) -> Iterator[None]:
