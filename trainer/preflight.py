@@ -271,9 +271,14 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
             )
             return checked
         if damaged:
-            checked.warnings.append(f"resuming from {folder.name}, the newest intact checkpoint")
+            checked.warnings.append(
+                f"resuming from {ckpt.settled(folder).name}, the newest intact checkpoint"
+            )
     else:
         folder = ckpt.resolve(output_dir, resume)
+    # `folder` may be a save set aside by a crash (step-NNNNNN.old); apply() renames it back
+    # before the run reads it, so the run resumes from its settled name.
+    settled = ckpt.settled(folder, output_dir)
     saved = read_toml(folder / ckpt.CONFIG_NAME)
     # lr_scheduler.json is the source of truth for the schedule (config.toml holds a copy).
     schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
@@ -285,15 +290,15 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     checked.warnings += [
         f"resume: {key} changed from {old!r} to {new!r} (allowed)" for key, old, new in allowed
     ]
-    checked.resume_from = folder
+    checked.resume_from = settled
     checked.updates_done = int(state["global_step"])
     if not allowed and checked.updates_done >= int(state["total_updates"]):
         # The run finished training; only its final outputs are missing or damaged.
         checked.complete = True
-        checked.finalize_from = folder
+        checked.finalize_from = settled
         checked.messages.append(
             f"already trained: {checked.updates_done} updates; writing the final outputs "
-            f"from {folder.name}"
+            f"from {settled.name}"
         )
     return checked
 
@@ -321,8 +326,8 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
         raise ConfigError(
             [
                 f"output_dir = {str(output_dir)!r} already holds checkpoints of a run (the "
-                f"newest: {steps[-1].name}); resume it with --resume latest, start over with "
-                "--overwrite, or choose another output_dir"
+                f"newest: {ckpt.settled(steps[-1]).name}); resume it with --resume latest, start "
+                "over with --overwrite, or choose another output_dir"
             ]
         )
     if trained_weights(output_dir):
@@ -364,7 +369,7 @@ def apply(checked: Checked, config: RunConfig, num_processes: int) -> None:
     for folder in checked.quarantine:
         ckpt.quarantine(folder)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_tmp(output_dir)
+    ckpt.clean_interrupted_saves(output_dir)
     if checked.finalize_from is not None:
         final.write_outputs(
             checked.finalize_from, output_dir, config, {"num_processes": num_processes}
