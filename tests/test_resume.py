@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
-from trainer import loop
-from trainer.config import ConfigError
+from trainer import loop, models
+from trainer.config import ConfigError, build
 from trainer.lora import WEIGHTS_NAME
+from trainer.resume import check_resumable, comparable_config
 from trainer.tracking import read_metrics, without_clock
 
 # Every source of randomness on: random crops, flips, caption dropout, LoRA dropout, noise
@@ -170,6 +171,99 @@ def test_raising_max_steps_continues_without_restarting_warmup(reference, make_c
     expected = [cfg.lr_scheduler.lr(k - 1, 12, cfg.train.learning_rate) for k in range(9, 13)]
     assert [r["lr"][0] for r in records] == expected
     assert all(lr > 0 for lr in expected[:-1])
+
+
+# [lora] changes that make the checkpoint's tensors not fit the adapters built now (each one,
+# let through, failed after the models loaded: a shape or key-set mismatch in lora.load_into).
+ADAPTER_CHANGES = {
+    "lora.rank": ("lora.rank=8", "4 (checkpoint) → 8 (now)"),
+    "lora.type": ('lora.type="dora"', "'lora' (checkpoint) → 'dora' (now)"),
+    "lora.target_modules": (
+        'lora.target_modules=["to_q","to_k"]',
+        "(checkpoint) → ['to_q', 'to_k']",
+    ),
+    "lora.train_text_encoder": ("lora.train_text_encoder=true", "False (checkpoint) → True (now)"),
+}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Make any model load fail, so a test proves none happened."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+@pytest.mark.parametrize("key", list(ADAPTER_CHANGES))
+def test_an_adapter_shape_change_is_refused_before_any_model_loads_even_when_allowed(
+    reference, make_config, tmp_path, no_model_load, key
+):
+    change, shown = ADAPTER_CHANGES[key]
+    start = ckpt.step_dir(reference, 3)
+    allow = f'checkpoint.allow_change=["{key}"]'
+    cfg = make_config(*EXACT, change, f'checkpoint.resume="{start}"', allow, output=tmp_path / "x")
+    with pytest.raises(ConfigError) as err:
+        loop.run(cfg)
+    text = str(err.value)
+    assert f"{key}: " in text and shown in text
+    assert "cannot change on resume, not even with --allow-change" in text
+    assert "start a new run" in text and "--overwrite" in text and "output_dir" in text
+    assert "accept the change with" not in text
+
+
+def test_harmless_lora_changes_stay_allowed_and_resume(reference, make_config, tmp_path):
+    # alpha only scales the update, and the same targets in another order get the same
+    # adapters: both resume (the weights load), as they did before.
+    start = ckpt.step_dir(reference, 6)
+    changes = ["lora.alpha=8.0", 'lora.target_modules=["to_out.0","to_v","to_k","to_q"]']
+    allow = 'checkpoint.allow_change=["lora.alpha","lora.target_modules"]'
+    out = tmp_path / "x"
+    result = loop.run(
+        make_config(*EXACT, *changes, f'checkpoint.resume="{start}"', allow, output=out)
+    )
+    assert result.updates == 8 and [r["step"] for r in read_metrics(out)] == [7, 8]
+
+
+MINIMAL = {"model": {"pretrained": "m"}, "data": {"path": "d"}}
+
+
+def lora_config(lora: dict) -> dict:
+    """A resumable config with this [lora] table (output.* is free to differ on resume)."""
+    # Only diffusers reads a DoRA with dora_axis = "output"; only kohya reads LoHa/LoKr.
+    written = "diffusers" if lora.get("dora_axis") == "output" else "both"
+    return comparable_config(
+        build({**MINIMAL, "lora": lora, "output": {"format": written}}).to_dict(), 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "refused"),
+    [
+        ({"type": "dora"}, {"type": "dora", "dora_axis": "output"}, True),
+        ({"type": "lokr"}, {"type": "lokr", "factor": 2}, True),
+        ({"type": "lokr"}, {"type": "lokr", "decompose_both": True}, True),
+        ({"type": "loha"}, {"type": "loha", "conv_tucker": True}, True),
+        (
+            {"train_text_encoder": True},
+            {"train_text_encoder": True, "text_encoder_target_modules": ["q_proj"]},
+            True,
+        ),
+        # no text encoder trained on either side: its target list shapes nothing
+        ({}, {"text_encoder_target_modules": ["q_proj"]}, False),
+        ({"type": "loha"}, {"type": "loha", "rank_dropout": 0.1}, False),
+        ({}, {"dropout": 0.1}, False),
+    ],
+)
+def test_which_lora_keys_can_never_change_on_resume(before, after, refused):
+    old, new = lora_config(before), lora_config(after)
+    changed = [f"lora.{k}" for k in after if after[k] != before.get(k)]
+    if refused:
+        with pytest.raises(ConfigError, match="not even with --allow-change"):
+            check_resumable(old, new, ["lora"], "ckpt")
+    else:
+        assert [d[0] for d in check_resumable(old, new, ["lora"], "ckpt")] == changed
 
 
 def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(reference, make_config, tmp_path):

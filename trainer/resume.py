@@ -20,6 +20,10 @@ What an allowed change does, since the schedule is a pure function of (update, t
   from update 0 (OneTrainer #297), and not silently ignored (SimpleTuner #163).
 - ``train.learning_rate`` / ``train.text_encoder_lr`` / ``train.text_encoder_2_lr``: the new
   base LRs scale the curve from the next update on.
+
+Some keys cannot change even when allowed, and are refused before any model loads:
+``[optimizer]`` (:data:`FIXED_KEYS`), and the ``[lora]`` keys that decide which adapter tensors
+exist and their shapes (:data:`ADAPTER_KEYS`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,24 @@ FREE_KEYS = (
 # Keys a resume cannot honour a change of, even when allowed: the optimizer state is saved
 # with its settings, and loading it restores the old ones into every param group.
 FIXED_KEYS = ("optimizer.",)
+# [lora] keys that decide which adapter tensors exist and their shapes: the checkpoint's
+# weights and optimizer state do not fit adapters built another way (a changed rank fails on
+# a shape after the models load; a changed dora_axis can even load, meaning something else).
+# lora.alpha and the dropouts only scale or drop, and may change when allowed.
+ADAPTER_KEYS = (
+    "lora.type",
+    "lora.rank",
+    "lora.target_modules",
+    "lora.train_text_encoder",
+    "lora.train_text_encoder_2",
+    "lora.text_encoder_target_modules",
+    "lora.dora_axis",
+    "lora.conv_tucker",
+    "lora.factor",
+    "lora.decompose_both",
+)
+_MODULE_LISTS = ("lora.target_modules", "lora.text_encoder_target_modules")
+_TEXT_ENCODER_KEYS = ("lora.train_text_encoder", "lora.train_text_encoder_2")
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -95,24 +117,50 @@ def check_resumable(
         source: The checkpoint folder, for the message.
     """
     diff = config_diff(saved, current)
-    refused = [d for d in diff if not is_allowed(d[0], allow) or d[0].startswith(FIXED_KEYS)]
+    settings = (flatten(upgrade_saved(saved)), flatten(current))
+    fixed = {k for k, old, new in diff if _cannot_change(k, old, new, settings)}
+    refused = [d for d in diff if not is_allowed(d[0], allow) or d[0] in fixed]
     if refused:
         lines = [f"{key}: {old!r} (checkpoint) → {new!r} (now)" for key, old, new in refused]
-        fixed = {k for k, _, _ in refused if k.startswith(FIXED_KEYS)}
         names = ",".join(sorted({k for k, _, _ in refused} - fixed))
         if names:
             lines.append(
                 "resuming under a different config would not reproduce the run; restore these "
                 f"values, or accept the change with --allow-change {names}"
             )
-        if fixed:
+        if any(k.startswith(FIXED_KEYS) for k in fixed):
             lines.append(
                 "[optimizer] cannot change on resume, not even with --allow-change: the "
                 "checkpoint's optimizer state was built with its settings; resume with the "
                 "checkpoint's [optimizer] table, or start a new run"
             )
+        adapter = sorted(k for k in fixed if not k.startswith(FIXED_KEYS))
+        if adapter:
+            lines.append(
+                f"{', '.join(adapter)} cannot change on resume, not even with --allow-change: "
+                "the checkpoint's LoRA weights and optimizer state are adapter tensors built "
+                "with the checkpoint's value; resume with it, or start a new run without "
+                "--resume (another output_dir, or --overwrite to replace this one)"
+            )
         raise ConfigError(lines, f"resume from {source}")
     return diff
+
+
+def _cannot_change(
+    key: str, old: Any, new: Any, settings: tuple[dict[str, Any], dict[str, Any]]
+) -> bool:
+    """Whether a changed ``key`` is one no resume can honour (``settings``: both flat configs)."""
+    if key.startswith(FIXED_KEYS):
+        return True
+    if key not in ADAPTER_KEYS:
+        return False
+    lists = all(isinstance(v, list | tuple) for v in (old, new))
+    if key in _MODULE_LISTS and lists and set(old) == set(new):
+        return False  # the same modules in another order get the same adapters
+    if key == "lora.text_encoder_target_modules":
+        # Adapters on no text encoder, before or now: nothing in the checkpoint depends on it.
+        return any(config.get(k) for config in settings for k in _TEXT_ENCODER_KEYS)
+    return True
 
 
 def comparable_config(config_data: dict, num_processes: int) -> dict:
