@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
-from trainer import loop, models
+from trainer import loop, models, preflight
 from trainer.config import ConfigError, build
 from trainer.lora import WEIGHTS_NAME
-from trainer.resume import check_resumable, comparable_config
+from trainer.resume import check_resumable, comparable_config, data_change
 from trainer.tracking import read_metrics, without_clock
 
 # Every source of randomness on: random crops, flips, caption dropout, LoRA dropout, noise
@@ -266,6 +266,96 @@ def test_which_lora_keys_can_never_change_on_resume(before, after, refused):
         assert [d[0] for d in check_resumable(old, new, ["lora"], "ckpt")] == changed
 
 
+# ---------------------------------------------------------------- the images changed
+
+
+def grown_copy(tiny_data, folder, added: int):
+    """A copy of the dataset with ``added`` more images (copies under new names)."""
+    shutil.copytree(tiny_data, folder)
+    for i, png in enumerate(sorted(folder.glob("*.png"))[:added]):
+        shutil.copy(png, folder / f"extra_{i}.png")
+        shutil.copy(png.with_suffix(".txt"), folder / f"extra_{i}.txt")
+    return folder
+
+
+def test_images_added_since_the_checkpoint_are_named_and_refused_unless_allowed(
+    reference, make_config, tiny_data, tmp_path, no_model_load
+):
+    data = grown_copy(tiny_data, tmp_path / "data", added=4)
+    before, now = len(list(tiny_data.glob("*.png"))), len(list(data.glob("*.png")))
+    start = ckpt.step_dir(reference, 3)
+    resume = (*EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"')
+    allow = 'checkpoint.allow_change=["data.path"]'  # the folder moved: allowed
+    with pytest.raises(ConfigError) as err:
+        loop.run(make_config(*resume, allow, output=tmp_path / "x"))
+    text = str(err.value)
+    assert (
+        f"data.path now has {now} training images, the checkpoint was trained on {before}" in text
+    )
+    assert "From update 3 on, the data order differs" in text and "not bitwise" in text
+    assert "--allow-change data.images" in text
+
+    both = 'checkpoint.allow_change=["data.path","data.images"]'
+    checked = preflight.check(make_config(*resume, both, output=tmp_path / "y"), 1)
+    assert checked.resume_from == start
+    warned = "\n".join(checked.warnings)
+    assert f"now has {now} training images" in warned and "(allowed)" in warned
+
+
+def test_changed_captions_with_the_same_count_are_named(
+    reference, make_config, tiny_data, tmp_path
+):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    caption = sorted(data.glob("*.txt"))[0]
+    caption.write_text(caption.read_text() + ", new tag")
+    start = ckpt.step_dir(reference, 3)
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"',
+                      'checkpoint.allow_change=["data.path"]', output=tmp_path / "x")  # fmt: skip
+    with pytest.raises(ConfigError, match="images or captions changed"):
+        preflight.check(cfg, 1)
+    # Unchanged data in a moved folder resumes without a word about it.
+    caption.write_text(caption.read_text().removesuffix(", new tag"))
+    checked = preflight.check(cfg, 1)
+    assert checked.warnings == [
+        f"resume: data.path changed from {str(tiny_data)!r} to {str(data)!r} (allowed)"
+    ]
+
+
+def test_a_resume_on_allowed_new_images_records_them_in_its_checkpoints(
+    reference, make_config, tiny_data, tmp_path
+):
+    data = grown_copy(tiny_data, tmp_path / "data", added=4)
+    out = tmp_path / "grown"
+    allow = 'checkpoint.allow_change=["data"]'  # the whole table: path and images
+    start = ckpt.step_dir(reference, 6)
+    loop.run(
+        make_config(
+            *EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"', allow, output=out
+        )
+    )
+    state = json.loads((ckpt.step_dir(out, 8) / ckpt.TRAINER_STATE).read_text())
+    assert state["data"]["examples"] == len(list(data.glob("*.png")))
+    # Resuming that checkpoint on the same grown folder is an ordinary resume again.
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{ckpt.step_dir(out, 8)}"',
+                      output=out)  # fmt: skip
+    assert preflight.check(cfg, 1).complete
+
+
+def test_a_checkpoint_from_before_data_records_is_compared_by_its_image_count(
+    reference, make_config, tiny_data, tmp_path
+):
+    old = tmp_path / "old" / ckpt.CHECKPOINTS / "step-000003"
+    shutil.copytree(ckpt.step_dir(reference, 3), old)
+    state = json.loads((old / ckpt.TRAINER_STATE).read_text())
+    del state["data"]  # as written before checkpoints recorded their data
+    (old / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    data = grown_copy(tiny_data, tmp_path / "data", added=2)
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{old}"',
+                      'checkpoint.allow_change=["data.path"]', output=tmp_path / "x")  # fmt: skip
+    with pytest.raises(ConfigError, match=f"trained on {state['run_facts']['image_count']}"):
+        preflight.check(cfg, 1)
+
+
 def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(reference, make_config, tmp_path):
     out = tmp_path / "pruned"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")
@@ -312,3 +402,11 @@ def test_keep_last_prunes_but_never_the_checkpoint_being_resumed(tmp_path):
         "step-000003",
         "step-000004",
     ]
+
+
+def test_a_run_length_derived_from_the_data_says_that_it_changed_too():
+    state = {"global_step": 5, "total_updates": 20, "data": {"examples": 16, "sha256": "a"}}
+    message = data_change(state, {"examples": 20, "sha256": "b"}, total_updates=25)
+    assert "now has 20 training images, the checkpoint was trained on 16" in message
+    assert "25 updates now, 20 before" in message
+    assert data_change(state, {"examples": 16, "sha256": "a"}, total_updates=20) is None

@@ -20,6 +20,10 @@ What an allowed change does, since the schedule is a pure function of (update, t
   from update 0 (OneTrainer #297), and not silently ignored (SimpleTuner #163).
 - ``train.learning_rate`` / ``train.text_encoder_lr`` / ``train.text_encoder_2_lr``: the new
   base LRs scale the curve from the next update on.
+- ``data.images`` (:data:`DATA_KEY`, not a config key): the images or captions in
+  ``data.path`` changed since the checkpoint (:func:`data_change` says how). The run continues
+  on the new ones; from the checkpoint's update on, its data order differs from an
+  uninterrupted run on the old ones, so it is no longer bitwise reproducible.
 
 Some keys cannot change even when allowed, and are refused before any model loads:
 ``[optimizer]`` (:data:`FIXED_KEYS`), and the ``[lora]`` keys that decide which adapter tensors
@@ -29,7 +33,10 @@ exist and their shapes (:data:`ADAPTER_KEYS`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +51,7 @@ from trainer.config import ConfigError, flatten, tables_hash, to_toml
 from trainer.deprecated import upgrade_saved
 
 if TYPE_CHECKING:
+    from trainer.data import Example
     from trainer.state import RunState
 
 log = logging.getLogger("sdlora")
@@ -79,6 +87,9 @@ ADAPTER_KEYS = (
     "lora.factor",
     "lora.decompose_both",
 )
+# The --allow-change name of a change in the training images themselves (added, removed,
+# renamed, re-captioned), which no config key shows.
+DATA_KEY = "data.images"
 _MODULE_LISTS = ("lora.target_modules", "lora.text_encoder_target_modules")
 _TEXT_ENCODER_KEYS = ("lora.train_text_encoder", "lora.train_text_encoder_2")
 
@@ -163,6 +174,54 @@ def _cannot_change(
     return True
 
 
+def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
+    """What a checkpoint records of its training examples, to tell on resume whether they
+    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
+    caption, training size and file size, in the loader's order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        try:
+            size = os.path.getsize(example.path)
+        except OSError:  # gone since it was checked; the hash then differs on resume
+            size = None
+        name = os.path.relpath(example.path, data_path)
+        digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
+        digest.update(b"\n")
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def data_change(state: Mapping[str, Any], now: Mapping[str, Any], total_updates: int) -> str | None:
+    """How the training examples differ from those the checkpoint was trained on, or None.
+
+    Args:
+        state: The checkpoint's ``trainer_state.json`` (older ones record only the count).
+        now: :func:`data_record` of the examples found now.
+        total_updates: The run length planned now.
+    """
+    saved = state.get("data") or {}
+    count = saved.get("examples", state.get("run_facts", {}).get("image_count"))
+    if count is None:
+        return None  # written before checkpoints recorded their data: nothing to compare
+    if count != now["examples"]:
+        what = f"now has {now['examples']} training images, the checkpoint was trained on {count}"
+    elif "sha256" in saved and saved["sha256"] != now["sha256"]:
+        what = f"has {count} training images as before, but images or captions changed"
+    else:
+        return None
+    update = int(state["global_step"])
+    message = (
+        f"data.path {what} (repeats counted). From update {update} on, the data order differs "
+        "from an uninterrupted run on the old images, so the resumed run is not bitwise "
+        "reproducible"
+    )
+    if int(state.get("total_updates", total_updates)) != total_updates:
+        message += (
+            f"; the run length derives from the data (train.max_steps = 0): {total_updates} "
+            f"updates now, {state['total_updates']} before, and the LR curve follows it"
+        )
+    return message
+
+
 def comparable_config(config_data: dict, num_processes: int) -> dict:
     """The config plus the launch facts that also shape the run (compared on resume)."""
     return {**config_data, "launch": {"num_processes": num_processes}}
@@ -198,6 +257,7 @@ def _write_checkpoint(run: RunState) -> Path:
             "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+            "data": data_record(run.feed.prepared.examples, config.data.path),
             # What the final LoRA's metadata needs, so the final files can be written from
             # this checkpoint alone, with no model loaded (trainer/final.py).
             "architecture": run.architecture,
