@@ -229,6 +229,40 @@ def test_an_explicitly_named_damaged_checkpoint_is_an_error_naming_the_file(
     assert "bytes, but" in str(err.value)
 
 
+def test_a_kill_between_the_renames_of_a_resaved_checkpoint_resumes_from_it(
+    reference, tiny_config, tmp_path, monkeypatch
+):
+    # A run killed after update 4 while it saved step 4 again (a signal right after the
+    # periodic save): killed after step-000004 was set aside, before the new one was renamed
+    # in. The step-000004.old folder is then the only copy of that checkpoint.
+    out = tmp_path / "run"
+    shutil.copytree(reference / ckpt.CHECKPOINTS, out / ckpt.CHECKPOINTS)
+    shutil.rmtree(ckpt.step_dir(out, 6))
+    source = ckpt.step_dir(reference, 4)
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_at_the_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_atomic(
+                ckpt.step_dir(out, 4), lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True)
+            )
+    assert not ckpt.step_dir(out, 4).exists()
+
+    result = loop.run(tiny_config(out, *SETTINGS, 'checkpoint.resume="latest"'))
+    assert [r["step"] for r in read_metrics(out)] == [5, 6]  # resumed at 4, not 2
+    assert result.updates == 6
+    assert_same_weights(out, reference)
+    left = sorted(p.name for p in (out / ckpt.CHECKPOINTS).iterdir())
+    assert left == ["step-000002", "step-000004", "step-000006"]
+
+
 def test_checkpoint_records_every_file_and_its_config_copy_agrees_with_lr_scheduler_json(
     reference,
 ):

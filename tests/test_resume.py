@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from trainer import checkpoint as ckpt
-from trainer import loop
-from trainer.config import ConfigError
+from trainer import loop, models, preflight
+from trainer.config import ConfigError, build
 from trainer.lora import WEIGHTS_NAME
+from trainer.resume import check_resumable, comparable_config, data_change
 from trainer.tracking import read_metrics, without_clock
 
 # Every source of randomness on: random crops, flips, caption dropout, LoRA dropout, noise
@@ -172,6 +173,189 @@ def test_raising_max_steps_continues_without_restarting_warmup(reference, make_c
     assert all(lr > 0 for lr in expected[:-1])
 
 
+# [lora] changes that make the checkpoint's tensors not fit the adapters built now (each one,
+# let through, failed after the models loaded: a shape or key-set mismatch in lora.load_into).
+ADAPTER_CHANGES = {
+    "lora.rank": ("lora.rank=8", "4 (checkpoint) → 8 (now)"),
+    "lora.type": ('lora.type="dora"', "'lora' (checkpoint) → 'dora' (now)"),
+    "lora.target_modules": (
+        'lora.target_modules=["to_q","to_k"]',
+        "(checkpoint) → ['to_q', 'to_k']",
+    ),
+    "lora.train_text_encoder": ("lora.train_text_encoder=true", "False (checkpoint) → True (now)"),
+}
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Make any model load fail, so a test proves none happened."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+@pytest.mark.parametrize("key", list(ADAPTER_CHANGES))
+def test_an_adapter_shape_change_is_refused_before_any_model_loads_even_when_allowed(
+    reference, make_config, tmp_path, no_model_load, key
+):
+    change, shown = ADAPTER_CHANGES[key]
+    start = ckpt.step_dir(reference, 3)
+    allow = f'checkpoint.allow_change=["{key}"]'
+    cfg = make_config(*EXACT, change, f'checkpoint.resume="{start}"', allow, output=tmp_path / "x")
+    with pytest.raises(ConfigError) as err:
+        loop.run(cfg)
+    text = str(err.value)
+    assert f"{key}: " in text and shown in text
+    assert "cannot change on resume, not even with --allow-change" in text
+    assert "start a new run" in text and "--overwrite" in text and "output_dir" in text
+    assert "accept the change with" not in text
+
+
+def test_harmless_lora_changes_stay_allowed_and_resume(reference, make_config, tmp_path):
+    # alpha only scales the update, and the same targets in another order get the same
+    # adapters: both resume (the weights load), as they did before.
+    start = ckpt.step_dir(reference, 6)
+    changes = ["lora.alpha=8.0", 'lora.target_modules=["to_out.0","to_v","to_k","to_q"]']
+    allow = 'checkpoint.allow_change=["lora.alpha","lora.target_modules"]'
+    out = tmp_path / "x"
+    result = loop.run(
+        make_config(*EXACT, *changes, f'checkpoint.resume="{start}"', allow, output=out)
+    )
+    assert result.updates == 8 and [r["step"] for r in read_metrics(out)] == [7, 8]
+
+
+MINIMAL = {"model": {"pretrained": "m"}, "data": {"path": "d"}}
+
+
+def lora_config(lora: dict) -> dict:
+    """A resumable config with this [lora] table (output.* is free to differ on resume)."""
+    # Only diffusers reads a DoRA with dora_axis = "output"; only kohya reads LoHa/LoKr.
+    written = "diffusers" if lora.get("dora_axis") == "output" else "both"
+    return comparable_config(
+        build({**MINIMAL, "lora": lora, "output": {"format": written}}).to_dict(), 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "refused"),
+    [
+        ({"type": "dora"}, {"type": "dora", "dora_axis": "output"}, True),
+        ({"type": "lokr"}, {"type": "lokr", "factor": 2}, True),
+        ({"type": "lokr"}, {"type": "lokr", "decompose_both": True}, True),
+        ({"type": "loha"}, {"type": "loha", "conv_tucker": True}, True),
+        (
+            {"train_text_encoder": True},
+            {"train_text_encoder": True, "text_encoder_target_modules": ["q_proj"]},
+            True,
+        ),
+        # no text encoder trained on either side: its target list shapes nothing
+        ({}, {"text_encoder_target_modules": ["q_proj"]}, False),
+        ({"type": "loha"}, {"type": "loha", "rank_dropout": 0.1}, False),
+        ({}, {"dropout": 0.1}, False),
+    ],
+)
+def test_which_lora_keys_can_never_change_on_resume(before, after, refused):
+    old, new = lora_config(before), lora_config(after)
+    changed = [f"lora.{k}" for k in after if after[k] != before.get(k)]
+    if refused:
+        with pytest.raises(ConfigError, match="not even with --allow-change"):
+            check_resumable(old, new, ["lora"], "ckpt")
+    else:
+        assert [d[0] for d in check_resumable(old, new, ["lora"], "ckpt")] == changed
+
+
+# ---------------------------------------------------------------- the images changed
+
+
+def grown_copy(tiny_data, folder, added: int):
+    """A copy of the dataset with ``added`` more images (copies under new names)."""
+    shutil.copytree(tiny_data, folder)
+    for i, png in enumerate(sorted(folder.glob("*.png"))[:added]):
+        shutil.copy(png, folder / f"extra_{i}.png")
+        shutil.copy(png.with_suffix(".txt"), folder / f"extra_{i}.txt")
+    return folder
+
+
+def test_images_added_since_the_checkpoint_are_named_and_refused_unless_allowed(
+    reference, make_config, tiny_data, tmp_path, no_model_load
+):
+    data = grown_copy(tiny_data, tmp_path / "data", added=4)
+    before, now = len(list(tiny_data.glob("*.png"))), len(list(data.glob("*.png")))
+    start = ckpt.step_dir(reference, 3)
+    resume = (*EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"')
+    allow = 'checkpoint.allow_change=["data.path"]'  # the folder moved: allowed
+    with pytest.raises(ConfigError) as err:
+        loop.run(make_config(*resume, allow, output=tmp_path / "x"))
+    text = str(err.value)
+    assert (
+        f"data.path now has {now} training images, the checkpoint was trained on {before}" in text
+    )
+    assert "From update 3 on, the data order differs" in text and "not bitwise" in text
+    assert "--allow-change data.images" in text
+
+    both = 'checkpoint.allow_change=["data.path","data.images"]'
+    checked = preflight.check(make_config(*resume, both, output=tmp_path / "y"), 1)
+    assert checked.resume_from == start
+    warned = "\n".join(checked.warnings)
+    assert f"now has {now} training images" in warned and "(allowed)" in warned
+
+
+def test_changed_captions_with_the_same_count_are_named(
+    reference, make_config, tiny_data, tmp_path
+):
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    caption = sorted(data.glob("*.txt"))[0]
+    caption.write_text(caption.read_text() + ", new tag")
+    start = ckpt.step_dir(reference, 3)
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"',
+                      'checkpoint.allow_change=["data.path"]', output=tmp_path / "x")  # fmt: skip
+    with pytest.raises(ConfigError, match="images or captions changed"):
+        preflight.check(cfg, 1)
+    # Unchanged data in a moved folder resumes without a word about it.
+    caption.write_text(caption.read_text().removesuffix(", new tag"))
+    checked = preflight.check(cfg, 1)
+    assert checked.warnings == [
+        f"resume: data.path changed from {str(tiny_data)!r} to {str(data)!r} (allowed)"
+    ]
+
+
+def test_a_resume_on_allowed_new_images_records_them_in_its_checkpoints(
+    reference, make_config, tiny_data, tmp_path
+):
+    data = grown_copy(tiny_data, tmp_path / "data", added=4)
+    out = tmp_path / "grown"
+    allow = 'checkpoint.allow_change=["data"]'  # the whole table: path and images
+    start = ckpt.step_dir(reference, 6)
+    loop.run(
+        make_config(
+            *EXACT, f'data.path="{data}"', f'checkpoint.resume="{start}"', allow, output=out
+        )
+    )
+    state = json.loads((ckpt.step_dir(out, 8) / ckpt.TRAINER_STATE).read_text())
+    assert state["data"]["examples"] == len(list(data.glob("*.png")))
+    # Resuming that checkpoint on the same grown folder is an ordinary resume again.
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{ckpt.step_dir(out, 8)}"',
+                      output=out)  # fmt: skip
+    assert preflight.check(cfg, 1).complete
+
+
+def test_a_checkpoint_from_before_data_records_is_compared_by_its_image_count(
+    reference, make_config, tiny_data, tmp_path
+):
+    old = tmp_path / "old" / ckpt.CHECKPOINTS / "step-000003"
+    shutil.copytree(ckpt.step_dir(reference, 3), old)
+    state = json.loads((old / ckpt.TRAINER_STATE).read_text())
+    del state["data"]  # as written before checkpoints recorded their data
+    (old / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    data = grown_copy(tiny_data, tmp_path / "data", added=2)
+    cfg = make_config(*EXACT, f'data.path="{data}"', f'checkpoint.resume="{old}"',
+                      'checkpoint.allow_change=["data.path"]', output=tmp_path / "x")  # fmt: skip
+    with pytest.raises(ConfigError, match=f"trained on {state['run_facts']['image_count']}"):
+        preflight.check(cfg, 1)
+
+
 def test_a_resumed_run_keeps_the_checkpoint_it_resumed_from(reference, make_config, tmp_path):
     out = tmp_path / "pruned"
     shutil.copytree(reference / "checkpoints", out / "checkpoints")
@@ -218,3 +402,11 @@ def test_keep_last_prunes_but_never_the_checkpoint_being_resumed(tmp_path):
         "step-000003",
         "step-000004",
     ]
+
+
+def test_a_run_length_derived_from_the_data_says_that_it_changed_too():
+    state = {"global_step": 5, "total_updates": 20, "data": {"examples": 16, "sha256": "a"}}
+    message = data_change(state, {"examples": 20, "sha256": "b"}, total_updates=25)
+    assert "now has 20 training images, the checkpoint was trained on 16" in message
+    assert "25 updates now, 20 before" in message
+    assert data_change(state, {"examples": 16, "sha256": "a"}, total_updates=20) is None

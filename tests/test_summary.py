@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_TOML
 
-from trainer import cli
+from trainer import checkpoint as ckpt
+from trainer import cli, samples
+from trainer import summary as end_summary
+from trainer.config import load
 from trainer.lora import WEIGHTS_NAME
 from trainer.progress import LOSS_EMA_BETA, format_loss, smoothed
 from trainer.tracking import read_metrics
@@ -158,3 +161,16 @@ def test_train_longer_command_replaces_the_run_length_and_joins_allowed_changes(
         "--set", "train.max_steps=80", "--allow-change", "lr_scheduler,max_steps",
         "--resume", "latest",
     ]  # fmt: skip
+
+
+def test_the_last_checkpoint_past_update_999999_is_named_by_number(tmp_path):
+    config = load(TINY_TOML, [f'output_dir="{tmp_path / "run"}"'])
+    steps = (999_998, 1_000_000, 999_999)  # as text, step-1000000 sorts first
+    for step in steps:
+        ckpt.step_dir(config.output_dir, step).mkdir(parents=True)
+        samples.step_folder(config.output_dir, step).mkdir(parents=True)
+    newest = str(ckpt.step_dir(config.output_dir, max(steps)))
+    assert shlex.split(end_summary.commands(config, "").export) == ["sdlora", "export", newest]
+    rows = dict(end_summary.outputs(config))
+    assert rows[newest] == f"last of {len(steps)} checkpoint(s)"
+    assert rows[str(Path(config.output_dir) / "samples" / "step-*")] == "3 validation points"

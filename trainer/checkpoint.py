@@ -11,7 +11,11 @@ done) holding:
     config.toml                        the resolved config of the run that wrote it
 
 It is written into ``step-NNNNNN.tmp/``, every file fsynced, then renamed into place with
-``os.replace``. A crash mid-save leaves only a ``.tmp`` folder, which is never read.
+``os.replace``. A crash mid-save leaves only a ``.tmp`` folder, which is never read. Saving a
+step whose folder exists sets the old folder aside as ``step-NNNNNN.old`` before the new one is
+renamed in, and deletes it after, so at every moment one complete folder of that step exists:
+a ``.old`` folder with no ``step-NNNNNN`` beside it is that checkpoint, listed as such and
+renamed back at the next start (:func:`clean_interrupted_saves`).
 
 ``trainer_state.json`` records the size and SHA-256 of every other file, so damage (a
 truncated or altered file, a disk error) is detected before any model is loaded rather than
@@ -26,7 +30,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from trainer.files import fsync_path, umask_mode
+from trainer.step_folders import numbered_folders, parse_step, step_name
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -42,7 +46,10 @@ LR_SCHEDULER_STATE = "lr_scheduler.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCALER_STATE = "scaler.json"
 CONFIG_NAME = "config.toml"
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# Suffixes of the folders a save writes beside step-NNNNNN: the new one being written, and
+# the old one set aside while the new one replaces it.
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
 
 
 class CheckpointError(RuntimeError):
@@ -51,22 +58,38 @@ class CheckpointError(RuntimeError):
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
     """``output_dir/checkpoints/step-NNNNNN``."""
-    return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+    return Path(output_dir) / CHECKPOINTS / step_name(step)
 
 
 def step_of(folder: Path) -> int:
-    """The update count of a ``step-NNNNNN`` folder."""
-    return int(_STEP_DIR.match(folder.name).group(1))
+    """The update count of a ``step-NNNNNN`` folder (or of its set-aside ``.old`` copy)."""
+    step = parse_step(folder.name.removesuffix(OLD_SUFFIX))
+    if step is None:
+        raise ValueError(f"{folder}: not a step-NNNNNN checkpoint folder")
+    return step
+
+
+def settled(folder: Path, output_dir: str | Path | None = None) -> Path:
+    """Where a checkpoint folder is once :func:`clean_interrupted_saves` ran: a set-aside
+    ``step-NNNNNN.old`` is renamed back to ``step-NNNNNN``. With ``output_dir``, only a folder
+    of that run's checkpoints is (another run's folders are read where they are)."""
+    checkpoints = None if output_dir is None else Path(output_dir) / CHECKPOINTS
+    if checkpoints is not None and folder.resolve().parent != checkpoints.resolve():
+        return folder
+    return folder.with_name(folder.name.removesuffix(OLD_SUFFIX))
 
 
 def step_folders(output_dir: str | Path) -> list[Path]:
-    """Every ``step-NNNNNN`` folder, intact or not, oldest first (``.tmp`` and ``.damaged``
-    folders are not checkpoints)."""
+    """Every checkpoint folder, intact or not, oldest first (by update, not by name).
+
+    ``.tmp`` and ``.damaged`` folders are not checkpoints. A ``step-NNNNNN.old`` folder with no
+    ``step-NNNNNN`` beside it is: a crash hit :func:`save_atomic` between setting the old save
+    aside and renaming the new one in, so it is the only complete save of that step.
+    """
     root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=step_of)
+    found = dict(numbered_folders(root, OLD_SUFFIX))
+    found.update(numbered_folders(root))  # the step-NNNNNN folder wins over its .old copy
+    return [found[step] for step in sorted(found)]
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -165,6 +188,9 @@ def resolve(output_dir: str | Path, resume: str) -> Path | None:
         CheckpointError: naming the damaged file, or listing the checkpoints that exist.
     """
     path = Path(resume)
+    set_aside = path.with_name(path.name + OLD_SUFFIX)
+    if not path.is_dir() and parse_step(path.name) is not None and set_aside.is_dir():
+        path = set_aside  # a crash mid-save left this step's only checkpoint set aside
     if not path.is_dir():
         found = [str(p) for p in list_checkpoints(output_dir)][-3:]
         raise CheckpointError(
@@ -190,10 +216,14 @@ def write_json(path: Path, data: Any) -> None:
 def save_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     """Let ``write`` fill a fresh ``<final>.tmp`` folder, fsync it, and rename it to ``final``.
 
-    A crash at any moment leaves either the old state (plus a ``.tmp`` folder that nothing
-    reads) or the complete new checkpoint, never a half-written ``final``.
+    A crash at any moment leaves a complete checkpoint of this step (the old one or the new
+    one) or, for a step never saved before, none; never a half-written ``final``. A ``final``
+    that exists (the same step saved again, e.g. a signal right after a save) is renamed aside
+    to ``<final>.old`` first and deleted only once the new one is in place: directories cannot
+    be replaced by a rename, and deleting first would leave a window with no checkpoint.
     """
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    old = final.with_name(final.name + OLD_SUFFIX)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -203,19 +233,35 @@ def save_atomic(final: Path, write: Callable[[Path], None]) -> Path:
         os.chmod(f, mode)  # safetensors writes 0600; a checkpoint is as readable as any file
         _fsync(f)
     _fsync(tmp)
-    if final.exists():  # the same step saved again (e.g. a signal right after a save)
-        shutil.rmtree(final)
+    if final.exists():
+        if old.exists():  # left by a crash after an earlier swap: `final` is the newer save
+            shutil.rmtree(old)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
     return final
 
 
-def remove_stale_tmp(output_dir: str | Path) -> list[Path]:
-    """Delete leftovers of interrupted saves; return what was removed."""
+def clean_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """Finish what interrupted saves left (run at start, main process); return what was
+    removed.
+
+    ``.tmp`` folders are deleted. A ``.old`` folder is deleted when its ``step-NNNNNN`` exists
+    (the swap finished), and renamed back to ``step-NNNNNN`` when not (it is the checkpoint).
+    """
     root = Path(output_dir) / CHECKPOINTS
-    stale = sorted(root.glob("step-*.tmp")) if root.is_dir() else []
+    stale = [folder for _, folder in numbered_folders(root, TMP_SUFFIX)]
+    for _, old in numbered_folders(root, OLD_SUFFIX):
+        if settled(old).exists():
+            stale.append(old)
+        else:
+            os.replace(old, settled(old))
     for path in stale:
         shutil.rmtree(path)
+    if root.is_dir():
+        _fsync(root)
     return stale
 
 

@@ -19,7 +19,6 @@ TILE_MAX = 512
 # Most validation points in the progression grid; more are thinned out evenly.
 MAX_COLUMNS = 16
 
-_STEP_FOLDER = re.compile(r"step-(\d+)")
 _PAD = 4
 _BACKGROUND = (255, 255, 255)
 _BLANK = (128, 128, 128)
@@ -38,18 +37,6 @@ def images_by_prompt(folder: Path) -> dict[int, Path]:
         if match:
             found.setdefault(int(match.group(1)), path)
     return dict(sorted(found.items()))
-
-
-def step_folders(root: Path) -> list[tuple[int, Path]]:
-    """``(update, folder)`` of every ``step-NNNNNN`` folder under ``root``, by update."""
-    if not root.is_dir():
-        return []
-    found = []
-    for folder in root.iterdir():
-        match = _STEP_FOLDER.fullmatch(folder.name)
-        if match and folder.is_dir():
-            found.append((int(match.group(1)), folder))
-    return sorted(found)
 
 
 def spread(count: int, most: int) -> list[int]:

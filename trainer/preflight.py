@@ -32,7 +32,15 @@ from trainer.config import ConfigError, RunConfig, build, read_toml
 from trainer.data import DataError, Example, Prepared
 from trainer.lora import WEIGHTS_NAME
 from trainer.plan import Plan, plan_run
-from trainer.resume import check_resumable, comparable_config, config_diff
+from trainer.resume import (
+    DATA_KEY,
+    check_resumable,
+    comparable_config,
+    config_diff,
+    data_change,
+    data_record,
+    is_allowed,
+)
 
 # What a run writes into output_dir (the disk latent cache is left alone: it is keyed by
 # content, so it stays valid for any later run).
@@ -54,6 +62,7 @@ class Checked:
     """The decisions taken before any model is loaded."""
 
     resume_from: Path | None = None
+    resume_state: dict = field(default_factory=dict)  # its trainer_state.json
     # The run is finished: its outputs verified, or will once `finalize_from` is written.
     complete: bool = False
     finalize_from: Path | None = None
@@ -102,6 +111,7 @@ def check(
         problems += found
     problems += models.vae_problems(config.model)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
+    problems += _data_change(config, checked)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
         problems.append(
             f"train.max_steps: the checkpoint {checked.resume_from} already has "
@@ -173,6 +183,25 @@ def _data_and_plan(
             "or widen data.bucket_max_crop / data.bucket_step so they share a bucket"
         )
     return []
+
+
+def _data_change(config: RunConfig, checked: Checked) -> list[str]:
+    """Images added to, removed from or changed in ``data.path`` since the checkpoint: refused
+    unless allowed (``--allow-change data.images``), like a config change, since the run no
+    longer continues the one that was stopped."""
+    if checked.resume_from is None or checked.prepared is None or checked.plan is None:
+        return []
+    now = data_record(checked.prepared.examples, config.data.path)
+    change = data_change(checked.resume_state, now, checked.plan.total_updates)
+    if change is None:
+        return []
+    if is_allowed(DATA_KEY, config.checkpoint.allow_change):
+        checked.warnings.append(f"resume: {change} (allowed)")
+        return []
+    return [
+        f"{change}. Restore the images the checkpoint {checked.resume_from.name} was trained "
+        f"on, or continue on these with --allow-change {DATA_KEY}"
+    ]
 
 
 def output_dir_problems(output_dir: Path) -> list[str]:
@@ -271,9 +300,14 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
             )
             return checked
         if damaged:
-            checked.warnings.append(f"resuming from {folder.name}, the newest intact checkpoint")
+            checked.warnings.append(
+                f"resuming from {ckpt.settled(folder).name}, the newest intact checkpoint"
+            )
     else:
         folder = ckpt.resolve(output_dir, resume)
+    # `folder` may be a save set aside by a crash (step-NNNNNN.old); apply() renames it back
+    # before the run reads it, so the run resumes from its settled name.
+    settled = ckpt.settled(folder, output_dir)
     saved = read_toml(folder / ckpt.CONFIG_NAME)
     # lr_scheduler.json is the source of truth for the schedule (config.toml holds a copy).
     schedule_json = ckpt.read_json(folder, ckpt.LR_SCHEDULER_STATE)
@@ -285,15 +319,16 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     checked.warnings += [
         f"resume: {key} changed from {old!r} to {new!r} (allowed)" for key, old, new in allowed
     ]
-    checked.resume_from = folder
+    checked.resume_from = settled
+    checked.resume_state = state
     checked.updates_done = int(state["global_step"])
     if not allowed and checked.updates_done >= int(state["total_updates"]):
         # The run finished training; only its final outputs are missing or damaged.
         checked.complete = True
-        checked.finalize_from = folder
+        checked.finalize_from = settled
         checked.messages.append(
             f"already trained: {checked.updates_done} updates; writing the final outputs "
-            f"from {folder.name}"
+            f"from {settled.name}"
         )
     return checked
 
@@ -321,8 +356,8 @@ def _fresh_start(output_dir: Path, current: dict) -> Checked:
         raise ConfigError(
             [
                 f"output_dir = {str(output_dir)!r} already holds checkpoints of a run (the "
-                f"newest: {steps[-1].name}); resume it with --resume latest, start over with "
-                "--overwrite, or choose another output_dir"
+                f"newest: {ckpt.settled(steps[-1]).name}); resume it with --resume latest, start "
+                "over with --overwrite, or choose another output_dir"
             ]
         )
     if trained_weights(output_dir):
@@ -364,7 +399,7 @@ def apply(checked: Checked, config: RunConfig, num_processes: int) -> None:
     for folder in checked.quarantine:
         ckpt.quarantine(folder)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_tmp(output_dir)
+    ckpt.clean_interrupted_saves(output_dir)
     if checked.finalize_from is not None:
         final.write_outputs(
             checked.finalize_from, output_dir, config, {"num_processes": num_processes}

@@ -20,12 +20,23 @@ What an allowed change does, since the schedule is a pure function of (update, t
   from update 0 (OneTrainer #297), and not silently ignored (SimpleTuner #163).
 - ``train.learning_rate`` / ``train.text_encoder_lr`` / ``train.text_encoder_2_lr``: the new
   base LRs scale the curve from the next update on.
+- ``data.images`` (:data:`DATA_KEY`, not a config key): the images or captions in
+  ``data.path`` changed since the checkpoint (:func:`data_change` says how). The run continues
+  on the new ones; from the checkpoint's update on, its data order differs from an
+  uninterrupted run on the old ones, so it is no longer bitwise reproducible.
+
+Some keys cannot change even when allowed, and are refused before any model loads:
+``[optimizer]`` (:data:`FIXED_KEYS`), and the ``[lora]`` keys that decide which adapter tensors
+exist and their shapes (:data:`ADAPTER_KEYS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +51,7 @@ from trainer.config import ConfigError, flatten, tables_hash, to_toml
 from trainer.deprecated import upgrade_saved
 
 if TYPE_CHECKING:
+    from trainer.data import Example
     from trainer.state import RunState
 
 log = logging.getLogger("sdlora")
@@ -59,6 +71,27 @@ FREE_KEYS = (
 # Keys a resume cannot honour a change of, even when allowed: the optimizer state is saved
 # with its settings, and loading it restores the old ones into every param group.
 FIXED_KEYS = ("optimizer.",)
+# [lora] keys that decide which adapter tensors exist and their shapes: the checkpoint's
+# weights and optimizer state do not fit adapters built another way (a changed rank fails on
+# a shape after the models load; a changed dora_axis can even load, meaning something else).
+# lora.alpha and the dropouts only scale or drop, and may change when allowed.
+ADAPTER_KEYS = (
+    "lora.type",
+    "lora.rank",
+    "lora.target_modules",
+    "lora.train_text_encoder",
+    "lora.train_text_encoder_2",
+    "lora.text_encoder_target_modules",
+    "lora.dora_axis",
+    "lora.conv_tucker",
+    "lora.factor",
+    "lora.decompose_both",
+)
+# The --allow-change name of a change in the training images themselves (added, removed,
+# renamed, re-captioned), which no config key shows.
+DATA_KEY = "data.images"
+_MODULE_LISTS = ("lora.target_modules", "lora.text_encoder_target_modules")
+_TEXT_ENCODER_KEYS = ("lora.train_text_encoder", "lora.train_text_encoder_2")
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -95,24 +128,98 @@ def check_resumable(
         source: The checkpoint folder, for the message.
     """
     diff = config_diff(saved, current)
-    refused = [d for d in diff if not is_allowed(d[0], allow) or d[0].startswith(FIXED_KEYS)]
+    settings = (flatten(upgrade_saved(saved)), flatten(current))
+    fixed = {k for k, old, new in diff if _cannot_change(k, old, new, settings)}
+    refused = [d for d in diff if not is_allowed(d[0], allow) or d[0] in fixed]
     if refused:
         lines = [f"{key}: {old!r} (checkpoint) → {new!r} (now)" for key, old, new in refused]
-        fixed = {k for k, _, _ in refused if k.startswith(FIXED_KEYS)}
         names = ",".join(sorted({k for k, _, _ in refused} - fixed))
         if names:
             lines.append(
                 "resuming under a different config would not reproduce the run; restore these "
                 f"values, or accept the change with --allow-change {names}"
             )
-        if fixed:
+        if any(k.startswith(FIXED_KEYS) for k in fixed):
             lines.append(
                 "[optimizer] cannot change on resume, not even with --allow-change: the "
                 "checkpoint's optimizer state was built with its settings; resume with the "
                 "checkpoint's [optimizer] table, or start a new run"
             )
+        adapter = sorted(k for k in fixed if not k.startswith(FIXED_KEYS))
+        if adapter:
+            lines.append(
+                f"{', '.join(adapter)} cannot change on resume, not even with --allow-change: "
+                "the checkpoint's LoRA weights and optimizer state are adapter tensors built "
+                "with the checkpoint's value; resume with it, or start a new run without "
+                "--resume (another output_dir, or --overwrite to replace this one)"
+            )
         raise ConfigError(lines, f"resume from {source}")
     return diff
+
+
+def _cannot_change(
+    key: str, old: Any, new: Any, settings: tuple[dict[str, Any], dict[str, Any]]
+) -> bool:
+    """Whether a changed ``key`` is one no resume can honour (``settings``: both flat configs)."""
+    if key.startswith(FIXED_KEYS):
+        return True
+    if key not in ADAPTER_KEYS:
+        return False
+    lists = all(isinstance(v, list | tuple) for v in (old, new))
+    if key in _MODULE_LISTS and lists and set(old) == set(new):
+        return False  # the same modules in another order get the same adapters
+    if key == "lora.text_encoder_target_modules":
+        # Adapters on no text encoder, before or now: nothing in the checkpoint depends on it.
+        return any(config.get(k) for config in settings for k in _TEXT_ENCODER_KEYS)
+    return True
+
+
+def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
+    """What a checkpoint records of its training examples, to tell on resume whether they
+    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
+    caption, training size and file size, in the loader's order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        try:
+            size = os.path.getsize(example.path)
+        except OSError:  # gone since it was checked; the hash then differs on resume
+            size = None
+        name = os.path.relpath(example.path, data_path)
+        digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
+        digest.update(b"\n")
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def data_change(state: Mapping[str, Any], now: Mapping[str, Any], total_updates: int) -> str | None:
+    """How the training examples differ from those the checkpoint was trained on, or None.
+
+    Args:
+        state: The checkpoint's ``trainer_state.json`` (older ones record only the count).
+        now: :func:`data_record` of the examples found now.
+        total_updates: The run length planned now.
+    """
+    saved = state.get("data") or {}
+    count = saved.get("examples", state.get("run_facts", {}).get("image_count"))
+    if count is None:
+        return None  # written before checkpoints recorded their data: nothing to compare
+    if count != now["examples"]:
+        what = f"now has {now['examples']} training images, the checkpoint was trained on {count}"
+    elif "sha256" in saved and saved["sha256"] != now["sha256"]:
+        what = f"has {count} training images as before, but images or captions changed"
+    else:
+        return None
+    update = int(state["global_step"])
+    message = (
+        f"data.path {what} (repeats counted). From update {update} on, the data order differs "
+        "from an uninterrupted run on the old images, so the resumed run is not bitwise "
+        "reproducible"
+    )
+    if int(state.get("total_updates", total_updates)) != total_updates:
+        message += (
+            f"; the run length derives from the data (train.max_steps = 0): {total_updates} "
+            f"updates now, {state['total_updates']} before, and the LR curve follows it"
+        )
+    return message
 
 
 def comparable_config(config_data: dict, num_processes: int) -> dict:
@@ -150,6 +257,7 @@ def _write_checkpoint(run: RunState) -> Path:
             "rng": "every draw is seeded from (seed, counters) by trainer.order.seed_for",
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+            "data": data_record(run.feed.prepared.examples, config.data.path),
             # What the final LoRA's metadata needs, so the final files can be written from
             # this checkpoint alone, with no model loaded (trainer/final.py).
             "architecture": run.architecture,

@@ -33,6 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from trainer import grids, quiet
 from trainer.files import write_atomic
+from trainer.step_folders import numbered_folders, step_name
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -100,7 +101,7 @@ def save_png(image: Image.Image, path: Path, info: PngInfo) -> None:
 
 def step_folder(output_dir: str | Path, step: int) -> Path:
     """The folder of the samples drawn at update ``step``."""
-    return Path(output_dir) / SAMPLES_DIR / f"step-{step:06d}"
+    return Path(output_dir) / SAMPLES_DIR / step_name(step)
 
 
 def image_name(index: int, seed: int) -> str:
@@ -293,7 +294,7 @@ def sample_point(
 def drop_after(output_dir: str | Path, step: int) -> None:
     """Remove the sample folders of updates after ``step``: a run resumed from an earlier
     checkpoint draws them again, and stale ones would end up in the progression grid."""
-    for folder_step, folder in grids.step_folders(Path(output_dir) / SAMPLES_DIR):
+    for folder_step, folder in numbered_folders(Path(output_dir) / SAMPLES_DIR):
         if folder_step > step:
             shutil.rmtree(folder)
 
@@ -306,7 +307,7 @@ def write_progression(state: RunState) -> Path | None:
         return None
     spec = SampleSpec.from_config(state.config)
     root = state.output_dir / SAMPLES_DIR
-    points = grids.step_folders(root)
+    points = numbered_folders(root)
     if not points:
         return None
     points = [points[i] for i in grids.spread(len(points), grids.MAX_COLUMNS)]

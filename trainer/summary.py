@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from trainer import final, progress
-from trainer.checkpoint import CHECKPOINTS
+from trainer.checkpoint import step_folders
 from trainer.config import RunConfig
 from trainer.grids import PROGRESSION_NAME
 from trainer.lora import WEIGHTS_NAME
 from trainer.samples import SAMPLES_DIR
+from trainer.step_folders import numbered_folders
 from trainer.tracking import LOGS_DIR, METRICS_NAME, read_metrics
 
 _INDENT = "  "
@@ -49,7 +50,7 @@ def losses(records: list[dict[str, Any]]) -> dict[str, Any]:
 def commands(config: RunConfig, train_longer: str) -> Commands:
     """The export and sample commands for ``config``'s output; ``train_longer`` as given."""
     root = Path(config.output_dir)
-    checkpoints = sorted(p for p in (root / CHECKPOINTS).glob("step-*") if p.suffix == "")
+    checkpoints = step_folders(root)
     source = str(checkpoints[-1]) if checkpoints else str(root)
     files = [n for n in final.manifest_files(root) if n.endswith(".safetensors")]
     lora_file = root / (WEIGHTS_NAME if WEIGHTS_NAME in files else (files or [WEIGHTS_NAME])[0])
@@ -86,10 +87,10 @@ def outputs(config: RunConfig) -> list[tuple[str, str]]:
         (root / "skipped_images.txt", "images left out, and why"),
     ]
     rows = [(str(path), what) for path, what in found if path.exists()]
-    samples = sorted((root / SAMPLES_DIR).glob("step-*"))
+    samples = numbered_folders(root / SAMPLES_DIR)
     if samples:
         rows.append((str(root / SAMPLES_DIR / "step-*"), f"{len(samples)} validation points"))
-    checkpoints = sorted(p for p in (root / CHECKPOINTS).glob("step-*") if p.suffix == "")
+    checkpoints = step_folders(root)
     if checkpoints:
         rows.append((str(checkpoints[-1]), f"last of {len(checkpoints)} checkpoint(s)"))
     return rows

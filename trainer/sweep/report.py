@@ -23,6 +23,7 @@ from pathlib import Path
 
 from trainer import grids
 from trainer.files import write_atomic, write_text
+from trainer.step_folders import numbered_folders
 from trainer.sweep.overrides import set_flags
 from trainer.sweep.results import RunResult
 from trainer.sweep.spec import Spec
@@ -248,7 +249,7 @@ def val_figure(results: Sequence[RunResult]) -> bytes:
 def last_samples(folder: Path) -> list[Path]:
     """The per-prompt images (``pKK-seedS.png``) of the run's last sample point, in prompt
     order; the point's own grid of them beside is left out."""
-    steps = grids.step_folders(folder / "samples")
+    steps = numbered_folders(folder / "samples")
     return list(grids.images_by_prompt(steps[-1][1]).values()) if steps else []
 
 
