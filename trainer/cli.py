@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "lr-plot", help="preview the LR of every param group at every update (no model needed)"
     )
     _add_config_args(plot)
-    plot.add_argument("--csv", help="write step,lr_0,lr_1,... for every update to this file")
+    plot.add_argument(
+        "--csv",
+        help="write step,lr_0,lr_1,... to this file: every update of runs up to 10,000 "
+        "updates, an exact sample of longer ones (the output says which)",
+    )
     plot.add_argument("--png", help="plot the curve (and --compare curves) to this PNG")
     plot.add_argument(
         "--compare",
@@ -562,7 +566,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         LoraFileError,
         ExportError,
     ) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under a multi-process launch every process reads the same config and environment
+        # and finds the same problems: the first process prints them once.
+        same_everywhere = isinstance(err, (ConfigError, IncompatibleEnvironment))
+        if not same_everywhere or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `sdlora inspect FILE | head`: the reader left; that is not an error of ours. Point
