@@ -30,8 +30,8 @@ tiny/data/img_000.png: $(VENV)/.installed scripts/make_tiny_dataset.py
 
 quickstart: tiny/model/model_index.json tiny/data/img_000.png
 	# A fresh run each time: --overwrite replaces what an earlier quickstart left in output/tiny.
-	# trainer.launch is `accelerate launch` without accelerate's traceback after a failed run.
-	$(PY) -m trainer.launch --num_processes 1 --num_machines 1 --mixed_precision no \
+	# `sdlora launch` is `accelerate launch` without accelerate's traceback after a failed run.
+	$(VENV)/bin/sdlora launch --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process 2 \
 		train.py --config configs/tiny.toml --overwrite
 

@@ -4,8 +4,8 @@ Made for an H100 at real scale (``--preset sd15-shape``: the SD-1.5 shapes, rand
 no download), and runnable on CPU at tiny scale so a test can drive it end to end.
 
 Every run is its own process, so memory peaks and ``torch.compile`` caches never leak between
-runs. Our trainer runs through its public API (``trainer.config.load`` and
-``trainer.loop.run``), with the settings ``bench_vs_diffusers.ours_cmd`` gives it; the diffusers
+runs. Our trainer runs through its public API (``trainer.config.load.load`` and
+``trainer.run.loop.run``), with the settings ``bench_vs_diffusers.ours_cmd`` gives it; the diffusers
 script ``train_text_to_image_lora.py`` runs unmodified with ``bench_vs_diffusers.diffusers_cmd``'s
 equal settings (``bench_runs.py`` is what each process runs). ``bench_probe.Probe`` times both
 from outside their loops:

@@ -3,7 +3,7 @@
 The bare loop is the bound on this machine: the same tiny SD model with the same LoRA, fed
 pre-encoded latents and text states, doing noise, UNet forward, MSE, backward, clipping and
 AdamW with the same batch and accumulation, and nothing else. Ours runs the real trainer
-(``trainer.loop.run``) from its caches. Both are timed as the difference between a long and a
+(``trainer.run.loop.run``) from its caches. Both are timed as the difference between a long and a
 short run, which cancels the one-time setup (model load, cache fill) and leaves the
 steady-state seconds per optimizer update.
 
@@ -35,7 +35,8 @@ from make_tiny_sd import make_tiny_sd  # noqa: E402
 
 def our_seconds(model: Path, data: Path, out: Path, args, updates: int, variant: str) -> float:
     """Wall seconds of one run of the real trainer (setup included; differencing removes it)."""
-    from trainer import config, loop
+    from trainer.config import load as config
+    from trainer.run import loop
 
     sets = [
         f'model.pretrained="{model}"',
@@ -62,8 +63,8 @@ def bare_seconds(model: Path, args, updates: int, variant: str) -> float:
     """Wall seconds of the bare loop: UNet forward/backward/optimizer on pre-encoded batches."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from trainer import lora
-    from trainer.config import LoraConfig
+    from trainer.config.load import LoraConfig
+    from trainer.lora import adapters as lora
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")

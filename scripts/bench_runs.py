@@ -1,7 +1,7 @@
 """What one ``bench_gpu.py`` process runs: a training run under the probe, or calibration.
 
-A training run drives our trainer through its public API (``trainer.config.load`` and
-``trainer.loop.run``) with the settings ``bench_vs_diffusers.ours_cmd`` gives it, or runs the
+A training run drives our trainer through its public API (``trainer.config.load.load`` and
+``trainer.run.loop.run``) with the settings ``bench_vs_diffusers.ours_cmd`` gives it, or runs the
 diffusers example script unmodified, in this process, with ``bench_vs_diffusers.diffusers_cmd``'s
 equal settings. Calibration measures the device's matmul peak and counts the FLOPs per image.
 """
@@ -36,7 +36,8 @@ def _settings(spec: dict) -> SimpleNamespace:
 def run_ours(spec: dict, updates: int) -> None:
     """Our trainer in this process, through ``config.load`` and ``loop.run``."""
 
-    from trainer import config, loop
+    from trainer.config import load as config
+    from trainer.run import loop
 
     v = spec["variant"]
     cached = v["latents"] == "cached"

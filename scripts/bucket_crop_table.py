@@ -3,7 +3,8 @@
 A seeded spread of image sizes (sides 300-2000 px; common photo ratios in both orientations plus
 random ratios) is bucketed four ways at one resolution:
 
-- ``sdlora`` : :func:`trainer.buckets.assign` over :func:`trainer.buckets.bucket_sizes`, with the
+- ``sdlora`` : :func:`trainer.data.buckets.assign` over
+  :func:`trainer.data.buckets.bucket_sizes`, with the
   defaults of ``configs/lora.toml`` (64 px grid, sides resolution/2 .. 2 × resolution,
   ``max_upscale = 1``);
 - ``sdlora (before)``: the previous rule, kept here for comparison: only the largest size per
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from trainer import buckets, images  # noqa: E402
+from trainer.data import buckets, images  # noqa: E402
 
 Size = tuple[int, int]
 # (bucket, size the image is scaled to before the crop), or None when the image is refused.
@@ -182,7 +183,7 @@ def left_out(
     """Mean share of a dataset outside full batches, over random datasets from the spread.
 
     Batches are drawn within one bucket and a bucket's incomplete last batch waits for the
-    next epoch (``trainer/order.py``), so many thinly filled buckets idle many examples.
+    next epoch (``trainer/data/order.py``), so many thinly filled buckets idle many examples.
     """
     rng = random.Random(0)
     idle = total = 0

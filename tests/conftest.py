@@ -45,7 +45,7 @@ def tiny_config(tiny_model, tiny_data):
     """``tiny_config(output, *overrides)``: configs/tiny.toml pointed at the session's model and
     data, writing to ``output``, with ``--set`` style overrides on top (usable from fixtures of
     any scope)."""
-    from trainer import config
+    from trainer.config import load as config
 
     def build(output: Path, *overrides: str):
         base = [
@@ -89,6 +89,6 @@ def every_update_drawn(monkeypatch):
 
     from tqdm.auto import tqdm
 
-    from trainer import tracking
+    from trainer.report import tracking
 
     monkeypatch.setattr(tracking, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))

@@ -65,7 +65,16 @@ def environment() -> dict[str, str]:
 
 
 def sweep_command(sweep: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainer.cli", "sweep", str(sweep), "--out", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trainer.commands.cli",
+        "sweep",
+        str(sweep),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

@@ -2,7 +2,7 @@
 kohya/LyCORIS file, applied by the clients' documented formulas (``adapter_rules``, written
 in this test suite, not the trainer), gives the layers our trained model computes.
 
-The exported files are written by ``trainer/final.py`` from a checkpoint, with no model
+The exported files are written by ``trainer/run/final.py`` from a checkpoint, with no model
 loaded, as at the end of a run. The adapters are made clearly non-zero first: a few updates
 leave LoHa's and LoKr's zero-initialised factors almost zero, and a formula that dropped
 them would still pass.
@@ -19,9 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from trainer import checkpoint as ckpt
-from trainer import final, inspect_lora, loop, lora, lora_keys
-from trainer.config import ConfigError
+from trainer.commands import inspect as inspect_lora
+from trainer.config.load import ConfigError
+from trainer.lora import adapters as lora
+from trainer.lora import keys as lora_keys
+from trainer.run import checkpoint as ckpt
+from trainer.run import final, loop
 
 TEXT = "text_encoder"
 TE_ON = "lora.train_text_encoder=true"
@@ -117,7 +120,7 @@ def exported(trained, tmp_path):
 
 def adapted_layers(model, component):
     """(kohya module name, peft layer) for every adapted layer of a model."""
-    from trainer import architectures
+    from trainer.models import architectures
 
     layers = {}
     for name, module in model.named_modules():
@@ -286,7 +289,7 @@ def test_per_output_dora_has_no_kohya_form():
         "unet.a.lora_B.weight": torch.zeros(4, 2),
         "unet.a.lora_magnitude_vector": torch.ones(4),
     }
-    from trainer import architectures
+    from trainer.models import architectures
 
     with pytest.raises(ValueError, match="per-output DoRA magnitude"):
         lora_keys.to_kohya(state, architectures.get("sd1"), {"unet": 1.0})
@@ -312,7 +315,7 @@ def test_lora_type_is_a_sweep_grid_entry(tiny_model, tiny_data, tmp_path):
 
 
 def test_exporting_per_output_dora_as_kohya_is_one_clear_error(dora_runs, capsys):
-    from trainer import cli
+    from trainer.commands import cli
 
     folder = dora_runs["output"].output_dir
     assert cli.main(["export", str(folder), "--format", "kohya", "--out", str(folder / "k")]) == 2
@@ -330,7 +333,7 @@ def test_sdlora_sample_loads_every_type_as_trained(exported, tiny_model, tmp_pat
     LoHa/LoKr is the base model. Our kohya file of a non-LoRA type is refused in one line."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer import cli, sample
+    from trainer.commands import cli, sample
 
     kind, result, files = exported
     path = files[lora.WEIGHTS_NAME]

@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from trainer import buckets, data, images
-from trainer.config import DataConfig
+from trainer.config.load import DataConfig
+from trainer.data import buckets, images
+from trainer.data import dataset as data
 
 # The configs/lora.toml defaults: 512 px, buckets on, 64 px grid, sides 256..1024, no upscaling.
 LORA_TOML = DataConfig(resolution=512, buckets=True, bucket_step=64, max_upscale=1.0)

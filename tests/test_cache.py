@@ -9,9 +9,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from trainer import cache, loop
-from trainer.config import ConfigError
-from trainer.tracking import read_metrics
+from trainer.config.load import ConfigError
+from trainer.data import cache
+from trainer.report.tracking import read_metrics
+from trainer.run import loop
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_vae_fingerprint_does_not_depend_on_the_memory_format(vae):
 
 
 def test_cached_entry_equals_a_fresh_encode(vae, tiny_data, tmp_path):
-    from trainer import images, step
+    from trainer.data import images
+    from trainer.run import step
 
     store = cache.LatentCache(None)
     key, path, size, _ = jobs_for(tiny_data, vae)[0]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint as ckpt
-from trainer import samples
+from trainer.report import samples
+from trainer.run import checkpoint as ckpt
 from trainer.step_folders import numbered_folders, parse_step, step_name
 
 # Past update 999,999 the name grows a digit, and text order puts it first.

@@ -1,5 +1,5 @@
 """The command line itself: ``--version``, help text on every flag, the resume command, and
-the documented launcher (``python -m trainer.launch``) under a bad config and Ctrl-C."""
+the documented launcher (``python -m trainer.commands.launch``) under a bad config and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from trainer import cli
-from trainer.cli import build_parser, main, package_version
-from trainer.tracking import read_metrics
+from trainer.commands import cli
+from trainer.commands.cli import build_parser, main, package_version
+from trainer.report.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_every_flag_and_subcommand_has_help():
 
 
 def test_resume_command_keeps_every_flag_and_the_accelerate_launch():
-    from trainer.cli import resume_command
+    from trainer.commands.cli import resume_command
 
     argv = ["train.py", "--config", "my run.toml", "--set", 'output_dir="out/a b"', "--resume",
             "step-3", "--overwrite", "--allow-change", "max_steps"]  # fmt: skip
@@ -92,7 +92,7 @@ def test_resume_command_keeps_every_flag_and_the_accelerate_launch():
 
 
 def test_resume_command_of_a_direct_python_run_uses_this_python():
-    from trainer.cli import resume_command
+    from trainer.commands.cli import resume_command
 
     command = resume_command(["train.py", "--config", "c.toml"], parent=["bash"])
     assert shlex.split(command.split(" && ", 1)[1]) == [
@@ -101,12 +101,18 @@ def test_resume_command_of_a_direct_python_run_uses_this_python():
 
 
 def test_resume_command_repeats_the_launch_module_and_its_flags():
-    """``python -m trainer.launch`` (the documented launcher) and accelerate's module form are
-    launchers too: the resume command starts the run the same way, with this interpreter."""
-    from trainer.cli import resume_command
+    """``sdlora launch`` (the documented launcher), its module form and accelerate's are
+    launchers too: the resume command starts the run the same way."""
+    from trainer.commands.cli import resume_command
 
     argv = ["train.py", "--config", "c.toml", "--set", "train.max_steps=9"]
-    for module in ("trainer.launch", "accelerate.commands.launch"):
+    parent = ["/v/bin/python", "/v/bin/sdlora", "launch", "--num_processes", "2", "train.py"]
+    command = resume_command(argv, parent)
+    assert shlex.split(command.split(" && ", 1)[1]) == [
+        "/v/bin/sdlora", "launch", "--num_processes", "2", "train.py",
+        "--config", "c.toml", "--set", "train.max_steps=9", "--resume", "latest",
+    ]  # fmt: skip
+    for module in ("trainer.commands.launch", "accelerate.commands.launch"):
         parent = ["python", "-m", module, "--multi_gpu", "--num_processes", "2", "train.py",
                   "--config", "c.toml"]  # fmt: skip
         command = resume_command(argv, parent)
@@ -137,7 +143,8 @@ def launch_env() -> dict[str, str]:
 def test_a_config_error_under_the_documented_launcher_ends_with_our_line_alone(processes):
     """Under ``accelerate launch`` a bad key printed our error, then accelerate's
     CalledProcessError (one process) or torch elastic's ChildFailedError (two) traceback."""
-    cmd = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    sdlora = str(Path(sys.executable).with_name("sdlora"))  # the documented console script
+    cmd = [sdlora, "launch", *launch_flags(processes), "train.py"]
     cmd += ["--config", "configs/tiny.toml", "--set", "train.max_stpes=3"]
     done = subprocess.run(
         cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300
@@ -160,7 +167,7 @@ def test_ctrl_c_under_the_launcher_saves_and_its_resume_command_finishes_the_run
     out = tmp_path / "out"
     sets = [f'model.pretrained="{tiny_model}"', f'data.path="{tiny_data}"', f'output_dir="{out}"']
     sets += ["train.max_steps=60", "checkpoint.every_n_steps=2", 'logging.tracker="none"']
-    cmd = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    cmd = [sys.executable, "-m", "trainer.commands.launch", *launch_flags(processes), "train.py"]
     cmd += ["--config", "configs/tiny.toml", *(x for s in sets for x in ("--set", s))]
     # Its own session, so the SIGINT below reaches the launcher and what shares its terminal
     # group, as a Ctrl-C does, and nothing of pytest's.
@@ -180,7 +187,13 @@ def test_ctrl_c_under_the_launcher_saves_and_its_resume_command_finishes_the_run
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     printed = stdout.split("resume with:\n", 1)[1].splitlines()[0].strip()
-    launcher = [sys.executable, "-m", "trainer.launch", *launch_flags(processes), "train.py"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "trainer.commands.launch",
+        *launch_flags(processes),
+        "train.py",
+    ]
     assert shlex.split(printed.split(" && ", 1)[1])[: len(launcher)] == launcher
     done = subprocess.run(
         printed, shell=True, env=launch_env(), capture_output=True, text=True, cwd="/",
@@ -192,9 +205,8 @@ def test_ctrl_c_under_the_launcher_saves_and_its_resume_command_finishes_the_run
 
 def test_documented_launch_commands_use_the_launcher_without_tracebacks():
     """Every command line in the README, docs/ and the Makefile starts training through
-    ``python -m trainer.launch``, the launcher the tests above run, not ``accelerate launch``."""
-    # docs/sweeps.md shows the command a sweep trial runs, which trainer/sweep/process.py sets.
-    docs = [p for p in sorted((REPO / "docs").glob("*.md")) if p.name != "sweeps.md"]
+    ``sdlora launch``, the launcher the tests above run, not ``accelerate launch``."""
+    docs = sorted((REPO / "docs").glob("*.md"))
     found = []
     for path in [REPO / "README.md", REPO / "Makefile", *docs]:
         block = path.suffix != ".md"  # the Makefile is all commands
@@ -227,7 +239,7 @@ def test_the_launcher_exits_with_the_failed_process_status(
     import accelerate.commands.launch as accelerate_launch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from trainer import launch
+    from trainer.commands import launch
 
     if isinstance(raised, dict):
         failures = {r: ProcessFailure(r, 100 + r, code, "<N/A>") for r, code in raised.items()}

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-import optimizers
-from trainer import config
-from trainer.config import ConfigError
+from trainer import optimizers
+from trainer.config import load as config
+from trainer.config.load import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

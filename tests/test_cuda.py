@@ -64,7 +64,7 @@ def deterministic():
 
 
 def train(make_config, output: Path, *overrides: str) -> Path:
-    from trainer import loop
+    from trainer.run import loop
 
     config = make_config(*overrides, output=output)
     result = loop.run(config)
@@ -311,7 +311,7 @@ def test_sdxl_vae_in_fp16_is_upcast_never_nan(sdxl_config, tiny_sdxl, tmp_path, 
     its batches encoded in fp32; either way every loss is finite."""
     import logging
 
-    from trainer import loop
+    from trainer.run import loop
 
     common = (*FP16_CONSTANT, "train.max_steps=2", 'data.cache_latents="off"')
     with caplog.at_level(logging.DEBUG, logger="sdlora"):

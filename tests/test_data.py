@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import buckets, data, images
-from trainer.config import DataConfig
+from trainer.config.load import DataConfig
+from trainer.data import buckets, images
+from trainer.data import dataset as data
 
 
 def png(path: Path, size=(64, 64), colour=(200, 30, 30), mode="RGB") -> Path:
@@ -182,7 +183,7 @@ def test_skip_policy_trains_without_bad_files(good):
 
 
 def test_skip_policy_run_writes_the_skipped_list(make_config, tiny_data, tmp_path):
-    from trainer import loop
+    from trainer.run import loop
 
     folder = tmp_path / "data"
     shutil.copytree(tiny_data, folder)
@@ -197,7 +198,7 @@ def test_skip_policy_run_writes_the_skipped_list(make_config, tiny_data, tmp_pat
 
 
 def test_cli_reports_bad_data_without_a_traceback(tiny_model, tiny_data, tmp_path, capsys):
-    from trainer.cli import main
+    from trainer.commands.cli import main
 
     folder = tmp_path / "data"
     shutil.copytree(tiny_data, folder)

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import step_dir
-from trainer.lora import WEIGHTS_NAME
-from trainer.tracking import read_metrics, without_clock
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run.checkpoint import step_dir
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [

@@ -12,9 +12,10 @@ from diffusers.utils import convert_state_dict_to_kohya
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import loop, lora_hashes
-from trainer.cli import main
-from trainer.lora import WEIGHTS_NAME
+from trainer.commands.cli import main
+from trainer.lora import hashes as lora_hashes
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.run import loop
 
 NAME = "exp"
 
@@ -306,7 +307,7 @@ def test_a_failed_export_leaves_no_folder_it_created(trained, tmp_path, capsys):
 
 
 def test_an_interrupted_export_leaves_no_folder_it_created(trained, tmp_path, monkeypatch):
-    from trainer import outputs
+    from trainer.lora import outputs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -356,7 +357,7 @@ WRITTEN_IN = {
 def test_training_and_export_write_each_type_in_the_same_formats(
     trained, make_config, tmp_path, capsys, kind, fmt
 ):
-    from trainer.config import ConfigError
+    from trainer.config.load import ConfigError
 
     adapter_type, axis = kind
     sets = [f"lora.type={adapter_type}", f"output.format={fmt}"]

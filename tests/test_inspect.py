@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import loop
-from trainer.cli import main
-from trainer.lora import WEIGHTS_NAME
+from trainer.commands.cli import main
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.run import loop
 
 NAME = "ours"
 WIDTH = 32  # the tiny model's attention width (and CLIP hidden size)
@@ -221,7 +221,7 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
         tensors[f"{name}.lora_up.weight"] = torch.zeros(8, 4)
     path = tmp_path / "big.safetensors"
     save_file(tensors, str(path))
-    code = "import sys; from trainer.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from trainer.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "inspect", "--modules", str(path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith(b"file:")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import find_latest, list_checkpoints
-from trainer.lora import WEIGHTS_NAME
-from trainer.tracking import read_metrics, without_clock
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run.checkpoint import find_latest, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -11,7 +11,8 @@ import client_rules as rules
 import pytest
 import torch
 
-from trainer import architectures, lora_keys
+from trainer.lora import keys as lora_keys
+from trainer.models import architectures
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

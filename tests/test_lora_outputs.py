@@ -17,9 +17,12 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from trainer import loop, lora, lora_hashes, outputs
 from trainer.files import umask_mode
-from trainer.lora_metadata import RunFacts
+from trainer.lora import adapters as lora
+from trainer.lora import hashes as lora_hashes
+from trainer.lora import outputs
+from trainer.lora.metadata import RunFacts
+from trainer.run import loop
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -335,7 +338,7 @@ def test_saved_weights_load_back_under_either_transformers_layout(run, tmp_path)
 
 
 def test_a_mistyped_output_key_is_a_config_error(tiny_config, tmp_path):
-    from trainer.config import ConfigError
+    from trainer.config.load import ConfigError
 
     with pytest.raises(ConfigError) as err:
         tiny_config(tmp_path, 'output.format="safetensors"', 'output.nmae="x"')

@@ -11,9 +11,10 @@ import pytest
 import schedulers
 from schedulers import preview
 from schedulers.base import Schedule
-from trainer import loop, lr_plot
-from trainer.cli import main
-from trainer.tracking import read_metrics
+from trainer.commands import lr_plot
+from trainer.commands.cli import main
+from trainer.report.tracking import read_metrics
+from trainer.run import loop
 
 
 def csv_rows(path) -> list[list[float]]:
@@ -141,7 +142,7 @@ def test_cli_reports_an_unknown_compare_schedule(tiny_model, tiny_data, tmp_path
 
 def test_warmup_longer_than_an_epoch_based_run_is_a_config_error(make_config, capsys):
     cfg = make_config("train.max_steps=0", "train.epochs=1", "lr_scheduler.warmup_steps=50")
-    from trainer.config import ConfigError
+    from trainer.config.load import ConfigError
 
     with pytest.raises(ConfigError, match="warmup"):
         lr_plot.run(cfg, None, None)

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import optimizers
-from optimizers import registry
-from optimizers.modes import TRAIN_WEIGHTS
-from trainer import config
-from trainer.config import ConfigError
-from trainer.deprecated import MOVED
-from trainer.resume import check_resumable, comparable_config, config_diff
+from trainer import optimizers
+from trainer.config import load as config
+from trainer.config.deprecated import MOVED
+from trainer.config.load import ConfigError
+from trainer.optimizers import registry
+from trainer.optimizers.modes import TRAIN_WEIGHTS
+from trainer.run.resume import check_resumable, comparable_config, config_diff
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTINS = [
@@ -95,7 +95,7 @@ def test_a_dotted_path_names_an_optimizer_outside_the_registry(tmp_path, monkeyp
 
             import torch
 
-            from optimizers import OptimizerSpec
+            from trainer.optimizers import OptimizerSpec
             from typedtables import doc
 
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import optimizers
-from optimizers.modes import TRAIN_WEIGHTS
-from trainer import checkpoint as ckpt
-from trainer import loop, lora
-from trainer.lora import WEIGHTS_NAME
-from trainer.tracking import read_metrics, without_clock
+from trainer import optimizers
+from trainer.lora import adapters as lora
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.optimizers.modes import TRAIN_WEIGHTS
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run import checkpoint as ckpt
+from trainer.run import loop
 
 # Sixteen-odd short runs of the loop: end to end, like the other slow tests.
 pytestmark = pytest.mark.slow
@@ -177,7 +178,8 @@ def test_schedule_free_saves_its_eval_weights(make_config, tmp_path):
 def test_schedule_free_validates_and_samples_with_its_eval_weights(
     make_config, tmp_path, tiny_data, monkeypatch
 ):
-    from trainer import samples, validation
+    from trainer.report import samples
+    from trainer.run import validation
 
     seen = {}
     real_loss = validation.Validator.loss

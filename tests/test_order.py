@@ -1,6 +1,6 @@
 """The data order is a pure function of (seed, epoch, position): resumable by construction."""
 
-from trainer.order import ResumableBatchSampler, batches_per_epoch, epoch_batches, seed_for
+from trainer.data.order import ResumableBatchSampler, batches_per_epoch, epoch_batches, seed_for
 
 
 def test_epoch_is_a_seeded_permutation_of_full_batches():

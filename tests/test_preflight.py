@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer import cli, loop, models
-from trainer.config import ConfigError
-from trainer.data import DataError
+from trainer.commands import cli
+from trainer.config.load import ConfigError
+from trainer.data.dataset import DataError
+from trainer.models import load as models
+from trainer.run import loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,7 +225,7 @@ def test_a_long_caption_is_cut_with_one_warning(make_config, tiny_data, tmp_path
 
 
 def test_a_data_folder_linked_into_itself_is_read_once(make_config, tiny_data, tmp_path, caplog):
-    from trainer.feed import checked_examples
+    from trainer.data.feed import checked_examples
 
     data = make_data(tmp_path, tiny_data)
     (data / "again").symlink_to(data, target_is_directory=True)
@@ -235,7 +237,7 @@ def test_a_data_folder_linked_into_itself_is_read_once(make_config, tiny_data, t
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
 def test_broken_image_links_are_reported_by_name(make_config, tiny_data, tmp_path, kind):
-    from trainer.feed import checked_examples
+    from trainer.data.feed import checked_examples
 
     data = make_data(tmp_path, tiny_data)
     link = data / "broken.png"
@@ -260,7 +262,7 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 
 
 def test_a_huge_image_is_called_too_large_not_corrupt(make_config, tiny_data, tmp_path):
-    from trainer.feed import checked_examples
+    from trainer.data.feed import checked_examples
 
     data = make_data(tmp_path, tiny_data)
     png_header_only(data / "img_000.png", 20000, 20000)
@@ -321,7 +323,7 @@ def test_images_alone_in_a_bucket_smaller_than_a_batch_are_named_in_a_warning(
 ):
     from PIL import Image
 
-    from trainer import preflight
+    from trainer.run import preflight
 
     data = make_data(tmp_path, tiny_data)
     Image.new("RGB", (160, 64), "red").save(data / "wide.png")

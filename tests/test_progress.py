@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from trainer import loop, progress
-from trainer.progress import format_duration, format_loss, format_lrs, smoothed
-from trainer.tracking import read_metrics
+from trainer.report import progress
+from trainer.report.progress import format_duration, format_loss, format_lrs, smoothed
+from trainer.report.tracking import read_metrics
+from trainer.run import loop
 
 LINE = re.compile(
     r"(?P<n>\d+)/(?P<total>\d+), loss (?P<loss>\S+) ema (?P<ema>\S+) \| lr (?P<lr>\S+) \| "

@@ -19,12 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import checkpoint as ckpt
-from trainer import cli, final, loop, models
-from trainer.config import ConfigError
+from trainer.commands import cli
+from trainer.config.load import ConfigError
 from trainer.files import write_atomic
-from trainer.lora import WEIGHTS_NAME
-from trainer.tracking import read_metrics, without_clock
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.models import load as models
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run import checkpoint as ckpt
+from trainer.run import final, loop
 
 SETTINGS = (
     "train.max_steps=6",
@@ -76,7 +78,9 @@ def header(folder: Path) -> dict[str, str]:
 def train_cli(config, *flags: str) -> int:
     """``sdlora train`` in-process on an already built config (its TOML written beside)."""
     path = Path(config.output_dir).parent / f"{Path(config.output_dir).name}.toml"
-    path.write_text(__import__("trainer.config", fromlist=["to_toml"]).to_toml(config.to_dict()))
+    path.write_text(
+        __import__("trainer.config.load", fromlist=["to_toml"]).to_toml(config.to_dict())
+    )
     return cli.main(["train", "--config", str(path), *flags])
 
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import checkpoint as ckpt
-from trainer import loop, models, preflight
-from trainer.config import ConfigError, build
-from trainer.lora import WEIGHTS_NAME
-from trainer.resume import check_resumable, comparable_config, data_change
-from trainer.tracking import read_metrics, without_clock
+from trainer.config.load import ConfigError, build
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.models import load as models
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run import checkpoint as ckpt
+from trainer.run import loop, preflight
+from trainer.run.resume import check_resumable, comparable_config, data_change
 
 # Every source of randomness on: random crops, flips, caption dropout, LoRA dropout, noise
 # offset. 16 images / batch 2 = 8 micro-batches per epoch; accumulation 3 makes updates

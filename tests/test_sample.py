@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import lora, outputs
-from trainer.cli import main
-from trainer.schema import LoraConfig
+from trainer.commands.cli import main
+from trainer.config.schema import LoraConfig
+from trainer.lora import adapters as lora
+from trainer.lora import outputs
 
 SIDE = 64
 LABEL = 16  # the strip of column labels above the images
@@ -88,7 +89,7 @@ def test_a_unet_only_lora_samples_without_library_notices(tiny_model, tmp_path):
     state, packed = lora.collect({"unet": pipe.unet})
     record = {"architecture": "sd1", "resolution": SIDE, "steps": 0}
     (path,) = outputs.write_lora_files(tmp_path, state, packed, record, "diffusers", "u", "fp32")
-    code = "import sys; from trainer.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from trainer.commands.cli import main; sys.exit(main(sys.argv[1:]))"
     args = ["sample", "--lora", str(path), "--model", str(tiny_model), "--prompt", "a"]
     args += ["--steps", "1", "--scales", "1", "--out", str(tmp_path / "grid.png")]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
@@ -128,7 +129,7 @@ def sdxl_files(tiny_sdxl, tmp_path_factory) -> dict:
 @pytest.fixture
 def never_loads(monkeypatch):
     """Fail the test if `sdlora sample` gets as far as loading a pipeline."""
-    from trainer import sample
+    from trainer.commands import sample
 
     def fail(*args, **kwargs):
         raise AssertionError("the pipeline was loaded; the request should have been refused")
@@ -249,7 +250,7 @@ def test_every_problem_is_reported_at_once(lora_file, tmp_path, never_loads, mon
     ],
 )
 def test_negative_scales_parse(words, scales):
-    from trainer.cli import build_parser
+    from trainer.commands.cli import build_parser
 
     args = ["sample", "--lora", "a", "--model", "b", "--prompt", "p", *words, "--steps", "2"]
     parsed = build_parser().parse_args(args)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import grids, loop, samples
-from trainer.samples import SampleSpec
+from trainer.report import grids, samples
+from trainer.report.samples import SampleSpec
+from trainer.run import loop
 
 PROMPTS = ["a red circle", "ein grüner Kreis ✓"]  # the second is not Latin-1: an iTXt chunk
 SETTINGS = (
@@ -144,8 +145,8 @@ def test_progression_keeps_first_and_last_of_many_points():
 def components(tiny_model):
     import torch
 
-    from trainer.config import ModelConfig
-    from trainer.models import load_components
+    from trainer.config.load import ModelConfig
+    from trainer.models.load import load_components
 
     return load_components(ModelConfig(pretrained=str(tiny_model)), torch.float32)
 
@@ -192,7 +193,7 @@ def test_only_the_torchvision_fallback_message_is_dropped():
 def test_the_negative_prompt_reaches_the_png_metadata(make_config, tmp_path):
     from PIL import Image
 
-    from trainer import loop
+    from trainer.run import loop
 
     out = tmp_path / "neg"
     cfg = make_config(

@@ -29,10 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from trainer import checkpoint as ckpt
-from trainer import conditioning, export, inspect_lora, loop, samples
-from trainer.lora import WEIGHTS_NAME
-from trainer.tracking import read_metrics, without_clock
+from trainer.commands import export
+from trainer.commands import inspect as inspect_lora
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.models import conditioning
+from trainer.report import samples
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run import checkpoint as ckpt
+from trainer.run import loop
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -314,7 +318,7 @@ def test_validation_loss_is_recorded_and_resumes(cached):
 def test_sdlora_sample_draws_an_sdxl_lora_with_the_sdxl_pipeline(uncached, tiny_sdxl, tmp_path):
     """`sdlora sample` on an SDXL model: base, scale 0 and scale 1 side by side; scale 0 is
     the base image, scale 1 is not."""
-    from trainer.sample import SampleSettings, sample
+    from trainer.commands.sample import SampleSettings, sample
 
     _, result = uncached
     # Two steps: a single Euler step from pure noise leaves the tiny model's image almost all

@@ -18,8 +18,9 @@ from make_tiny_sd import write_tokenizer
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from trainer import buckets, cache, data, images
-from trainer.config import DataConfig
+from trainer.config.load import DataConfig
+from trainer.data import buckets, cache, images
+from trainer.data import dataset as data
 
 # (width, height) of noise images, so every crop position has a unique content.
 SIZES = [(96, 72), (72, 112), (128, 80), (100, 100)]

@@ -15,8 +15,10 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from trainer import model_arch, models, preflight, step
-from trainer.config import ConfigError, ModelConfig
+from trainer.config.load import ConfigError, ModelConfig
+from trainer.models import family as model_arch
+from trainer.models import load as models
+from trainer.run import preflight, step
 
 
 def test_tiny_sdxl_is_an_sdxl_folder_with_sdxls_proportions(tiny_sdxl):
@@ -105,7 +107,7 @@ def no_model_load(monkeypatch):
 def test_an_arch_that_contradicts_the_model_is_a_config_error(
     sdxl_config, tiny_config, tmp_path, no_model_load
 ):
-    from trainer import loop
+    from trainer.run import loop
 
     with pytest.raises(ConfigError) as err:
         loop.run(sdxl_config(tmp_path / "a", 'model.arch="sd1"'))
@@ -216,10 +218,10 @@ def test_validation_loss_is_scored_with_the_pipelines_sdxl_conditioning(tiny_sdx
     number does not depend on the batching."""
     from diffusers import DDPMScheduler
 
-    from trainer import images
-    from trainer.data import Example
-    from trainer.order import seed_for
-    from trainer.validation import Validator
+    from trainer.data import images
+    from trainer.data.dataset import Example
+    from trainer.data.order import seed_for
+    from trainer.run.validation import Validator
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     noise_scheduler = DDPMScheduler.from_pretrained(tiny_sdxl, subfolder="scheduler")

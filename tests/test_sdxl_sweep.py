@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sweep_helpers import LAUNCH, run_sweep, summary, sweep_command
 
-from trainer import cli
+from trainer.commands import cli
 from trainer.sweep.results import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from trainer import step
-from trainer.conditioning import Conditioning
+from trainer.models.conditioning import Conditioning
+from trainer.run import step
 
 
 @pytest.fixture

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_TOML
 
-from trainer import checkpoint as ckpt
-from trainer import cli, samples
-from trainer import summary as end_summary
-from trainer.config import load
-from trainer.lora import WEIGHTS_NAME
-from trainer.progress import LOSS_EMA_BETA, format_loss, smoothed
-from trainer.tracking import read_metrics
+from trainer.commands import cli
+from trainer.config.load import load
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.report import samples
+from trainer.report import summary as end_summary
+from trainer.report.progress import LOSS_EMA_BETA, format_loss, smoothed
+from trainer.report.tracking import read_metrics
+from trainer.run import checkpoint as ckpt
 
 
 def train(monkeypatch, args: list[str]) -> int:
@@ -147,7 +148,7 @@ def test_the_sample_command_draws_an_image_with_the_lora(summary, tmp_path):
     words = shlex.split(sample)
     out = Path(words[words.index("--out") + 1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "trainer.cli", *words[1:], "--steps", "2"]
+    cmd = [sys.executable, "-m", "trainer.commands.cli", *words[1:], "--steps", "2"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=300)
     assert out.is_file()
 

@@ -30,11 +30,11 @@ from sweep_helpers import (
     write_sweep,
 )
 
-from trainer import cli
-from trainer.checkpoint import find_latest
+from trainer.commands import cli
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run.checkpoint import find_latest
 from trainer.sweep import claims
 from trainer.sweep.report import FILES
-from trainer.tracking import read_metrics, without_clock
 
 pytestmark = pytest.mark.slow
 VALUE_COLUMNS = ("state", "final_val_loss", "best_val_loss", "final_train_loss", "updates")
@@ -263,9 +263,11 @@ def test_report_only_rebuilds_the_same_report(sweep_file, reference, tmp_path):
 def test_validation_loss_of_one_lora_is_identical_across_two_evaluations(reference):
     """The objective depends only on the weights: the trained LoRA scored twice gives the same
     number, and the number its run recorded."""
-    from trainer import config, lora, models
-    from trainer.feed import checked_examples
-    from trainer.validation import Validator
+    from trainer.config import load as config
+    from trainer.data.feed import checked_examples
+    from trainer.lora import adapters as lora
+    from trainer.models import load as models
+    from trainer.run.validation import Validator
 
     folder = next(iter(run_folders(reference).values()))
     cfg = config.load(folder / "config.toml")

@@ -10,8 +10,8 @@ import optuna
 import pytest
 from sweep_helpers import REPO, write_sweep
 
-from trainer import cli
-from trainer.config import ConfigError, load
+from trainer.commands import cli
+from trainer.config.load import ConfigError, load
 from trainer.sweep import claims, expand, spec
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint as ckpt
-from trainer import final, loop
-from trainer.progress import format_loss, smoothed
-from trainer.tracking import read_metrics
+from trainer.report.progress import format_loss, smoothed
+from trainer.report.tracking import read_metrics
+from trainer.run import checkpoint as ckpt
+from trainer.run import final, loop
 
 SETTINGS = (
     'logging.tracker="tensorboard"',  # the shipped default (the fixture turns it off)

@@ -9,9 +9,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from trainer import loop
-from trainer.lora import WEIGHTS_NAME, read_metadata
-from trainer.tracking import read_metrics, without_clock
+from trainer.lora.adapters import WEIGHTS_NAME, read_metadata
+from trainer.report.tracking import read_metrics, without_clock
+from trainer.run import loop
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_outputs_beside_the_weights(trained):
 
 
 def test_saved_config_reloads_to_the_same_config(trained):
-    from trainer import config
+    from trainer.config import load as config
 
     cfg, result = trained
     assert config.load(result.output_dir / "config.toml") == cfg
@@ -139,7 +139,7 @@ def test_bf16_runs_on_cpu_with_fp32_adapters(make_config):
 
 
 def test_fp16_without_cuda_is_a_clear_error(make_config):
-    from trainer.config import ConfigError
+    from trainer.config.load import ConfigError
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -149,7 +149,7 @@ def test_fp16_without_cuda_is_a_clear_error(make_config):
 
 
 def test_xformers_request_without_cuda_falls_back_to_sdpa_with_one_log_line(tiny_model, caplog):
-    from trainer.models import enable_attention_backend
+    from trainer.models.load import enable_attention_backend
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -204,8 +204,8 @@ def test_dataloader_workers_feed_the_same_batches(make_config, tmp_path):
 
 
 def test_model_source_errors_name_the_source(tmp_path):
-    from trainer.config import ModelConfig
-    from trainer.models import ModelLoadError, load_components
+    from trainer.config.load import ModelConfig
+    from trainer.models.load import ModelLoadError, load_components
 
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"not really")

@@ -10,10 +10,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from trainer import loop
-from trainer.data import Example, Record
-from trainer.tracking import read_metrics
-from trainer.validation import Validator, split
+from trainer.data.dataset import Example, Record
+from trainer.report.tracking import read_metrics
+from trainer.run import loop
+from trainer.run.validation import Validator, split
 
 
 def test_split_holds_out_distinct_images_with_all_their_repeats():
@@ -106,7 +106,7 @@ def test_samples_are_written_at_validation_points_with_a_fixed_seed(make_config,
 
 
 def test_the_held_out_set_depends_on_validation_seed_not_train_seed(make_config):
-    from trainer.feed import checked_examples
+    from trainer.data.feed import checked_examples
 
     def held_out(*sets):
         _, val = checked_examples(make_config("validation.fraction=0.25", *sets), False)

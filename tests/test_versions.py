@@ -9,7 +9,8 @@ import pytest
 import transformers.integrations.peft as transformers_peft
 from packaging.requirements import Requirement
 
-from trainer import cli, loop, versions
+from trainer.commands import cli
+from trainer.run import loop, versions
 
 
 def _faked_version(name: str, fake: str):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer import loop
-from trainer.config import ConfigError
-from trainer.tracking import LOGS_DIR, WANDB_RUN_NAME
+from trainer.config.load import ConfigError
+from trainer.report.tracking import LOGS_DIR, WANDB_RUN_NAME
+from trainer.run import loop
 
 WANDB = ('logging.tracker="wandb"', 'logging.project="tiny-wandb"', "checkpoint.every_n_steps=2")
 

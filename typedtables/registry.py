@@ -2,7 +2,7 @@
 ``"package.module:Class"`` paths.
 
 One :class:`Registry` per kind of table (``schedulers/registry.py`` holds the LR schedules',
-``optimizers/registry.py`` the optimizers'):
+``trainer/optimizers/registry.py`` the optimizers'):
 
 - built-ins register themselves with ``@registry.register("name")`` when their package is
   imported;

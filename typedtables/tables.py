@@ -5,7 +5,7 @@ A table is a frozen dataclass whose fields carry a one-line doc (:func:`doc`). B
 checks every key against the fields and collects **all** problems instead of stopping at the
 first: an unknown key (with the closest valid key as a hint), a value of the wrong type, and
 then the table's own range checks, its ``problems(where)`` method. Checks that span several
-tables belong to whoever assembles them (``trainer.config.cross_checks``).
+tables belong to whoever assembles them (``trainer.config.load.cross_checks``).
 """
 
 from __future__ import annotations

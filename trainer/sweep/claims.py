@@ -48,7 +48,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from trainer.config import ConfigError
+from trainer.config.load import ConfigError
 
 SLOT = "sdlora_slot"  # user attr of a queued trial: its run's folder name
 WORKER = "sdlora_worker"  # user attr: the worker running the trial

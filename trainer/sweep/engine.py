@@ -24,7 +24,7 @@ from typing import Any
 
 import optuna
 
-from trainer.config import ConfigError
+from trainer.config.load import ConfigError
 from trainer.sweep.spec import Spec
 
 JOURNAL_NAME = "optuna-journal.log"
@@ -211,7 +211,7 @@ def seeds(spec: Spec) -> tuple[int, ...]:
     """The seeds every configuration runs with: the file's, or the base config's seed."""
     if spec.file.seeds:
         return spec.file.seeds
-    from trainer.config import read_toml
+    from trainer.config.load import read_toml
 
     return (int(read_toml(spec.base).get("train", {}).get("seed", 0)),)
 

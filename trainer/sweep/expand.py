@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import config as run_config
-from trainer.config import ConfigError, RunConfig
-from trainer.resume import FREE_KEYS
+from trainer.config import load as run_config
+from trainer.config.load import ConfigError, RunConfig
+from trainer.run.resume import FREE_KEYS
 from trainer.sweep.engine import seeds as sweep_seeds
 from trainer.sweep.overrides import ordered, set_flags, slug, toml_text
 from trainer.sweep.spec import Point, Spec
@@ -189,7 +189,8 @@ def grid_problems(spec: Spec, runs: Sequence[Run]) -> list[str]:
 
 def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any]) -> list[str]:
     """Model-free problems of one run's config; each distinct check runs once (``once``)."""
-    from trainer import models, preflight
+    from trainer.models import load as models
+    from trainer.run import preflight
 
     def cached(key: Any, compute: Callable[[], Any]) -> Any:
         text = json.dumps(key, sort_keys=True, default=str)
@@ -233,8 +234,8 @@ def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any
 def _examples(cfg: RunConfig) -> Any:
     """The run's training examples, checked as its preflight checks them (image headers
     only); their problems (a list) when the data is unusable."""
-    from trainer.data import DataError
-    from trainer.feed import checked_examples
+    from trainer.data.dataset import DataError
+    from trainer.data.feed import checked_examples
 
     try:
         return checked_examples(cfg, show_progress=False, decode=False)[0]
@@ -244,7 +245,7 @@ def _examples(cfg: RunConfig) -> Any:
 
 def _length_problems(cfg: RunConfig, examples: Any, processes: int) -> list[str]:
     """Whether the run length derived from the data fits the batch and the schedule."""
-    from trainer.plan import plan_run
+    from trainer.run.plan import plan_run
 
     try:
         plan_run(cfg, examples.groups, processes)

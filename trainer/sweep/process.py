@@ -2,10 +2,11 @@
 
 A run is exactly what a user would type::
 
-    python -m trainer.launch [launch flags] train.py --config BASE --set k=v ... --resume latest
+    sdlora launch [launch flags] train.py --config BASE --set k=v ... --resume latest
 
-(``accelerate launch`` whose failures end with the run's own error, not a launcher traceback:
-the tail of ``train.log`` is what the sweep report shows for a failed run.)
+(started as ``python -m trainer.commands.launch``: ``accelerate launch`` whose failures end
+with the run's own error, not a launcher traceback, since the tail of ``train.log`` is what
+the sweep report shows for a failed run.)
 
 ``--resume latest`` makes every start of it safe: a fresh folder trains, an interrupted one
 resumes exactly from its newest intact checkpoint, and a finished one says so and exits.
@@ -45,7 +46,7 @@ def command(launch: list[str], base: Path, flags: list[str]) -> list[str]:
     """
     sets = [part for flag in flags for part in ("--set", flag)]
     return [
-        sys.executable, "-m", "trainer.launch", *launch,
+        sys.executable, "-m", "trainer.commands.launch", *launch,
         str(TRAIN_PY), "--config", str(base), *sets, "--resume", "latest",
     ]  # fmt: skip
 

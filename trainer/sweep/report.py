@@ -21,8 +21,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainer import grids
 from trainer.files import write_atomic, write_text
+from trainer.report import grids
 from trainer.step_folders import numbered_folders
 from trainer.sweep.overrides import set_flags
 from trainer.sweep.results import RunResult

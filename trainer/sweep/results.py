@@ -16,11 +16,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from trainer import final
+from trainer.report.tracking import read_metrics
+from trainer.run import final
 from trainer.sweep import claims
 from trainer.sweep.expand import Run, build_runs
 from trainer.sweep.spec import Spec
-from trainer.tracking import read_metrics
 
 WALL_NAME = "sweep_run.json"  # in a run folder: seconds its attempts ran, summed
 STATES = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.config import read_toml
+from trainer.config.load import read_toml
 from trainer.sweep.overrides import Assignment, assignments, key_label, label
 from typedtables import ConfigError, build_table, doc
 

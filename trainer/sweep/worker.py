@@ -28,11 +28,11 @@ from pathlib import Path
 import optuna
 from tqdm.auto import tqdm
 
-from trainer.config import ConfigError
+from trainer.config.load import ConfigError
+from trainer.report.tracking import read_metrics
 from trainer.sweep import claims, engine, expand, process, report, results
 from trainer.sweep.expand import Run
 from trainer.sweep.spec import Spec
-from trainer.tracking import read_metrics
 
 POLL_S = 0.5
 IDLE_POLL_S = 2.0

@@ -1,0 +1,187 @@
+"""Assemble what feeds the loop: checked examples, caches, the resumable sampler, the loader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config.load import RunConfig
+from trainer.data import cache
+from trainer.data import dataset as data
+from trainer.data.order import ResumableBatchSampler
+from trainer.run import validation
+
+log = logging.getLogger("sdlora")
+SKIPPED_NAME = "skipped_images.txt"
+
+
+@dataclass
+class Feed:
+    """The data side of a run."""
+
+    prepared: data.Prepared
+    dataset: data.CaptionedImages
+    sampler: ResumableBatchSampler
+    loader: torch.utils.data.DataLoader
+    cached_latents: str  # "memory", "disk" or "off"
+    cached_text: bool
+    validation: list[data.Example]
+
+
+def latent_cache_mode(config: RunConfig) -> str:
+    """Where latents are cached; 'auto' turns caching off for random crops, where it is wrong."""
+    mode = config.data.cache_latents
+    if mode == "auto":
+        mode = "memory" if config.data.center_crop else "off"
+        if mode == "off":
+            log.info("latent cache off: data.center_crop = false draws a new crop every epoch")
+    return mode
+
+
+def text_cache_enabled(config: RunConfig) -> bool:
+    """Whether text-encoder outputs are cached: only valid when every text encoder is frozen
+    (SDXL: both) and captions are fixed."""
+    setting = config.data.cache_text
+    if setting != "auto":
+        return setting == "on"
+    lora = config.lora
+    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not (
+        config.data.shuffle_tags
+    )
+    if not valid:
+        log.info("text cache off: a text encoder is trained or tags are shuffled")
+    return valid
+
+
+def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    if prepared.skipped:
+        path = output_dir / SKIPPED_NAME
+        path.write_text("".join(line + "\n" for line in prepared.skipped))
+        log.warning("skipped %d unusable file(s); the list is in %s", len(prepared.skipped), path)
+    for note in prepared.notes[:5]:
+        log.info("converted %s", note)
+    if len(prepared.notes) > 5:
+        log.info("... and %d more images converted the same ways", len(prepared.notes) - 5)
+
+
+def _fill_latent_cache(
+    config: RunConfig, prepared: data.Prepared, vae: torch.nn.Module, accelerator, mode: str
+):
+    folder = None
+    if mode == "disk":
+        folder = Path(config.data.cache_dir or Path(config.output_dir) / "cache")
+    store = cache.LatentCache(folder)
+    vae_id = cache.module_fingerprint(vae)
+    digests = {p: cache.file_digest(p) for p in dict.fromkeys(e.path for e in prepared.examples)}
+    flips = (False, True) if config.data.random_flip else (False,)
+    keys = {
+        (i, flip): cache.latent_key(digests[e.path], vae_id, e.size, "center", flip)
+        for i, e in enumerate(prepared.examples)
+        for flip in flips
+    }
+    examples = prepared.examples
+    # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
+    jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
+    jobs = list(jobs.values())
+    # Disk: the main process fills the shared folder; memory: every process fills its own.
+    if mode == "memory" or accelerator.is_main_process:
+        encoded = cache.fill_latents(
+            store, vae, jobs, vae.dtype, show_progress=accelerator.is_main_process
+        )
+        log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
+    accelerator.wait_for_everyone()
+    return lambda index, flip: store.get_entry(keys[(index, flip)])
+
+
+def checked_examples(
+    config: RunConfig, show_progress: bool = True, decode: bool = True
+) -> tuple[data.Prepared, list[data.Example]]:
+    """Training examples (checked, bucketed) and the held-out validation examples."""
+    records = data.find_records(config.data)
+    val = config.validation
+    if val.path:
+        held_out = data.find_records(config.data, val.path)
+    else:
+        try:
+            records, held_out = validation.split(records, val.fraction, val.seed)
+        except ValueError as err:
+            raise data.DataError(str(err)) from err
+    prepared = data.prepare(records, config.data, show_progress, decode)
+    if not held_out:
+        return prepared, []
+    checked = data.prepare(held_out, config.data, show_progress, decode)
+    prepared.skipped += checked.skipped
+    prepared.notes += checked.notes
+    return prepared, checked.examples
+
+
+def build_feed(
+    config: RunConfig,
+    accelerator,
+    parts,
+    text_encoder_trained: bool,
+    prepared: data.Prepared,
+    val_examples: list[data.Example],
+) -> Feed:
+    """Fill the caches and build the resumable loader over already checked examples.
+
+    Args:
+        config: The run config.
+        accelerator: For process index/count and the device.
+        parts: The loaded models (the VAE and text encoder fill the caches).
+        text_encoder_trained: Whether any text encoder's LoRA is trained (no text cache then).
+        prepared: The checked training examples (:func:`checked_examples`).
+        val_examples: The held-out examples.
+    """
+    _report(prepared, Path(config.output_dir), accelerator.is_main_process)
+    if accelerator.is_main_process:
+        count, caption, tokens = data.long_captions(
+            parts.tokenizer, [e.caption for e in prepared.examples]
+        )
+        if count:
+            log.warning(
+                "%d caption(s) are longer than the text encoder's %d tokens and are cut there "
+                "(the longest has %d tokens: %.60r...)",
+                count,
+                parts.tokenizer.model_max_length,
+                tokens,
+                caption,
+            )
+
+    sdxl = parts.text_encoder_2 is not None
+    dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
+    mode = latent_cache_mode(config)
+    if mode != "off":
+        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+    use_text_cache = text_cache_enabled(config) and not text_encoder_trained
+    if use_text_cache:
+        store = cache.TextCache()
+        captions = {e.caption for e in prepared.examples}
+        if config.data.caption_dropout > 0:
+            captions.add("")
+        store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
+        dataset.text = store.get
+
+    train = config.train
+    sampler = ResumableBatchSampler(
+        prepared.groups,
+        train.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        train.seed,
+    )
+    workers = config.data.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=workers,
+        persistent_workers=workers > 0 and config.data.persistent_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    return Feed(prepared, dataset, sampler, loader, mode, use_text_cache, val_examples)

@@ -1,0 +1,328 @@
+"""Load the frozen Stable Diffusion components the trainer needs (SD 1.x, SD 2.x, SDXL).
+
+One path for every source a user has: a local diffusers folder or a hub id go through
+``from_pretrained``; a single ``.safetensors`` checkpoint (A1111/ComfyUI style) goes through
+the pipeline's ``from_single_file``. Only safetensors weights are accepted. Which family the
+model is (``model.arch``) is decided before any weights load (``trainer/models/family.py``); the
+VAE and the dtype it runs in are chosen here (``vae_dtype``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from trainer.config.load import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says what to check."""
+
+
+@dataclass
+class Components:
+    """The parts of an SD pipeline that training uses.
+
+    ``tokenizer_2`` and ``text_encoder_2`` are SDXL's second pair (None for SD 1.x/2.x).
+    ``vae_note`` says which VAE runs and in which dtype, for the run's log line.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    architecture: str = "sd1"
+    vae_note: str = ""
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        """Every tokenizer, in pipeline order."""
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """Every text encoder, in pipeline order (the frozen modules as loaded)."""
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
+
+def _is_single_file(source: str) -> bool:
+    return source.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+
+
+# A hub id is "owner/name" (or a bare "name" of a legacy repo): no leading dot, slash or tilde.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# The files a diffusers SD folder must hold, whatever its weights format (SDXL also holds
+# text_encoder_2/; trainer/models/family.py checks that once it knows the family).
+FOLDER_CONFIGS = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def source_problems(config: ModelConfig, hub_timeout: float = 10.0) -> list[str]:
+    """Why ``model.pretrained`` cannot be loaded, found in seconds without reading weights.
+
+    A local path that does not exist is called a missing path; a folder that is not a
+    diffusers model says which file it lacks; a hub id is looked up in the local cache, and
+    online with one short request (a typo'd id would otherwise be retried for minutes).
+    """
+    source = config.pretrained
+    key = f"model.pretrained = {source!r}"
+    path = Path(source).expanduser()
+    if _is_single_file(source):
+        if path.suffix != ".safetensors":
+            return [
+                f"{key}: only .safetensors checkpoints are loaded (a .ckpt/.pt/.bin file can "
+                "run pickled code); convert it first"
+            ]
+        return [] if path.is_file() else [f"{key}: no such file ({path.resolve()})"]
+    if path.is_dir():
+        missing = [name for name in FOLDER_CONFIGS if not (path / name).is_file()]
+        if missing:
+            return [
+                f"{key}: the folder is not a diffusers Stable Diffusion model (no "
+                f"{', '.join(missing)}); point it at a folder with model_index.json, unet/, "
+                "vae/, text_encoder/ and tokenizer/, or at a .safetensors checkpoint"
+            ]
+        return []
+    if path.exists():
+        return [f"{key}: not a folder or a .safetensors file"]
+    if not _HUB_ID.match(source) or source.count("/") > 1:
+        return [f"{key}: no such folder ({path.resolve()})"]
+    return _hub_problems(config, key, path, hub_timeout)
+
+
+def vae_problems(config: ModelConfig) -> list[str]:
+    """Why ``model.vae`` cannot be loaded, found without reading weights (empty: fine)."""
+    source = config.vae
+    if not source:
+        return []
+    key = f"model.vae = {source!r}"
+    path = Path(source).expanduser()
+    if _is_single_file(source):
+        # Loading one means diffusers' conversion from the original layout, which no offline
+        # test can cover (no original-layout VAE can be made here): refused, not guessed.
+        return [
+            f"{key}: a single-file VAE is not supported; give a diffusers VAE folder (with "
+            "config.json) or a hub id such as madebyollin/sdxl-vae-fp16-fix"
+        ]
+    if path.is_dir():
+        if (path / "config.json").is_file() or (path / "vae" / "config.json").is_file():
+            return []
+        return [
+            f"{key}: the folder holds no VAE (no config.json, nor vae/config.json); point it "
+            "at a diffusers AutoencoderKL folder, a model folder with vae/, or a .safetensors"
+        ]
+    if path.exists() or not _HUB_ID.match(source) or source.count("/") > 1:
+        return [f"{key}: no such folder ({path.resolve()})"]
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(source, "config.json"), str):
+        return []
+    if _offline():
+        return [
+            f"{key}: not a local folder, and as a hub id it is not in the local cache while "
+            "offline (HF_HUB_OFFLINE=1); download it once with network access"
+        ]
+    return []  # an online hub id is looked up by the load itself
+
+
+def _hub_problems(config: ModelConfig, key: str, path: Path, timeout: float) -> list[str]:
+    import huggingface_hub
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    source, revision = config.pretrained, config.revision or None
+    cached = huggingface_hub.try_to_load_from_cache(source, "model_index.json", revision=revision)
+    if isinstance(cached, str):
+        return []
+    local = f"no such folder ({path.resolve()})"
+    if _offline():
+        return [
+            f"{key}: {local}, and as a hub id it is not in the local cache while offline "
+            "(HF_HUB_OFFLINE=1); fix the path, or download the model once with network access"
+        ]
+    try:
+        huggingface_hub.model_info(source, revision=revision, timeout=timeout)
+    except RepositoryNotFoundError:
+        return [
+            f"{key}: {local}, and no model of that id exists on the hub (or it is private or "
+            "gated: log in with `hf auth login`)"
+        ]
+    except Exception as err:
+        # What a failed lookup raises depends on huggingface_hub's HTTP client (httpx's
+        # ConnectError, not an OSError, in 2.x; requests' in 0.x): any failure of this probe
+        # means the id could not be checked, which is the user's problem to hear, not a
+        # traceback.
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return [
+            f"{key}: {local}, and the hub could not be reached to look it up ({first}); "
+            "check the network, or set HF_HUB_OFFLINE=1 to use only the local cache"
+        ]
+    return []
+
+
+def load_components(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, architecture: str = "sd1"
+) -> Components:
+    """Load tokenizers, text encoders, VAE, UNet and the training noise scheduler, frozen.
+
+    Args:
+        config: The ``[model]`` table.
+        dtype: dtype of the frozen weights (the mixed-precision compute dtype saves memory);
+            the VAE may run in fp32 instead (:func:`vae_dtype`).
+        architecture: ``sd1``, ``sd2`` or ``sdxl``, as preflight resolved ``model.arch``.
+
+    Raises:
+        ModelLoadError: naming the source and what to check, also when the loaded model is
+            not of ``architecture`` (a single file preflight could not tell).
+    """
+    source = config.pretrained
+    sdxl = architecture == "sdxl"
+    try:
+        if _is_single_file(source):
+            parts = _load_single_file(config, dtype, sdxl)
+        else:
+            parts = _load_folder(config, dtype, sdxl)
+        if config.vae:
+            parts.vae = _load_vae(config.vae)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        where = "folder" if Path(source).exists() else "hub id"
+        raise ModelLoadError(
+            f"model.pretrained = {source!r}: could not load it as a diffusers {where}: {err}"
+        ) from err
+    loaded_sdxl = parts.unet.config.get("addition_embed_type") == "text_time"
+    if loaded_sdxl != sdxl:
+        raise ModelLoadError(
+            f"model.pretrained = {source!r}: loaded as {architecture}, but its UNet "
+            f"{'is' if loaded_sdxl else 'is not'} an SDXL UNet; set model.arch to match"
+        )
+    parts.architecture = architecture
+    if config.prediction_type:
+        parts.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    vae_type, why = vae_dtype(parts.vae, dtype, architecture)
+    if parts.vae.dtype != vae_type:
+        parts.vae.to(dtype=vae_type)
+    name = "the model's own" if not config.vae else _source_name(config.vae)
+    parts.vae_note = f"{name}, {str(vae_type).removeprefix('torch.')}" + (
+        f" ({why})" if why else ""
+    )
+    for module in (*parts.text_encoders, parts.vae, parts.unet):
+        module.requires_grad_(False)
+        module.eval()
+    return parts
+
+
+def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype, architecture: str) -> tuple[torch.dtype, str]:
+    """The dtype the VAE runs in, and why when it is not the weights' dtype.
+
+    SDXL's VAE overflows in fp16 (its activations exceed fp16's 65504, so latents turn NaN);
+    its config says so with ``force_upcast``, which diffusers' SDXL pipeline honours, and so
+    do we: that VAE runs in fp32 under fp16 mixed precision. A VAE fixed for fp16 (the
+    fp16-fix VAE, named by ``model.vae``) sets ``force_upcast`` false and runs in fp16. SD 1.x
+    and 2.x pipelines never read the flag (AutoencoderKL's default sets it on every VAE), and
+    their VAEs run in fp16. Any fp16 VAE that still overflows on a batch is caught by
+    ``trainer.run.step.posterior``, which encodes that batch in fp32.
+    """
+    if dtype == torch.float16 and architecture == "sdxl" and vae.config.get("force_upcast"):
+        return torch.float32, "force_upcast: fp16 overflows in this VAE"
+    return dtype, ""
+
+
+def _source_name(source: str) -> str:
+    """A source as the log shows it: a hub id as written, a local path by its last part."""
+    path = Path(source).expanduser()
+    return path.name if path.exists() else source
+
+
+def _load_vae(source: str) -> AutoencoderKL:
+    """A VAE from ``model.vae``: a diffusers AutoencoderKL folder (or a model folder with
+    ``vae/``), or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+    return AutoencoderKL.from_pretrained(source, use_safetensors=True)
+
+
+def _load_folder(config: ModelConfig, dtype: torch.dtype, sdxl: bool) -> Components:
+    kwargs = {"revision": config.revision or None}
+    weights = {**kwargs, "variant": config.variant or None, "use_safetensors": True}
+    weights["torch_dtype"] = dtype
+    source = config.pretrained
+    parts = Components(
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        # fp32 here, cast once it is known which dtype the VAE runs in (vae_dtype).
+        vae=AutoencoderKL.from_pretrained(
+            source, subfolder="vae", **{k: v for k, v in weights.items() if k != "torch_dtype"}
+        ),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+        # The training noise schedule is DDPM's forward process, whatever sampler the
+        # checkpoint ships for inference (SD-1.5 ships PNDM, SDXL Euler); the betas are
+        # the same.
+        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+    )
+    if sdxl:
+        parts.tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
+        parts.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", **weights
+        )
+    return parts
+
+
+def _load_single_file(config: ModelConfig, dtype: torch.dtype, sdxl: bool) -> Components:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(config.pretrained)
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"model.pretrained = {config.pretrained!r}: only .safetensors checkpoints are "
+            "loaded (a .ckpt/.pt/.bin file can run pickled code); convert it first"
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"model.pretrained = {config.pretrained!r}: no such file")
+    extra = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    pipe = pipeline.from_single_file(
+        str(path), config=config.single_file_config or None, torch_dtype=dtype, **extra
+    )
+    return Components(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+    )
+
+
+def enable_attention_backend(unet: UNet2DConditionModel, want_xformers: bool) -> str:
+    """Pick the attention kernel; return its name. xformers is optional and CUDA-only."""
+    if not want_xformers:
+        return "sdpa"
+    if not torch.cuda.is_available():
+        log.warning("train.xformers: CUDA is not available; falling back to PyTorch SDPA")
+        return "sdpa"
+    try:
+        import xformers  # noqa: F401
+
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # import error or a kernel that does not support this GPU
+        log.warning("train.xformers: xformers unusable (%s); falling back to PyTorch SDPA", err)
+        return "sdpa"
+    return "xformers"
