@@ -11,6 +11,7 @@ from PIL import Image
 
 from trainer.config.load import ConfigError
 from trainer.data import cache
+from trainer.models.vae import posterior
 from trainer.report.tracking import read_metrics
 from trainer.run import loop
 
@@ -60,14 +61,13 @@ def test_vae_fingerprint_does_not_depend_on_the_memory_format(vae):
 
 def test_cached_entry_equals_a_fresh_encode(vae, tiny_data, tmp_path):
     from trainer.data import images
-    from trainer.run import step
 
     store = cache.LatentCache(None)
     key, path, size, _ = jobs_for(tiny_data, vae)[0]
     cache.fill_latents(store, vae, [(key, path, size, False)], torch.float32, False)
     pixels = images.to_tensor(path, size, True, False, None)[None]
     with torch.no_grad():
-        mean, std = step.posterior(vae, pixels)
+        mean, std = posterior(vae, pixels)
     cached_mean, cached_std = store.get(key)
     torch.testing.assert_close(cached_mean, mean[0])
     torch.testing.assert_close(cached_std, std[0])

@@ -24,10 +24,8 @@ def test_a_checkpoint_from_the_flat_layout_resumes_bitwise(tiny_config, tmp_path
     # The run was made with model "model" and data "data" beside it; here they are the test
     # session's copies of the same tiny model and images, so those two keys are allowed.
     allowed = '["max_steps", "model.pretrained", "data.path"]'
-    resumed = loop.run(
-        tiny_config(old, "train.max_steps=4", *SETTINGS, 'checkpoint.resume="latest"',
-                    f"checkpoint.allow_change={allowed}")  # fmt: skip
-    )
+    resume = ['checkpoint.resume="latest"', f"checkpoint.allow_change={allowed}"]
+    resumed = loop.run(tiny_config(old, "train.max_steps=4", *SETTINGS, *resume))
     straight = loop.run(tiny_config(tmp_path / "new", "train.max_steps=4", *SETTINGS))
     assert resumed.updates == straight.updates == 4
     before = load_file(BEFORE / "checkpoints" / "step-000002" / WEIGHTS_NAME)

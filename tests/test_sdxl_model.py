@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from trainer.config.load import ConfigError, ModelConfig
 from trainer.models import family as model_arch
 from trainer.models import load as models
+from trainer.models.vae import posterior
 from trainer.run import preflight, step
 
 
@@ -178,10 +179,10 @@ def test_an_fp16_overflow_is_encoded_in_fp32_never_nan(vae, caplog):
         raw = broken.encode(pixels.half()).latent_dist.mean
         assert not raw.isfinite().all(), "without the handling the latents are not finite"
         with caplog.at_level(logging.WARNING, logger="sdlora"):
-            mean, std = step.posterior(broken, pixels.half())
+            mean, std = posterior(broken, pixels.half())
         reference = AutoencoderKL.from_config(vae.config)
         reference.load_state_dict({k: v.float() for k, v in before.items()})
-        ref_mean, ref_std = step.posterior(reference, pixels.half().float())
+        ref_mean, ref_std = posterior(reference, pixels.half().float())
     assert mean.isfinite().all() and std.isfinite().all()
     assert torch.equal(mean, ref_mean) and torch.equal(std, ref_std)
     assert "overflowed in fp16" in caplog.text and "sdxl-vae-fp16-fix" in caplog.text
@@ -250,7 +251,7 @@ def test_validation_loss_is_scored_with_the_pipelines_sdxl_conditioning(tiny_sdx
                 (64, 64), (0, 0), (64, 64), hidden.dtype, pipe.text_encoder_2.config.projection_dim
             )
             pixels = images.to_tensor(example.path, (64, 64), True, False, None)[None]
-            mean, std = step.posterior(pipe.vae, pixels)
+            mean, std = posterior(pipe.vae, pixels)
             rand = step.ExampleRandom([seed_for(0, "val", str(example.path))])
             latents = step.sample_latents(mean, std, rand)
             noise = rand.randn(latents.shape[1:])

@@ -11,9 +11,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer.data.dataset import Example, Record
+from trainer.data.holdout import split
 from trainer.report.tracking import read_metrics
 from trainer.run import loop
-from trainer.run.validation import Validator, split
+from trainer.run.validation import Validator
 
 
 def test_split_holds_out_distinct_images_with_all_their_repeats():

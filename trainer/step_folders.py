@@ -1,4 +1,5 @@
-"""The one place that names and parses the ``step-NNNNNN`` folders of checkpoints and samples.
+"""The one place that names and parses the ``step-NNNNNN`` folders of checkpoints and samples,
+and names the ``checkpoints/`` folder that holds a run's checkpoints.
 
 NNNNNN is the number of optimizer updates done, zero-padded to six digits and longer past
 update 999,999. Text order breaks there (``step-1000000`` sorts before ``step-999999``), so
@@ -11,6 +12,8 @@ import re
 from pathlib import Path
 
 _NAME = re.compile(r"step-(\d{6,})")
+# The folder of an output_dir that holds its checkpoints' step folders.
+CHECKPOINTS = "checkpoints"
 
 
 def step_name(step: int) -> str:

@@ -330,7 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # What was verified or written was logged as it happened; this is the verdict.
         print(f"nothing to train: the run in {result.output_dir} is complete")
         return 0
-    from trainer.report import summary
+    from trainer.commands import summary
 
     longer = resume_command(max_steps=2 * result.updates)
     duration = time.monotonic() - start

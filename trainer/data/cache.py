@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from trainer.data import images
 from trainer.models import conditioning
-from trainer.run import step
+from trainer.models.vae import posterior
 
 CHUNK = 8  # images per VAE call while filling the cache; fixed so values never depend on the run
 
@@ -138,7 +138,7 @@ def fill_latents(
             ]
             pixels = torch.stack([p for p, _ in loaded])
             with torch.no_grad():
-                mean, std = step.posterior(vae, pixels.to(device, dtype))
+                mean, std = posterior(vae, pixels.to(device, dtype))
             for i, (key, *_) in enumerate(chunk):
                 cache.put(key, mean[i], std[i], torch.tensor(loaded[i][1].time_ids()))
             bar.update(len(chunk))

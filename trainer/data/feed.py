@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 
 from trainer.config.load import RunConfig
-from trainer.data import cache
+from trainer.data import cache, holdout
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
-from trainer.run import validation
 
 log = logging.getLogger("sdlora")
 SKIPPED_NAME = "skipped_images.txt"
@@ -108,7 +107,7 @@ def checked_examples(
         held_out = data.find_records(config.data, val.path)
     else:
         try:
-            records, held_out = validation.split(records, val.fraction, val.seed)
+            records, held_out = holdout.split(records, val.fraction, val.seed)
         except ValueError as err:
             raise data.DataError(str(err)) from err
     prepared = data.prepare(records, config.data, show_progress, decode)

@@ -236,7 +236,7 @@ def vae_dtype(vae: AutoencoderKL, dtype: torch.dtype, architecture: str) -> tupl
     fp16-fix VAE, named by ``model.vae``) sets ``force_upcast`` false and runs in fp16. SD 1.x
     and 2.x pipelines never read the flag (AutoencoderKL's default sets it on every VAE), and
     their VAEs run in fp16. Any fp16 VAE that still overflows on a batch is caught by
-    ``trainer.run.step.posterior``, which encodes that batch in fp32.
+    ``trainer.models.vae.posterior``, which encodes that batch in fp32.
     """
     if dtype == torch.float16 and architecture == "sdxl" and vae.config.get("force_upcast"):
         return torch.float32, "force_upcast: fp16 overflows in this VAE"

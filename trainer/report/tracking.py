@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 from trainer.config.load import RunConfig, flatten
 from trainer.files import write_text
 from trainer.report import progress
-from trainer.run.checkpoint import CHECKPOINTS
-from trainer.run.plan import Plan
+from trainer.step_folders import CHECKPOINTS
+
+if TYPE_CHECKING:
+    from trainer.run.plan import Plan
 
 METRICS_NAME = "metrics.jsonl"
 # Keys of a metrics record that depend on the wall clock, not on the training.

@@ -38,9 +38,8 @@ from typing import Any
 import torch
 
 from trainer.files import fsync_path, umask_mode
-from trainer.step_folders import numbered_folders, parse_step, step_name
+from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 LR_SCHEDULER_STATE = "lr_scheduler.json"
 OPTIMIZER_STATE = "optimizer.pt"

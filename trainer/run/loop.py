@@ -43,6 +43,7 @@ from trainer.lora import adapters as lora
 from trainer.models import conditioning
 from trainer.models import load as models
 from trainer.models.dtypes import DTYPES
+from trainer.models.vae import posterior
 from trainer.report import samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
@@ -346,7 +347,7 @@ def encode_latents(
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         with torch.no_grad():
-            mean, std = step.posterior(vae, batch["pixel_values"].to(vae.dtype))
+            mean, std = posterior(vae, batch["pixel_values"].to(vae.dtype))
     return step.sample_latents(mean.float(), std.float(), rand)
 
 

@@ -9,36 +9,16 @@ drawn by ``trainer/report/samples.py``.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import torch
 
 from trainer.data import images
-from trainer.data.dataset import Example, Record
+from trainer.data.dataset import Example
 from trainer.data.order import seed_for
 from trainer.models import conditioning
+from trainer.models.vae import posterior
 from trainer.run import step
-
-
-def split(records: Sequence[Record], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out a seeded ``fraction`` of the distinct images (with all their repeats).
-
-    Returns:
-        (training records, validation records, one per held-out image).
-    """
-    if fraction <= 0:
-        return list(records), []
-    paths = list(dict.fromkeys(r.path for r in records))
-    count = max(1, round(fraction * len(paths)))
-    if count >= len(paths):
-        raise ValueError(
-            f"validation.fraction = {fraction} holds out all {len(paths)} images; lower it"
-        )
-    held = set(random.Random(seed_for(seed, "validation")).sample(paths, count))
-    train = [r for r in records if r.path not in held]
-    val = list({r.path: r for r in records if r.path in held}.values())
-    return train, val
 
 
 def _as_list(value) -> list:
@@ -79,7 +59,7 @@ class Validator:
                 loaded = [images.load_example(e.path, e.size, True, False, None) for e in group]
                 pixels = torch.stack([p for p, _ in loaded])
                 with torch.no_grad():
-                    mean, std = step.posterior(vae, pixels.to(device, dtype))
+                    mean, std = posterior(vae, pixels.to(device, dtype))
                 ids = conditioning.tokenize(tokenizers, [e.caption for e in group])
                 text = {"input_ids": ids[0]} | {
                     f"input_ids_{n}": t for n, t in enumerate(ids[1:], 2)
