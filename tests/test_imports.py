@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"files", "quiet", "step_folders"}
+BASE = {"errors", "files", "quiet", "step_folders"}
 # What each package may import, besides itself, the base modules and the layers below it.
 LAYERS = [
     "commands",

@@ -567,11 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer import quiet
 
     quiet.import_notices()
-    from trainer.commands.export import ExportError
-    from trainer.data.dataset import DataError
-    from trainer.lora.files import LoraFileError
-    from trainer.models.load import ModelLoadError
-    from trainer.run.checkpoint import CheckpointError
+    from trainer.errors import UserError
     from trainer.run.versions import IncompatibleEnvironment, check
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -581,13 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check()
         return COMMANDS[args.command](args)
     except (
-        IncompatibleEnvironment,
         ConfigError,
-        DataError,
-        ModelLoadError,
-        CheckpointError,
-        LoraFileError,
-        ExportError,
+        UserError,
     ) as err:
         # Under a multi-process launch every process reads the same config and environment
         # and finds the same problems: the first process prints them once.

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from trainer.config import adapter_formats
+from trainer.errors import UserError
 from trainer.lora import formats as lora_formats
 from trainer.lora import keys as lora_keys
 from trainer.lora import metadata as meta
@@ -35,7 +36,7 @@ from trainer.run import checkpoint as ckpt
 EXPORT_DIR = "export"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The source cannot be exported; the message names the file and the fix."""
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from trainer.config.load import DataConfig
 from trainer.data import buckets, images
+from trainer.errors import UserError
 
 log = logging.getLogger("sdlora")
 
@@ -40,7 +41,7 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 MAX_CAPTION_BYTES = 16 * 1024
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the dataset; the message names the file(s) and the fix."""
 
 

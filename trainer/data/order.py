@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 
-import torch
-
 
 def seed_for(*parts: int | str) -> int:
     """A 63-bit seed derived from any tuple of ints/strings (stable across processes and runs)."""
@@ -38,6 +36,10 @@ def epoch_batches(
         seed: Run seed.
         epoch: Epoch number, so every epoch has its own order.
     """
+    # Imported here: the run-length plan (and with it `sdlora lr-plot`) uses this module's
+    # counting without torch, and torch's import alone takes seconds.
+    import torch
+
     generator = torch.Generator().manual_seed(seed_for(seed, "order", epoch))
     batches: list[list[int]] = []
     for group in groups:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import UserError
+
 # safetensors refuses headers above 100 MB; so do we, before reading one into memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class LoraFileError(ValueError):
+class LoraFileError(UserError, ValueError):
     """A file cannot be read as a LoRA; the message names the file and what to do."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from trainer.errors import UserError
 from trainer.files import fsync_path, umask_mode
 from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
 
@@ -51,7 +52,7 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or unsafe; the message says which and what to do."""
 
 

@@ -12,6 +12,8 @@ from importlib import metadata
 
 from packaging.requirements import Requirement
 
+from trainer.errors import UserError
+
 DISTRIBUTION = "sdlora"
 FIX = (
     "install the tested set: pip install -c requirements/cpu.lock -e . "
@@ -19,7 +21,7 @@ FIX = (
 )
 
 
-class IncompatibleEnvironment(Exception):
+class IncompatibleEnvironment(UserError):
     """Installed packages outside the ranges sdlora declares."""
 
     def __init__(self, problems: list[str]):
