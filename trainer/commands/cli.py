@@ -304,7 +304,6 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Load the config and run training."""
     from trainer.config import load as config
-    from trainer.run import loop
     from trainer.sweep.guard import trial_process
 
     overrides = list(args.overrides)
@@ -314,6 +313,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         keys = [k.strip() for k in args.allow_change.split(",") if k.strip()]
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
+    from trainer.run import loop  # torch, accelerate, diffusers: after the config is known good
+
     start = time.monotonic()
     # A sweep worker's trial holds its run folder's lock and registers its pid; a no-op else.
     with trial_process():
