@@ -128,8 +128,9 @@ def newer_torch(locked: str) -> list[str]:
         return []
     from packaging.version import Version
 
-    base = Version(locked).base_version
-    return [v for v in found.group(1).split(", ") if Version(v) > Version(base)]
+    base = Version(Version(locked).base_version)
+    releases = {Version(v).base_version for v in found.group(1).split(", ")}
+    return sorted((v for v in releases if Version(v) > base), key=Version, reverse=True)
 
 
 def report(title: str, rows: list[tuple[str, str, str]], code: int, failures: list[str]) -> None:
