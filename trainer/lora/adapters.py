@@ -28,12 +28,12 @@ from peft import LoHaConfig, LoKrConfig, PeftConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from trainer.config.load import ConfigError, LoraConfig
 from trainer.files import save_safetensors
 from trainer.lora import dora
 from trainer.lora import keys as lora_keys
+from trainer.lora.files import load_tensors, read_header
 from trainer.lora.metadata import strip_paths
 from trainer.lora.targets import target_problems
 from trainer.models.dtypes import DTYPES
@@ -300,9 +300,10 @@ def load_into(
             encoder, or None.
 
     Raises:
+        LoraFileError: the file is missing, truncated or not safetensors.
         ValueError: if the file's tensors do not match the adapters exactly.
     """
-    state = load_file(str(path))
+    state = load_tensors(read_header(path))
     parts = _components(unet, text_encoder)
     for component in sorted({lora_keys.split_peft_key(k)[0] for k in state} - set(parts)):
         key = _TRAIN_KEY.get(component, component)
