@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
 from trainer.commands import cli
@@ -24,7 +25,7 @@ from trainer.config.load import ConfigError
 from trainer.files import write_atomic, write_folder_atomic
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.models import load as models
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import final, loop
 

@@ -10,13 +10,14 @@ import shutil
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
 from trainer import files
 from trainer.config.load import ConfigError, build
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.models import load as models
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import loop, preflight
 from trainer.run.resume import check_resumable, comparable_config, data_change

@@ -27,7 +27,6 @@ import torch
 from peft import LoHaConfig, LoKrConfig, PeftConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
 
 from trainer.config.load import ConfigError, LoraConfig
 from trainer.files import save_safetensors
@@ -165,14 +164,6 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def adapter_state(
-    unet: torch.nn.Module,
-    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
-) -> dict:
-    """All LoRA tensors, keyed as the diffusers LoRA file keys them (canonical names)."""
-    return collect(_components(unet, text_encoder))[0]
-
-
 def _adapter_metadata(model: torch.nn.Module) -> dict:
     config = model.peft_config[dora.ADAPTER].to_dict()
     # JSON cannot hold sets; diffusers stores target_modules as a list.
@@ -252,13 +243,6 @@ def save_state(
     }
     tensors = lora_keys.canonical_state(tensors)
     return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)
-
-
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """The training metadata stored in a LoRA file's header."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    return json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
 
 
 def _live_state(
