@@ -147,3 +147,14 @@ def test_resume_from_a_named_step_finds_its_set_aside_copy(tmp_path):
     assert marker(found) == "old" and ckpt.settled(found, tmp_path) == folder
     # Another run's checkpoint is read where it is: this run never renames its folders.
     assert ckpt.settled(found, tmp_path / "other") == found
+
+
+def test_the_next_start_removes_the_temporary_a_killed_file_write_left(tmp_path):
+    save(tmp_path, 6, "kept")
+    leftover = tmp_path / ".pytorch_lora_weights.safetensors.tmp-k1ll3d"  # files.write_atomic's
+    leftover.write_bytes(b"half of the new weights")
+    mine = tmp_path / "notes.tmp-1"  # not a hidden temporary of ours: left alone
+    mine.write_text("mine")
+    assert ckpt.clean_interrupted_saves(tmp_path) == [leftover]
+    assert not leftover.exists() and mine.exists()
+    assert marker(ckpt.find_latest(tmp_path)) == "kept"
