@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer import files
 from trainer.report import samples
 from trainer.run import checkpoint as ckpt
 from trainer.step_folders import numbered_folders, parse_step, step_name
@@ -25,9 +26,10 @@ def save(output_dir: Path, step: int, marker: str) -> Path:
         (tmp / "weights.bin").write_text(marker)
         state = {"global_step": step, "marker": marker}
         state["files"] = ckpt.record_files(tmp, ["weights.bin"])
-        ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
+        # A plain write: the crashes below count the os.replace calls of the folder swap.
+        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state))
 
-    return ckpt.save_atomic(ckpt.step_dir(output_dir, step), write)
+    return files.write_folder_atomic(ckpt.step_dir(output_dir, step), write)
 
 
 def marker(folder: Path) -> str:
@@ -145,3 +147,14 @@ def test_resume_from_a_named_step_finds_its_set_aside_copy(tmp_path):
     assert marker(found) == "old" and ckpt.settled(found, tmp_path) == folder
     # Another run's checkpoint is read where it is: this run never renames its folders.
     assert ckpt.settled(found, tmp_path / "other") == found
+
+
+def test_the_next_start_removes_the_temporary_a_killed_file_write_left(tmp_path):
+    save(tmp_path, 6, "kept")
+    leftover = tmp_path / ".pytorch_lora_weights.safetensors.tmp-k1ll3d"  # files.write_atomic's
+    leftover.write_bytes(b"half of the new weights")
+    mine = tmp_path / "notes.tmp-1"  # not a hidden temporary of ours: left alone
+    mine.write_text("mine")
+    assert ckpt.clean_interrupted_saves(tmp_path) == [leftover]
+    assert not leftover.exists() and mine.exists()
+    assert marker(ckpt.find_latest(tmp_path)) == "kept"

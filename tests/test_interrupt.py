@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
 from trainer.lora.adapters import WEIGHTS_NAME
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run.checkpoint import find_latest, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save
 from trainer.files import umask_mode
 from trainer.lora import adapters as lora
 from trainer.lora import hashes as lora_hashes
-from trainer.lora import outputs
-from trainer.lora.metadata import RunFacts
-from trainer.run import loop
+from trainer.run import checkpoint as ckpt
+from trainer.run import final, loop
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 NAME = "shapes"
 PROMPT = "a red circle"
+LAUNCH = {"num_processes": 1}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,13 @@ def nontrivial(run, tmp_path_factory):
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    # The final files are written from the last checkpoint, as a run writes them: a copy of
+    # the run's, holding these adapters as a checkpoint save writes them.
+    checkpoint = tmp_path_factory.mktemp("checkpoint") / "step-000002"
+    shutil.copytree(ckpt.find_latest(result.output_dir), checkpoint)
+    lora.save(checkpoint, result.unet, result.text_encoder, dtype="fp32")
     folder = tmp_path_factory.mktemp("nontrivial")
-    outputs.write_final(folder, result.unet, result.text_encoder, cfg, RunFacts(steps=2))
+    final.write_outputs(checkpoint, folder, cfg, LAUNCH)
     return folder
 
 
@@ -280,17 +285,16 @@ def test_output_format_picks_the_files(run, tiny_config, tmp_path, fmt, files):
     cfg = tiny_config(
         out, f'output.format="{fmt}"', f'output.name="{NAME}"', "lora.train_text_encoder=true"
     )
-    written = outputs.write_final(out, result.unet, result.text_encoder, cfg, RunFacts(steps=2))
+    written = final.write_outputs(ckpt.find_latest(result.output_dir), out, cfg, LAUNCH)
     assert [p.name for p in written] == files
-    assert sorted(p.name for p in out.iterdir()) == files
+    assert sorted(p.name for p in out.glob("*.safetensors")) == files
 
 
 def test_save_dtype_and_the_deprecated_lora_key(run, tiny_config, tmp_path, caplog):
     cfg, result = run
     cfg = tiny_config(tmp_path / "a", 'output.save_dtype="bf16"', "lora.train_text_encoder=true")
-    (path, kohya) = outputs.write_final(
-        tmp_path / "a", result.unet, result.text_encoder, cfg, RunFacts(steps=2)
-    )
+    checkpoint = ckpt.find_latest(result.output_dir)
+    (path, kohya) = final.write_outputs(checkpoint, tmp_path / "a", cfg, LAUNCH)
     assert {v.dtype for v in load_file(path).values()} == {torch.bfloat16}
     assert {v.dtype for k, v in load_file(kohya).items() if not k.endswith(".alpha")} == {
         torch.bfloat16
@@ -299,10 +303,13 @@ def test_save_dtype_and_the_deprecated_lora_key(run, tiny_config, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="sdlora"):
         cfg = tiny_config(tmp_path / "b", 'lora.save_dtype="fp16"', "lora.train_text_encoder=true")
     assert "output.save_dtype" in caplog.text and "deprecated" in caplog.text
-    (path, _) = outputs.write_final(
-        tmp_path / "b", result.unet, result.text_encoder, cfg, RunFacts(steps=2)
-    )
+    (path, _) = final.write_outputs(checkpoint, tmp_path / "b", cfg, LAUNCH)
     assert {v.dtype for v in load_file(path).values()} == {torch.float16}
+
+
+def adapter_state(unet, text_encoder) -> dict[str, torch.Tensor]:
+    """All LoRA tensors of the two models, keyed as the diffusers file keys them."""
+    return lora.collect({"unet": unet, "text_encoder": text_encoder})[0]
 
 
 def test_saved_weights_load_back_under_either_transformers_layout(run, tmp_path):
@@ -317,7 +324,7 @@ def test_saved_weights_load_back_under_either_transformers_layout(run, tmp_path)
     canonical = load_file(path)
     assert set(from_nested) == set(canonical)
     assert all(torch.equal(from_nested[k], canonical[k]) for k in canonical)
-    before = {k: v.clone() for k, v in lora.adapter_state(result.unet, flat).items()}
+    before = {k: v.clone() for k, v in adapter_state(result.unet, flat).items()}
     old = {
         k.replace("text_encoder.text_model.", "text_encoder."): v
         for k, v in load_file(path).items()
@@ -333,7 +340,7 @@ def test_saved_weights_load_back_under_either_transformers_layout(run, tmp_path)
                 if "lora_" in name:
                     param.zero_()
         lora.load_into(source, result.unet, target)
-        after = lora.adapter_state(result.unet, flat)
+        after = adapter_state(result.unet, flat)
         assert all(torch.equal(after[k], before[k]) for k in before)
 
 

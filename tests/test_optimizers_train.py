@@ -11,13 +11,14 @@ import math
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
 from trainer import optimizers
 from trainer.lora import adapters as lora
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.optimizers.modes import TRAIN_WEIGHTS
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import loop
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
 from trainer.commands import cli
 from trainer.config.load import ConfigError
-from trainer.files import write_atomic
+from trainer.files import write_atomic, write_folder_atomic
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.models import load as models
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import final, loop
 
@@ -254,7 +255,7 @@ def test_a_kill_between_the_renames_of_a_resaved_checkpoint_resumes_from_it(
     with monkeypatch.context() as m:
         m.setattr(os, "replace", killed_at_the_second_rename)
         with pytest.raises(KeyboardInterrupt):
-            ckpt.save_atomic(
+            write_folder_atomic(
                 ckpt.step_dir(out, 4), lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True)
             )
     assert not ckpt.step_dir(out, 4).exists()

@@ -10,12 +10,14 @@ import shutil
 
 import pytest
 import torch
+from helpers import without_clock
 from safetensors.torch import load_file
 
+from trainer import files
 from trainer.config.load import ConfigError, build
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.models import load as models
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import loop, preflight
 from trainer.run.resume import check_resumable, comparable_config, data_change
@@ -392,7 +394,7 @@ def test_checkpoint_with_a_pickle_payload_is_refused(reference, make_config, tmp
 
 def test_keep_last_prunes_but_never_the_checkpoint_being_resumed(tmp_path):
     for step in (1, 2, 3, 4):
-        ckpt.save_atomic(
+        files.write_folder_atomic(
             ckpt.step_dir(tmp_path, step), lambda d: (d / "trainer_state.json").write_text("{}")
         )
     protect = [ckpt.step_dir(tmp_path, 1)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import sample_facts
 from PIL import Image
 
 from trainer.report import grids, samples
@@ -91,7 +92,7 @@ def test_negative_prompt_goes_in_both_chunks(tmp_path):
     Image.new("RGB", (8, 8)).save(
         path, pnginfo=samples.png_info(facts, samples.a1111_parameters(facts))
     )
-    assert samples.read_metadata(path)["negative_prompt"] == "blurry, dark"
+    assert sample_facts(path)["negative_prompt"] == "blurry, dark"
     with Image.open(path) as image:
         assert image.text["parameters"].split("\n")[1] == "Negative prompt: blurry, dark"
     assert "negative_prompt" not in SampleSpec(("a",), 0, 1, 1.0, 8, "r").metadata(0, 1)
@@ -118,7 +119,7 @@ def test_each_point_has_a_grid_with_a_row_per_prompt_and_tensorboard_holds_it(sa
             assert np.array_equal(tile(grid, k, 0, 2, 1), read(folder / f"p{k:02d}-seed7.png"))
         shown = pixels(Image.open(io.BytesIO(logged[step].encoded_image_string)))
         assert np.array_equal(shown, grid), "tensorboard shows the grid file's pixels"
-        assert samples.read_metadata(folder / "grid.png")["prompts"] == PROMPTS
+        assert sample_facts(folder / "grid.png")["prompts"] == PROMPTS
 
 
 def test_progression_grid_has_prompts_as_rows_and_points_as_columns(sampled):
@@ -128,7 +129,7 @@ def test_progression_grid_has_prompts_as_rows_and_points_as_columns(sampled):
         for k in range(len(PROMPTS)):
             expected = read(root / f"step-{step:06d}" / f"p{k:02d}-seed7.png")
             assert np.array_equal(tile(grid, k, col, 2, 2), expected)
-    assert samples.read_metadata(root / "progression.png")["updates"] == [2, 4]
+    assert sample_facts(root / "progression.png")["updates"] == [2, 4]
 
 
 def test_progression_keeps_first_and_last_of_many_points():
@@ -213,5 +214,5 @@ def test_the_sweep_report_takes_each_prompts_image_of_the_last_point_in_order(sa
     from trainer.sweep.report import last_samples
 
     images = last_samples(sampled)
-    assert [samples.read_metadata(p)["prompt"] for p in images] == PROMPTS
+    assert [sample_facts(p)["prompt"] for p in images] == PROMPTS
     assert {p.parent.name for p in images} == {"step-000004"}

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from helpers import sample_facts, without_clock
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -33,8 +34,7 @@ from trainer.commands import export
 from trainer.commands import inspect as inspect_lora
 from trainer.lora.adapters import WEIGHTS_NAME
 from trainer.models import conditioning
-from trainer.report import samples
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
 from trainer.run import loop
 
@@ -285,7 +285,7 @@ def test_samples_are_the_sdxl_pipelines_images_of_the_trained_lora(cached, tiny_
 
     _, result = cached
     path = result.output_dir / "samples" / "step-000002" / "p00-seed0.png"
-    facts = samples.read_metadata(path)
+    facts = sample_facts(path)
     assert (facts["sampler"], facts["generator"]) == ("DDIM", "cpu")
 
     def draw(folder=None) -> np.ndarray:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import without_clock
 from sweep_helpers import (
     chromium,
     need,
@@ -31,7 +32,7 @@ from sweep_helpers import (
 )
 
 from trainer.commands import cli
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.report.tracking import read_metrics
 from trainer.run.checkpoint import find_latest
 from trainer.sweep import claims
 from trainer.sweep.report import FILES

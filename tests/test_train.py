@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import training_metadata, without_clock
 from safetensors.torch import load_file
 
-from trainer.lora.adapters import WEIGHTS_NAME, read_metadata
-from trainer.report.tracking import read_metrics, without_clock
+from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.report.tracking import read_metrics
 from trainer.run import loop
 
 
@@ -61,7 +62,7 @@ def test_outputs_beside_the_weights(trained):
     assert (out / "config.toml").is_file()
     state = json.loads((out / "lr_scheduler.json").read_text())
     assert state["name"] == cfg.lr_scheduler.name and state["step"] == 3
-    meta = read_metadata(out / WEIGHTS_NAME)
+    meta = training_metadata(out / WEIGHTS_NAME)
     assert meta["rank"] == cfg.lora.rank and meta["steps"] == 3 and meta["seed"] == 0
     # The model's folder name, never the local path (the file may be shared).
     assert meta["base_model"] == Path(cfg.model.pretrained).name

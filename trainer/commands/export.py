@@ -14,14 +14,15 @@ recorded there (image count, tags, optimizer) are left out of the metadata rathe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer import files
 from trainer.config import adapter_formats
 from trainer.errors import UserError
 from trainer.lora import formats as lora_formats
@@ -157,11 +158,14 @@ def _new_folders(target: Path) -> list[Path]:
     return new
 
 
-def _write_guarded(target: Path, write, overwrite: bool) -> list[Path]:
+def _write_guarded(
+    target: Path, write: Callable[[Path], list[Path]], overwrite: bool
+) -> list[Path]:
     """Write the files into a scratch folder beside their destination, then move each into
-    place. A destination file with other contents (a trained LoRA, another export) is
-    replaced only with ``overwrite``; one with the same contents (a rerun) is left as it is.
-    Either all files land or none does, and a failed export leaves no folder it created."""
+    place (:func:`trainer.files.move_into_place`). A destination file with other contents (a
+    trained LoRA, another export) is replaced only with ``overwrite``; one with the same
+    contents (a rerun) is left as it is. Either all files land or none does, and a failed
+    export leaves no folder it created."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target}: a file, not a folder; pass --out with a folder")
     created = _new_folders(target)
@@ -172,7 +176,7 @@ def _write_guarded(target: Path, write, overwrite: bool) -> list[Path]:
         _remove_empty(created)
         raise ExportError(f"{target}: cannot write there ({err.strerror}); pass --out") from None
     try:
-        return _move_into_place(target, scratch, write, overwrite)
+        return _place_files(target, scratch, write, overwrite)
     except BaseException:
         _remove_empty(created)  # an interrupted export too: Ctrl-C leaves no empty --out
         raise
@@ -188,7 +192,9 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _move_into_place(target: Path, scratch: Path, write, overwrite: bool) -> list[Path]:
+def _place_files(
+    target: Path, scratch: Path, write: Callable[[Path], list[Path]], overwrite: bool
+) -> list[Path]:
     try:
         fresh = write(scratch)
         there = [f for f in fresh if (target / f.name).exists()]
@@ -202,7 +208,8 @@ def _move_into_place(target: Path, scratch: Path, write, overwrite: bool) -> lis
             )
         for f in fresh:
             if f not in same:
-                os.replace(f, target / f.name)  # same file system, so each move is atomic
+                # Same file system, so each move is atomic (and durable, as every final file).
+                files.move_into_place(f, target / f.name)
         return [target / f.name for f in fresh]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

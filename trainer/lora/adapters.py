@@ -27,13 +27,12 @@ import torch
 from peft import LoHaConfig, LoKrConfig, PeftConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from trainer.config.load import ConfigError, LoraConfig
 from trainer.files import save_safetensors
 from trainer.lora import dora
 from trainer.lora import keys as lora_keys
+from trainer.lora.files import load_tensors, read_header
 from trainer.lora.metadata import strip_paths
 from trainer.lora.targets import target_problems
 from trainer.models.dtypes import DTYPES
@@ -165,14 +164,6 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
-def adapter_state(
-    unet: torch.nn.Module,
-    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
-) -> dict:
-    """All LoRA tensors, keyed as the diffusers LoRA file keys them (canonical names)."""
-    return collect(_components(unet, text_encoder))[0]
-
-
 def _adapter_metadata(model: torch.nn.Module) -> dict:
     config = model.peft_config[dora.ADAPTER].to_dict()
     # JSON cannot hold sets; diffusers stores target_modules as a list.
@@ -254,13 +245,6 @@ def save_state(
     return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)
 
 
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """The training metadata stored in a LoRA file's header."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-    return json.loads(header.get(TRAINING_METADATA_KEY, "{}"))
-
-
 def _live_state(
     state: Mapping[str, torch.Tensor], component: str, model: torch.nn.Module
 ) -> dict[str, torch.Tensor]:
@@ -300,9 +284,10 @@ def load_into(
             encoder, or None.
 
     Raises:
+        LoraFileError: the file is missing, truncated or not safetensors.
         ValueError: if the file's tensors do not match the adapters exactly.
     """
-    state = load_file(str(path))
+    state = load_tensors(read_header(path))
     parts = _components(unet, text_encoder)
     for component in sorted({lora_keys.split_peft_key(k)[0] for k in state} - set(parts)):
         key = _TRAIN_KEY.get(component, component)

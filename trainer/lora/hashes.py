@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.lora.files import load_tensors, read_header
+
 _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
 
 
@@ -66,8 +68,6 @@ def verify(path: str | Path, metadata: Mapping[str, str]) -> dict[str, bool]:
         path: A safetensors file.
         metadata: Its header metadata.
     """
-    from safetensors.torch import load_file
-
     raw = Path(path).read_bytes()
     content = hashlib.sha256(tensor_bytes(raw)).hexdigest()
     result = {}
@@ -76,6 +76,6 @@ def verify(path: str | Path, metadata: Mapping[str, str]) -> dict[str, bool]:
     if "modelspec.hash_sha256" in metadata:
         result["modelspec.hash_sha256"] = metadata["modelspec.hash_sha256"] == "0x" + content
     if "sshs_legacy_hash" in metadata:
-        expected = hashes(load_file(str(path)), metadata)["sshs_legacy_hash"]
+        expected = hashes(load_tensors(read_header(path)), metadata)["sshs_legacy_hash"]
         result["sshs_legacy_hash"] = metadata["sshs_legacy_hash"] == expected
     return result

@@ -142,12 +142,6 @@ def png_info(facts: dict[str, Any], a1111: str | None = None) -> PngInfo:
     return info
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``sdlora`` facts of a sample or grid PNG."""
-    with Image.open(path) as image:
-        return json.loads(image.text[METADATA_KEY])
-
-
 # ---------------------------------------------------------------- drawing
 
 

@@ -74,11 +74,6 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def without_clock(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Records without their clock keys: what two runs of the same training must share."""
-    return [{k: v for k, v in r.items() if k not in CLOCK_KEYS} for r in records]
-
-
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     """Drop records after ``last_step``: a resumed run rewrites the steps after its checkpoint,
     so the file ends up as the uninterrupted run's would."""

@@ -10,12 +10,13 @@ done) holding:
     scaler.json                        fp16 GradScaler state (only under fp16)
     config.toml                        the resolved config of the run that wrote it
 
-It is written into ``step-NNNNNN.tmp/``, every file fsynced, then renamed into place with
-``os.replace``. A crash mid-save leaves only a ``.tmp`` folder, which is never read. Saving a
-step whose folder exists sets the old folder aside as ``step-NNNNNN.old`` before the new one is
-renamed in, and deletes it after, so at every moment one complete folder of that step exists:
-a ``.old`` folder with no ``step-NNNNNN`` beside it is that checkpoint, listed as such and
-renamed back at the next start (:func:`clean_interrupted_saves`).
+It is written by :func:`trainer.files.write_folder_atomic`: into ``step-NNNNNN.tmp/``, every
+file fsynced, then renamed into place with ``os.replace``. A crash mid-save leaves only a
+``.tmp`` folder, which is never read. Saving a step whose folder exists sets the old folder
+aside as ``step-NNNNNN.old`` before the new one is renamed in, and deletes it after, so at
+every moment one complete folder of that step exists: a ``.old`` folder with no
+``step-NNNNNN`` beside it is that checkpoint, listed as such and renamed back at the next
+start (:func:`clean_interrupted_saves`).
 
 ``trainer_state.json`` records the size and SHA-256 of every other file, so damage (a
 truncated or altered file, a disk error) is detected before any model is loaded rather than
@@ -31,14 +32,14 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer import files
 from trainer.errors import UserError
-from trainer.files import fsync_path, umask_mode
 from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
 
 TRAINER_STATE = "trainer_state.json"
@@ -46,10 +47,6 @@ LR_SCHEDULER_STATE = "lr_scheduler.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCALER_STATE = "scaler.json"
 CONFIG_NAME = "config.toml"
-# Suffixes of the folders a save writes beside step-NNNNNN: the new one being written, and
-# the old one set aside while the new one replaces it.
-TMP_SUFFIX = ".tmp"
-OLD_SUFFIX = ".old"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -63,7 +60,7 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
 
 def step_of(folder: Path) -> int:
     """The update count of a ``step-NNNNNN`` folder (or of its set-aside ``.old`` copy)."""
-    step = parse_step(folder.name.removesuffix(OLD_SUFFIX))
+    step = parse_step(folder.name.removesuffix(files.OLD_SUFFIX))
     if step is None:
         raise ValueError(f"{folder}: not a step-NNNNNN checkpoint folder")
     return step
@@ -76,18 +73,19 @@ def settled(folder: Path, output_dir: str | Path | None = None) -> Path:
     checkpoints = None if output_dir is None else Path(output_dir) / CHECKPOINTS
     if checkpoints is not None and folder.resolve().parent != checkpoints.resolve():
         return folder
-    return folder.with_name(folder.name.removesuffix(OLD_SUFFIX))
+    return folder.with_name(folder.name.removesuffix(files.OLD_SUFFIX))
 
 
 def step_folders(output_dir: str | Path) -> list[Path]:
     """Every checkpoint folder, intact or not, oldest first (by update, not by name).
 
     ``.tmp`` and ``.damaged`` folders are not checkpoints. A ``step-NNNNNN.old`` folder with no
-    ``step-NNNNNN`` beside it is: a crash hit :func:`save_atomic` between setting the old save
-    aside and renaming the new one in, so it is the only complete save of that step.
+    ``step-NNNNNN`` beside it is: a crash hit :func:`trainer.files.write_folder_atomic` between
+    setting the old save aside and renaming the new one in, so it is the only complete save of
+    that step.
     """
     root = Path(output_dir) / CHECKPOINTS
-    found = dict(numbered_folders(root, OLD_SUFFIX))
+    found = dict(numbered_folders(root, files.OLD_SUFFIX))
     found.update(numbered_folders(root))  # the step-NNNNNN folder wins over its .old copy
     return [found[step] for step in sorted(found)]
 
@@ -188,7 +186,7 @@ def resolve(output_dir: str | Path, resume: str) -> Path | None:
         CheckpointError: naming the damaged file, or listing the checkpoints that exist.
     """
     path = Path(resume)
-    set_aside = path.with_name(path.name + OLD_SUFFIX)
+    set_aside = path.with_name(path.name + files.OLD_SUFFIX)
     if not path.is_dir() and parse_step(path.name) is not None and set_aside.is_dir():
         path = set_aside  # a crash mid-save left this step's only checkpoint set aside
     if not path.is_dir():
@@ -205,64 +203,26 @@ def resolve(output_dir: str | Path, resume: str) -> Path | None:
     return path
 
 
-_fsync = fsync_path
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON (pretty, trailing newline)."""
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def save_atomic(final: Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a fresh ``<final>.tmp`` folder, fsync it, and rename it to ``final``.
-
-    A crash at any moment leaves a complete checkpoint of this step (the old one or the new
-    one) or, for a step never saved before, none; never a half-written ``final``. A ``final``
-    that exists (the same step saved again, e.g. a signal right after a save) is renamed aside
-    to ``<final>.old`` first and deleted only once the new one is in place: directories cannot
-    be replaced by a rename, and deleting first would leave a window with no checkpoint.
-    """
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    old = final.with_name(final.name + OLD_SUFFIX)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    mode = umask_mode()
-    for f in tmp.iterdir():
-        os.chmod(f, mode)  # safetensors writes 0600; a checkpoint is as readable as any file
-        _fsync(f)
-    _fsync(tmp)
-    if final.exists():
-        if old.exists():  # left by a crash after an earlier swap: `final` is the newer save
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
-
-
 def clean_interrupted_saves(output_dir: str | Path) -> list[Path]:
     """Finish what interrupted saves left (run at start, main process); return what was
     removed.
 
-    ``.tmp`` folders are deleted. A ``.old`` folder is deleted when its ``step-NNNNNN`` exists
-    (the swap finished), and renamed back to ``step-NNNNNN`` when not (it is the checkpoint).
+    Per step, :func:`trainer.files.finish_folder_write`: a ``.tmp`` folder is deleted, a
+    ``.old`` folder is deleted when its ``step-NNNNNN`` exists (the swap finished) and renamed
+    back to ``step-NNNNNN`` when not (it is the checkpoint). The hidden temporary files a
+    killed write of a final file left in ``output_dir`` are deleted too.
     """
-    root = Path(output_dir) / CHECKPOINTS
-    stale = [folder for _, folder in numbered_folders(root, TMP_SUFFIX)]
-    for _, old in numbered_folders(root, OLD_SUFFIX):
-        if settled(old).exists():
-            stale.append(old)
-        else:
-            os.replace(old, settled(old))
-    for path in stale:
-        shutil.rmtree(path)
+    output_dir = Path(output_dir)
+    root = output_dir / CHECKPOINTS
+    interrupted = {
+        folder.with_name(folder.name.removesuffix(suffix))
+        for suffix in (files.TMP_SUFFIX, files.OLD_SUFFIX)
+        for _, folder in numbered_folders(root, suffix)
+    }
+    removed = [p for final in sorted(interrupted) for p in files.finish_folder_write(final)]
     if root.is_dir():
-        _fsync(root)
-    return stale
+        files.fsync_path(root)
+    return removed + files.remove_stale_tmp(output_dir)
 
 
 def prune(output_dir: str | Path, keep_last: int, protect: Sequence[Path] = ()) -> list[Path]:

@@ -19,14 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from trainer import files
 from trainer.config.load import RunConfig, to_toml
 from trainer.lora import metadata as meta
 from trainer.lora import outputs
 from trainer.lora.adapters import ADAPTER_METADATA_KEY, WEIGHTS_NAME
+from trainer.lora.files import load_tensors, read_header
 from trainer.run import checkpoint as ckpt
 
 MANIFEST_NAME = "manifest.json"
@@ -46,9 +44,8 @@ def write_outputs(
         launch: Launch facts that shape the run (``{"num_processes": N}``), for the manifest.
     """
     state = ckpt.read_json(checkpoint, ckpt.TRAINER_STATE)
-    source = checkpoint / WEIGHTS_NAME
-    with safe_open(str(source), framework="pt") as f:
-        adapters = json.loads((f.metadata() or {}).get(ADAPTER_METADATA_KEY, "{}"))
+    source = read_header(checkpoint / WEIGHTS_NAME)
+    adapters = json.loads(source.metadata.get(ADAPTER_METADATA_KEY, "{}"))
     facts = meta.RunFacts(**state.get("run_facts", {"steps": int(state["global_step"])}))
     # The checkpoint's own save time, so outputs written again from it are the same.
     record = meta.training_record(
@@ -56,7 +53,7 @@ def write_outputs(
     )
     written = outputs.write_lora_files(
         output_dir,
-        load_file(str(source)),
+        load_tensors(source),
         adapters,
         record,
         config.output.format,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from schedulers import schedule_state
+from trainer import files
 from trainer.config.deprecated import upgrade_saved
 from trainer.config.load import ConfigError, flatten, tables_hash, to_toml
 from trainer.lora import adapters as lora
@@ -274,18 +275,18 @@ def _write_checkpoint(run: RunState) -> Path:
 
         def write(tmp: Path) -> None:
             lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
-            ckpt.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
+            files.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
             ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, checkpoint_state(run.optimizer))
             if accelerator.scaler is not None:
-                ckpt.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
+                files.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
             (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
             # Written last: it records every other file's size and hash, so damage is found
             # before a resume loads anything.
             names = [p.name for p in tmp.iterdir()]
             state = {**trainer_state, "files": ckpt.record_files(tmp, names)}
-            ckpt.write_json(tmp / ckpt.TRAINER_STATE, state)
+            files.write_json(tmp / ckpt.TRAINER_STATE, state)
 
-        ckpt.save_atomic(folder, write)
+        files.write_folder_atomic(folder, write)
         protect = [folder] + ([run.resumed_from] if run.resumed_from else [])
         ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
     accelerator.wait_for_everyone()
