@@ -56,24 +56,36 @@ def seal(path: Path) -> None:
     fsync_path(path)
 
 
-def move_into_place(tmp: Path, path: Path) -> Path:
+def move_into_place(tmp: Path, path: Path, durable: bool = True) -> Path:
     """Rename a complete file ``tmp`` over ``path`` (same file system), durably.
+
+    Args:
+        tmp: The complete file.
+        path: Its final name.
+        durable: fsync the file and its folder, so a power cut keeps the new file. Off only
+            for what can be made again (cache entries): the rename alone already means no
+            reader ever sees a half-written file.
 
     Returns:
         ``path``.
     """
-    seal(tmp)
+    if durable:
+        seal(tmp)
+    else:
+        os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
     return path
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> Path:
     """Let ``write`` fill a temporary file beside ``path``, then move it into place.
 
     Args:
         path: The final file.
         write: Called with the temporary path; it must create that file.
+        durable: See :func:`move_into_place`.
 
     Returns:
         ``path``.
@@ -85,7 +97,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        return move_into_place(tmp, path)
+        return move_into_place(tmp, path, durable)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

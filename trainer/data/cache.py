@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from trainer.data import images
+from trainer.files import write_atomic
 from trainer.models import conditioning
 from trainer.models.vae import posterior
 
@@ -97,9 +98,9 @@ class LatentCache:
         if self.folder is None:
             self.memory[key] = (mean, std, time_ids)
             return
-        tmp = self._file(key).with_suffix(".tmp")
-        save_file(dict(zip(_ENTRY, (mean, std, time_ids), strict=True)), str(tmp))
-        tmp.replace(self._file(key))  # a killed fill never leaves a half-written entry
+        entry = dict(zip(_ENTRY, (mean, std, time_ids), strict=True))
+        # A killed fill never leaves a half-written entry; no fsync, an entry can be made again.
+        write_atomic(self._file(key), lambda tmp: save_file(entry, str(tmp)), durable=False)
 
     def get_entry(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (mean, std, time_ids) of an entry."""
