@@ -3,7 +3,7 @@
 Run on a GPU machine with ``pytest -m cuda`` (or ``pytest tests/test_cuda.py``). Every test
 trains the session's tiny model through the public path only (``config.load``,
 ``loop.run``) and reads what a run writes (``metrics.jsonl`` and the checkpoint files named in
-README.md), so the loop's internals may change freely.
+docs/resume.md), so the loop's internals may change freely.
 
 What is pinned down here:
 - fp16 trains with a GradScaler whose state (``scaler.json``) goes through a checkpoint
@@ -37,7 +37,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# The file layout README.md documents for checkpoints and outputs.
+# The file layout docs/resume.md and docs/outputs.md document for checkpoints and outputs.
 WEIGHTS = "pytorch_lora_weights.safetensors"
 SCALER = "scaler.json"
 SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
