@@ -305,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Load the config and run training."""
     from trainer.config import load as config
     from trainer.run import loop
-    from trainer.sweep.guard import trial_process
+    from trainer.run.trial import trial_process
 
     overrides = list(args.overrides)
     if args.resume:
