@@ -39,7 +39,7 @@ def sweep_error(capsys, *argv: str) -> str:
 
 def test_a_grid_over_lists_runs_what_the_same_trial_list_runs(base, tmp_path):
     """A grid axis whose values are lists (target_modules) expands to the runs that the same
-    lists as [[trials]] give, and Optuna's GridSampler hands each queued trial its own run."""
+    lists as [[trials]] give, and each queued trial gets its own run's values."""
     lists = '[["to_q", "to_k"], ["to_v"]]'
     grid = spec.load(write(tmp_path, base, f'[grid]\n"lora.target_modules" = {lists}\n'))
     trials = spec.load(
@@ -60,7 +60,7 @@ def test_a_grid_over_lists_runs_what_the_same_trial_list_runs(base, tmp_path):
         assert run.config == load(base, [*run.flags, "output_dir='sweep-run'"])
     space = engine.grid_space(grid)
     study = optuna.create_study(sampler=engine.make_sampler(grid))
-    assert claims.enqueue_missing(study, runs, space) == 2  # raised TypeError: unhashable list
+    assert claims.enqueue_missing(study, runs) == 2  # raised TypeError: unhashable list
     by_slot = {r.key: r for r in runs}
 
     def objective(trial: optuna.Trial) -> float:
@@ -72,20 +72,21 @@ def test_a_grid_over_lists_runs_what_the_same_trial_list_runs(base, tmp_path):
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]
 
 
-def test_a_grid_the_sampler_cannot_number_is_refused_before_the_study_exists(
+def test_a_grid_optuna_cannot_take_is_refused_before_the_study_exists(
     base, tmp_path, monkeypatch, capsys
 ):
-    """Whatever GridSampler rejects is found by the checks, before the study is created and
-    given this sweep's fingerprint (which a corrected sweep file could not reuse)."""
+    """Whatever Optuna rejects as a grid's parameters is found by the checks, before the
+    study is created and given this sweep's fingerprint (which a corrected sweep file could
+    not reuse)."""
 
-    def refuse(space):
+    def refuse(spec):
         raise TypeError("unhashable type: 'list'")
 
-    monkeypatch.setattr(engine, "grid_ids", refuse)
+    monkeypatch.setattr(engine, "grid_space", refuse)
     path = write(tmp_path, base, '[grid]\n"train.learning_rate" = [1e-3, 1e-4]\n')
     out = tmp_path / "out"
     err = sweep_error(capsys, str(path), "--out", str(out))
-    assert "[grid]: Optuna's GridSampler cannot take these values (unhashable" in err
+    assert "[grid]: Optuna's categorical parameters cannot take these values (unhashable" in err
     assert not out.exists(), "no study, no journal"
 
 
@@ -215,7 +216,7 @@ def fail_every_trial(path: Path, out: Path) -> spec.Spec:
     study = engine.open_study(s, storage)
     claims.check_fingerprint(study, worker.sweep_fingerprint(s, runs), str(path))
     space = engine.grid_space(s)
-    claims.enqueue_missing(study, runs, space)
+    claims.enqueue_missing(study, runs)
 
     def objective(trial: optuna.Trial) -> float:  # as the worker's, with every run failing
         for key in space:
@@ -260,3 +261,27 @@ def test_a_failed_search_trial_blames_its_first_unfinished_seed(base, tmp_path):
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     collected = results.collect(s, study, [])
     assert [(r.run.seed, r.state) for r in collected] == [(0, "failed"), (1, "not run")]
+
+
+def test_a_search_trial_whose_runs_cannot_be_built_is_named_not_dropped(base, tmp_path, caplog):
+    """The report has no row for a sampled configuration that does not build; the trial and
+    the error are named in the log instead of vanishing without a word."""
+    s = spec.load(
+        write(
+            tmp_path,
+            base,
+            'n_trials = 1\n[search]\n"train.learning_rate" = { low = -1.0, high = 1e-3 }\n',
+        ),
+        str(tmp_path / "out"),
+    )
+    study = optuna.create_study()
+    study.enqueue_trial({"train.learning_rate": -0.5})  # what the sampler could have drawn
+    bad = study.ask()
+    assert bad.suggest_float("train.learning_rate", -1.0, 1e-3) == -0.5
+    study.tell(bad, state=optuna.trial.TrialState.FAIL)
+    with caplog.at_level("WARNING", logger="sdlora"):
+        collected = results.collect(s, study, [])
+    assert bad.number not in {r.trial for r in collected}
+    (line,) = [r.getMessage() for r in caplog.records if f"trial {bad.number}:" in r.getMessage()]
+    assert "left out of the report" in line and "ConfigError" in line
+    assert "train.learning_rate" in line

@@ -10,11 +10,11 @@ import time
 import pytest
 from sweep_helpers import REPO, environment
 
-from trainer.sweep.guard import LOCK_ENV, PIDS_ENV
+from trainer.run.trial import LOCK_ENV, PIDS_ENV
 
 HOLDER = """
 import sys, time
-from trainer.sweep.guard import trial_process
+from trainer.run.trial import trial_process
 with trial_process():
     open(sys.argv[1], "a").write(f"{sys.argv[2]} in\\n")
     time.sleep(float(sys.argv[3]))
@@ -50,7 +50,7 @@ def test_a_second_training_process_for_one_folder_waits_for_the_first(tmp_path):
 
 
 def test_outside_a_sweep_it_does_nothing(tmp_path, monkeypatch):
-    from trainer.sweep.guard import trial_process
+    from trainer.run.trial import trial_process
 
     monkeypatch.delenv(LOCK_ENV, raising=False)
     monkeypatch.delenv(PIDS_ENV, raising=False)

@@ -3,12 +3,14 @@ keeps two workers from running one trial twice."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from sweep_helpers import REPO, write_sweep
+from sweep_helpers import REPO, environment, write_sweep
 
 from trainer.commands import cli
 from trainer.config.load import ConfigError, load
@@ -140,9 +142,8 @@ def test_only_the_first_queued_copy_of_a_run_is_claimed():
     # Trial 0's worker dies: Optuna's retry callback re-queues a copy of it.
     running = study.ask()
     assert running.number == 0
-    storage = study._storage
-    assert claims.requeue(study, storage, storage.get_trial(running._trial_id))
-    assert not claims.requeue(study, storage, storage.get_trial(running._trial_id)), "only once"
+    assert claims.requeue(study, running.number)
+    assert not claims.requeue(study, running.number), "only once"
     fresh = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING)
     study.add_trial(fresh)
     trials = study.get_trials()
@@ -162,8 +163,8 @@ def test_a_study_of_another_sweep_is_refused(tmp_path):
         claims.check_fingerprint(study, "xyz", "here")
 
 
-def test_queued_trials_get_their_values_from_the_grid_sampler(base, tmp_path):
-    """Each queued trial's parameters, as GridSampler hands them out, are its own run's."""
+def test_queued_trials_get_their_values_from_the_queue(base, tmp_path):
+    """Each queued trial's parameters, as the queue hands them out, are its own run's."""
     from trainer.sweep import engine
 
     s = load_spec(
@@ -178,8 +179,8 @@ def test_queued_trials_get_their_values_from_the_grid_sampler(base, tmp_path):
     runs = {r.key: r for r in expand.build_runs(s, s.points)}
     space = engine.grid_space(s)
     study = optuna.create_study(sampler=engine.make_sampler(s))
-    assert claims.enqueue_missing(study, list(runs.values()), space) == 12
-    assert claims.enqueue_missing(study, list(runs.values()), space) == 0
+    assert claims.enqueue_missing(study, list(runs.values())) == 12
+    assert claims.enqueue_missing(study, list(runs.values())) == 0
     seen = []
 
     def objective(trial: optuna.Trial) -> float:
@@ -189,9 +190,12 @@ def test_queued_trials_get_their_values_from_the_grid_sampler(base, tmp_path):
         seen.append(slot)
         return 1.0
 
-    study.optimize(objective, n_trials=20)  # the sampler stops the study when all are done
+    study.optimize(objective, n_trials=12)
     assert sorted(seen) == sorted(runs)
-    assert engine.make_sampler(s).is_exhausted(study)
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING,)), "all popped"
+    # A trial asked for beyond the queue gets no made-up values from the grid's sampler.
+    with pytest.raises(RuntimeError, match="samples nothing"):
+        study.ask().suggest_categorical("seed", space["seed"])
 
 
 def test_a_dead_workers_trial_on_the_journal_is_queued_again_once(tmp_path):
@@ -218,17 +222,36 @@ def test_a_dead_workers_trial_on_the_journal_is_queued_again_once(tmp_path):
     me.close()
 
 
+DEAD_WORKER = """
+import os, sys, time
+import optuna
+from trainer.sweep import engine
+storage = engine.open_storage(sys.argv[1], sys.argv[2], 1)
+study = optuna.load_study(study_name="s", storage=storage)
+def objective(trial):
+    time.sleep(0.5)
+    os._exit(0)
+study.optimize(objective, n_trials=1)
+"""
+
+
 @pytest.mark.slow
 def test_a_dead_workers_trial_on_an_rdb_is_found_by_its_heartbeat(tmp_path):
     """With an RDB storage, Optuna's heartbeat: a running trial silent for the grace period
     (3 heartbeats) is failed and copied back into the queue by the next worker that looks."""
     from trainer.sweep import engine
 
-    storage = engine.open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, 1)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    storage = engine.open_storage(url, tmp_path, 1)
     study = optuna.create_study(storage=storage, study_name="s")
     study.enqueue_trial({}, user_attrs={claims.SLOT: "a"})
-    trial = study.ask()
-    storage.record_heartbeat(trial._trial_id)  # its worker beat once, then died
+    # Its worker pops it, beats (Optuna's heartbeat thread beats at once), then dies.
+    done = subprocess.run(
+        [sys.executable, "-c", DEAD_WORKER, url, str(tmp_path)],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
     me = claims.WorkerLock(tmp_path)
     assert claims.take_over_dead(study, storage, tmp_path, me) == []  # still within grace
     time.sleep(3 * 1 + 1)

@@ -304,7 +304,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Load the config and run training."""
     from trainer.config import load as config
-    from trainer.sweep.guard import trial_process
+    from trainer.run.trial import trial_process
 
     overrides = list(args.overrides)
     if args.resume:

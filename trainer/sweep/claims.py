@@ -1,12 +1,12 @@
 """Which worker runs which trial: Optuna's queue, one rule against duplicates, and taking over
 the trials of dead workers.
 
-**Handing out trials.** Every run of a grid or trial list is put in the study's queue as a
-WAITING trial that carries its run's folder name (the user attribute ``sdlora_slot``) and
-its point of GridSampler's grid (``grid_id``, from which the sampler gives its values).
-``Study.ask`` pops a WAITING trial atomically: the storage lets exactly one worker move it to
-RUNNING. ``GridSampler`` alone would not do: it picks a grid
-point per new trial, and two workers asking at the same moment can get the same point.
+**Handing out trials.** Every run of a grid or trial list is put in the study's queue with
+``Study.enqueue_trial``: a WAITING trial that carries its run's values (its parameters,
+which the trial gets when it asks for them) and its run's folder name (the user attribute
+``sdlora_slot``). ``Study.ask`` pops a WAITING trial atomically: the storage lets exactly one
+worker move it to RUNNING. No sampler picks grid points: two workers asking a sampler at the
+same moment could get the same point.
 
 **Duplicates.** Two workers started at the same moment may both enqueue the runs of a new
 study. Trial creation is serialized by the storage (the journal's log order; the RDB locks the
@@ -15,16 +15,23 @@ lowest-numbered queued trial of a slot" is the same for every worker, at any tim
 one is run; a worker that pops another marks it failed (``sdlora_skipped``) and moves on.
 For ``[search]``, the first ``n_trials`` sampled (fresh) trials count, in number order.
 
-**Dead workers.** A trial whose worker died is failed and re-queued with Optuna's
-``RetryHeartbeatStaleTrialCallback``, which copies its parameters and attributes into a new
-WAITING trial that any worker pops; the run resumes from its checkpoint. Only the worker whose
+Why not Optuna's ``MaxTrialsCallback`` for ``n_trials``: it runs after a trial *finishes*
+and then stops the study, so it cannot refuse a trial that is starting. Every worker that
+asks while the last trial of the budget runs starts one more (n_trials + workers - 1 in all,
+optuna/optuna#3518), and it counts trials by state, so it cannot tell a sampled trial from a
+skipped duplicate or a re-queued copy of a dead worker's trial. Numbering the fresh trials
+(:class:`Claims`) gives every worker the same answer, before it trains anything.
+
+**Dead workers.** A trial whose worker died is failed (``Study.tell``) and a copy of it is
+queued (``optuna_adapter.queue_copy``: its parameters and attributes in a new WAITING trial
+that any worker pops); the run resumes from its checkpoint. Only the worker whose
 RUNNING→FAIL update succeeds (the storage refuses a second one) creates the copy, so a dead
-trial is re-queued once. A copy is legitimate when the trial it descends from
-(``failed_trial``) was. How death is detected:
+trial is re-queued once. A copy is legitimate when the trial it descends from was. How death
+is detected:
 
 - RDB storage: Optuna's heartbeat. Each worker's running trial gets a heartbeat every
-  ``heartbeat_seconds``; ``optuna.storages.fail_stale_trials`` fails trials silent for longer
-  than the grace period.
+  ``heartbeat_seconds``; Optuna's ``fail_stale_trials`` fails trials silent for longer than
+  the grace period, and the storage queues their copies itself.
 - Journal file (one machine; the journal storage has no heartbeat): every worker holds an
   exclusive ``flock`` on ``workers/<id>.lock`` in the sweep folder for its whole life and
   records its id on the trial it runs. The kernel drops the lock the moment the process dies,
@@ -45,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from trainer.config.load import ConfigError
+from trainer.sweep.optuna_adapter import copied_numbers, fail_stale, queue_copy, root_number
 
 SLOT = "sdlora_slot"  # user attr of a queued trial: its run's folder name
 WORKER = "sdlora_worker"  # user attr: the worker running the trial
@@ -87,46 +94,67 @@ def fingerprint(items: Any) -> str:
     return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def enqueue_missing(study: optuna.Study, runs: Sequence, space: dict[str, list]) -> int:
+def enqueue_missing(study: optuna.Study, runs: Sequence) -> int:
     """Queue every run that has no trial yet; return how many were queued.
 
-    A queued trial carries what GridSampler itself would give it (``grid_id`` and
-    ``search_space``), so the sampler supplies its values and counts it as visited, plus the
-    run's folder name (``sdlora_slot``), all written when the trial is created.
+    A queued trial is created with its run's values (the trial gets them when it asks) and
+    its run's folder name (``sdlora_slot``), both written when the trial is created.
     """
-    from trainer.sweep.engine import grid_ids
-
-    ids = grid_ids(space)
     have = {t.user_attrs.get(SLOT) for t in study.get_trials(deepcopy=False)}
     queued = 0
     for run in runs:
-        if run.key in have:
-            continue
-        grid_id = ids[tuple(sorted(run.params.items()))]
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING,
-                system_attrs={"grid_id": grid_id, "search_space": space},
-                user_attrs={SLOT: run.key},
-            )
-        )
-        queued += 1
+        if run.key not in have:
+            study.enqueue_trial(run.params, user_attrs={SLOT: run.key})
+            queued += 1
     return queued
 
 
 def is_queued(t: FrozenTrial) -> bool:
-    return SLOT in t.user_attrs and "failed_trial" not in t.system_attrs
+    return SLOT in t.user_attrs and root_number(t) == t.number
 
 
 def is_fresh(t: FrozenTrial) -> bool:
     """Created by ``ask`` with nothing queued: a [search]'s sampled trial (or a grid's
     surplus one, created when another worker popped the last queued trial first)."""
-    return SLOT not in t.user_attrs and "failed_trial" not in t.system_attrs
+    return SLOT not in t.user_attrs and root_number(t) == t.number
 
 
-def root_number(t: FrozenTrial) -> int:
-    """The trial a re-queued copy descends from (itself for an original)."""
-    return int(t.system_attrs.get("failed_trial", t.number))
+class Claims:
+    """Which trials of a study may run, indexed once (linear in the number of trials).
+
+    Args:
+        trials: Every trial of the study, in number order (as ``Study.get_trials`` gives).
+        budget: ``n_trials`` of a [search]; None for a grid or trial list.
+    """
+
+    def __init__(self, trials: Sequence[FrozenTrial], budget: int | None) -> None:
+        self.budget = budget
+        self.by_number = {t.number: t for t in trials}
+        self.first_of_slot: dict[str, int] = {}  # slot → its lowest-numbered queued trial
+        self.fresh_rank: dict[int, int] = {}  # fresh trial → how many fresh ones precede it
+        for t in trials:
+            if is_queued(t):
+                slot = t.user_attrs[SLOT]
+                self.first_of_slot[slot] = min(self.first_of_slot.get(slot, t.number), t.number)
+            elif is_fresh(t):
+                self.fresh_rank[t.number] = len(self.fresh_rank)
+
+    def problem(self, trial: FrozenTrial) -> str | None:
+        """Why ``trial`` must not run (None: it is this trial's turn)."""
+        original = self.by_number.get(root_number(trial), trial)
+        if is_queued(original):
+            first = self.first_of_slot.get(original.user_attrs[SLOT], original.number)
+            if first != original.number:
+                return (
+                    f"a second queued copy of trial {first} (two workers queued the runs at once)"
+                )
+            return None
+        budget = self.budget
+        if is_fresh(original) and budget is not None:
+            if self.fresh_rank.get(original.number, budget) < budget:
+                return None
+            return f"beyond n_trials = {budget} (another worker sampled the last one meanwhile)"
+        return "not a trial of this sweep (the queue was empty when it was asked for)"
 
 
 def claim_problem(
@@ -136,26 +164,10 @@ def claim_problem(
 
     Args:
         trial: The trial just popped or created.
-        trials: Every trial of the study.
+        trials: Every trial of the study, in number order.
         budget: ``n_trials`` of a [search]; None for a grid or trial list.
     """
-    by_number = {t.number: t for t in trials}
-    original = by_number.get(root_number(trial), trial)
-    if is_queued(original):
-        first = min(
-            t.number
-            for t in trials
-            if is_queued(t) and t.user_attrs[SLOT] == original.user_attrs[SLOT]
-        )
-        if first != original.number:
-            return f"a second queued copy of trial {first} (two workers queued the runs at once)"
-        return None
-    if is_fresh(original) and budget is not None:
-        earlier = sum(1 for t in trials if is_fresh(t) and t.number < original.number)
-        if earlier < budget:
-            return None
-        return f"beyond n_trials = {budget} (another worker sampled the last one meanwhile)"
-    return "not a trial of this sweep (the queue was empty when it was asked for)"
+    return Claims(trials, budget).problem(trial)
 
 
 class WorkerLock:
@@ -196,7 +208,7 @@ def take_over_dead(study: optuna.Study, storage, sweep_dir: Path, me: WorkerLock
     """Fail and re-queue the RUNNING trials whose worker died; return their numbers."""
     if isinstance(storage, optuna.storages.RDBStorage):
         before = {t.number for t in study.get_trials(states=(TrialState.FAIL,))}
-        optuna.storages.fail_stale_trials(study)
+        fail_stale(study)  # and queues their copies
         after = {t.number for t in study.get_trials(states=(TrialState.FAIL,))}
         return sorted(after - before)
     taken = []
@@ -210,39 +222,43 @@ def take_over_dead(study: optuna.Study, storage, sweep_dir: Path, me: WorkerLock
             continue
         else:
             dead = _worker_alive(sweep_dir, info) is False
-        if dead and requeue(study, storage, t):
+        if dead and requeue(study, t.number):
             taken.append(t.number)
     return taken
 
 
-def requeue(study: optuna.Study, storage, trial: FrozenTrial) -> bool:
+def requeue(study: optuna.Study, number: int) -> bool:
     """Fail a RUNNING trial and queue a copy of it, once: only the worker whose RUNNING→FAIL
-    update the storage accepts makes the copy."""
+    update the storage accepts makes the copy. ``Study.tell`` refuses a trial it reads as
+    finished (ValueError), and the storage one that another worker finished meanwhile."""
     try:
-        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
+        failed = study.tell(number, state=TrialState.FAIL)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
         return False
-    RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial._trial_id))
+    queue_copy(study, failed)
     return True
 
 
-def hand_back(study: optuna.Study, storage, trial_id: int) -> None:
+def _trial(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def hand_back(study: optuna.Study, number: int) -> None:
     """Re-queue a trial this worker stopped (Ctrl-C, SIGTERM) so any worker resumes it."""
-    trial = storage.get_trial(trial_id)
+    trial = _trial(study, number)
     if trial.state == TrialState.RUNNING:
-        requeue(study, storage, trial)
-    elif trial.state == TrialState.FAIL:
-        RetryHeartbeatStaleTrialCallback()(study, trial)
+        requeue(study, number)
+    elif trial.state == TrialState.FAIL:  # Study.optimize failed it on the way out
+        queue_copy(study, trial)
 
 
 def retry_failed(study: optuna.Study) -> list[int]:
     """Queue one copy of every failed trial that was run (not skipped) and not re-queued yet."""
     trials = study.get_trials(deepcopy=False)
-    requeued = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    requeued = {n for t in trials for n in copied_numbers(t)}
     done = []
     for t in trials:
         if t.state == TrialState.FAIL and SKIPPED not in t.user_attrs and t.number not in requeued:
-            RetryHeartbeatStaleTrialCallback()(study, t)
+            queue_copy(study, t)
             done.append(t.number)
     return done

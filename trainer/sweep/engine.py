@@ -8,9 +8,9 @@
   its driver are checked with the sweep file (:func:`storage_problems`).
 - **Study.** One per sweep, named by the sweep file; the same command on every worker
   creates it or loads it (Optuna settles two creators racing: one creates, the other loads).
-- **Sampler.** Grids and trial lists use ``GridSampler`` over their parameters and every
-  point is also put in the study's queue (``claims.enqueue_missing``); ``[search]`` uses
-  ``TPESampler``.
+- **Sampler.** Grids and trial lists sample nothing: every run is queued with its values
+  (``claims.enqueue_missing``), so their sampler (:class:`QueueOnlySampler`) only refuses to
+  invent values. ``[search]`` uses ``TPESampler``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 import optuna
 
 from trainer.config.load import ConfigError
-from trainer.sweep.spec import Spec
+from trainer.sweep.optuna_adapter import heartbeat_options
+from trainer.sweep.spec import Spec, pruner_class
 
 JOURNAL_NAME = "optuna-journal.log"
 # A trial whose worker has not sent a heartbeat for this many intervals is taken over.
@@ -108,7 +109,7 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
 
         sweep_dir.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(sweep_dir / JOURNAL_NAME)))
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     problems = storage_problems(url)  # checked before any trial; again for other callers
@@ -119,10 +120,7 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
     for attempt in range(6):
         try:
             return RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=GRACE_INTERVALS * heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                url, **heartbeat_options(heartbeat_seconds, GRACE_INTERVALS * heartbeat_seconds)
             )
         except (ArgumentError, NoSuchModuleError, ValueError) as err:  # a malformed URL: no retry
             raise ConfigError(
@@ -141,18 +139,6 @@ def open_storage(url: str | None, sweep_dir: Path, heartbeat_seconds: int):
     raise ConfigError([f"--storage {url}: cannot open it: {last}"], "--storage")
 
 
-def pruner_class(name: str) -> type:
-    """Optuna's pruner of that name (the sweep file's ``[pruner] name``)."""
-    classes = {
-        "median": optuna.pruners.MedianPruner,
-        "percentile": optuna.pruners.PercentilePruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-        "hyperband": optuna.pruners.HyperbandPruner,
-        "threshold": optuna.pruners.ThresholdPruner,
-    }
-    return classes[name]
-
-
 def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     """The sweep's pruner, or none (Optuna's NopPruner)."""
     if spec.pruner is None:
@@ -161,18 +147,42 @@ def make_pruner(spec: Spec) -> optuna.pruners.BasePruner:
     return pruner_class(spec.pruner["name"])(**kwargs)
 
 
+class QueueOnlySampler(optuna.samplers.BaseSampler):
+    """The sampler of a grid or trial list, which samples nothing.
+
+    Every run is queued with its values, and a copy of a trial keeps them, so a trial that
+    runs never asks the sampler. A trial created while the queue was empty (another worker
+    popped the last queued one first) is skipped before it asks for anything
+    (``claims.claim_problem``). Being asked anyway is a bug, said at once, rather than a run
+    recorded with made-up values.
+    """
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        raise RuntimeError(
+            f"trial {trial.number} asked for {param_name!r}, but a grid or trial list samples "
+            "nothing: its trials get their values from the queue"
+        )
+
+
 def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """GridSampler over a grid's or trial list's parameters; TPE for a [search]."""
+    """TPE for a [search]; for a grid or trial list, one that only serves queued values."""
     if spec.mode == "search":
         seed = None if spec.file.sampler_seed < 0 else spec.file.sampler_seed
         # constant_liar: trials still running on other workers count as bad guesses, so
         # parallel workers spread out instead of all sampling next to the current best.
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
-    return optuna.samplers.GridSampler(grid_space(spec), seed=0)
+    return QueueOnlySampler()
 
 
 def grid_space(spec: Spec) -> dict[str, list[Any]]:
-    """A grid's or trial list's parameters and their values, ``seed`` included."""
+    """A grid's or trial list's parameters and their values, ``seed`` included: the choices
+    of each parameter's categorical distribution, as the study records it."""
     space: dict[str, list[Any]] = {}
     for point in spec.points:
         for key, value in point.params.items():
@@ -183,28 +193,21 @@ def grid_space(spec: Spec) -> dict[str, list[Any]]:
     return space
 
 
-def grid_ids(space: dict[str, list[Any]]) -> dict[tuple, int]:
-    """GridSampler's own numbering of the grid: point (its parameters, sorted by name) → the
-    ``grid_id`` from which the sampler gives a trial its values.
-
-    Asked of the sampler itself, through the method a trial calls to get its values, so the
-    queue and the sampler agree by construction, whatever order the sampler shuffles into.
-    """
-    sampler = optuna.samplers.GridSampler(space, seed=0)
-    names = sorted(space)
-    size = 1
-    for values in space.values():
-        size *= len(values)
-    dists = {name: optuna.distributions.CategoricalDistribution(space[name]) for name in names}
-    ids = {}
-    for grid_id in range(size):
-        probe = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING,
-                                          system_attrs={"grid_id": grid_id})  # fmt: skip
-        point = tuple(
-            (n, sampler.sample_independent(None, probe, n, dists[n])) for n in names
-        )  # fmt: skip
-        ids[point] = grid_id
-    return ids
+def grid_problems(spec: Spec) -> list[str]:
+    """Whether Optuna takes a grid's or trial list's values as categorical parameters that
+    its storages can hold (it warns about any value but None, bool, int, float and str):
+    found with the other checks, before the study gets this sweep's fingerprint, so a grid
+    it cannot take never leaves a study that a corrected sweep file cannot reuse."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for values in grid_space(spec).values():
+                optuna.distributions.distribution_to_json(
+                    optuna.distributions.CategoricalDistribution(values)
+                )
+    except (TypeError, ValueError, UserWarning) as err:
+        return [f"[{spec.mode}]: Optuna's categorical parameters cannot take these values ({err})"]
+    return []
 
 
 def seeds(spec: Spec) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from typing import Any
 from trainer.config import load as run_config
 from trainer.config.load import ConfigError, RunConfig
 from trainer.run.resume import FREE_KEYS
+from trainer.sweep.engine import grid_problems
 from trainer.sweep.engine import seeds as sweep_seeds
 from trainer.sweep.overrides import ordered, set_flags, slug, toml_text
 from trainer.sweep.spec import Point, Spec
@@ -119,8 +120,8 @@ def check(spec: Spec, launch: Sequence[str], found: Sequence[str] = ()) -> list[
     the model source (and VAE) exists and has the LoRA target modules, the dataset and
     held-out set are usable, and the run length derived from them fits the schedule. The
     sweep's own needs: a validation set (the objective), validation during training when a
-    pruner is on, no two configurations training the same thing, and a grid Optuna's
-    GridSampler takes.
+    pruner is on, no two configurations training the same thing, and grid values Optuna
+    takes as parameters.
 
     Args:
         spec: The sweep, as ``spec.read`` gave it.
@@ -168,23 +169,9 @@ def _check_runs(spec: Spec, processes: int, problems: dict[str, list[str]]) -> l
                 f"trains the same config as trial {other.point.label!r}; drop one of them", []
             ).append(f"trial {run.point.label!r} (seed {run.seed})")
     if spec.mode != "search":
-        for problem in grid_problems(spec, runs):
+        for problem in grid_problems(spec):
             problems.setdefault(problem, [])
     return runs
-
-
-def grid_problems(spec: Spec, runs: Sequence[Run]) -> list[str]:
-    """Whether GridSampler takes the grid and numbers every run, as queueing them will ask
-    (``claims.enqueue_missing``): found here, before the study gets its fingerprint, so a
-    grid it cannot take never leaves a study that a corrected sweep file cannot reuse."""
-    from trainer.sweep.engine import grid_ids, grid_space
-
-    try:
-        ids = grid_ids(grid_space(spec))
-        missing = [r.name for r in runs if tuple(sorted(r.params.items())) not in ids]
-    except (TypeError, ValueError) as err:
-        return [f"[{spec.mode}]: Optuna's GridSampler cannot take these values ({err})"]
-    return [f"{name}: not a point of Optuna's grid" for name in missing]
 
 
 def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any]) -> list[str]:

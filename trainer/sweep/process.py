@@ -13,7 +13,7 @@ resumes exactly from its newest intact checkpoint, and a finished one says so an
 
 The run gets its own session (process group), so a Ctrl-C in the worker's terminal or a job
 scheduler's SIGTERM to the worker's group reaches the worker alone; the worker then stops the
-run itself, with one SIGTERM to each training process (see ``trainer/sweep/guard.py`` for
+run itself, with one SIGTERM to each training process (see ``trainer/run/trial.py`` for
 why not to the launchers). Its output goes to ``train.log`` in the run's folder, never to a
 pipe: a training process that outlives a dead worker must not die writing to it.
 """
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.sweep.guard import LOCK_ENV, PIDS_ENV
+from trainer.run.trial import LOCK_ENV, PIDS_ENV
 
 # train.py, the ``accelerate launch`` target, lives at the repository root beside the package.
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"

@@ -9,6 +9,7 @@ losses), ``manifest.json`` (a finished run), ``samples/step-NNNNNN/*.png``.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from trainer.sweep import claims
 from trainer.sweep.expand import Run, build_runs
 from trainer.sweep.spec import Spec
 
+log = logging.getLogger("sdlora")
 WALL_NAME = "sweep_run.json"  # in a run folder: seconds its attempts ran, summed
 STATES = {
     TrialState.COMPLETE: "complete",
@@ -91,11 +93,8 @@ def add_wall_time(folder: Path, seconds: float) -> float:
 def legit_trials(study: optuna.Study, budget: int | None) -> list[FrozenTrial]:
     """The study's trials that stand for runs (not the skipped duplicates), by number."""
     trials = study.get_trials(deepcopy=False)
-    return [
-        t
-        for t in trials
-        if claims.SKIPPED not in t.user_attrs and claims.claim_problem(t, trials, budget) is None
-    ]
+    index = claims.Claims(trials, budget)  # built once: this runs on every poll of the bar
+    return [t for t in trials if claims.SKIPPED not in t.user_attrs and index.problem(t) is None]
 
 
 def latest_by_root(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
@@ -115,7 +114,8 @@ def collect(spec: Spec, study: optuna.Study, runs: list[Run]) -> list[RunResult]
     results = []
     if spec.mode != "search":
         by_slot = {t.user_attrs.get(claims.SLOT): t for t in chains.values()}
-        for run in sorted(runs, key=lambda r: (spec.points.index(r.point), r.seed)):
+        order = {p.label: i for i, p in enumerate(spec.points)}  # labels are unique (spec)
+        for run in sorted(runs, key=lambda r: (order[r.point.label], r.seed)):
             result = read_run(run, run.folder(spec))
             _set_state(result, by_slot.get(run.key))
             results.append(result)
@@ -126,7 +126,15 @@ def collect(spec: Spec, study: optuna.Study, runs: list[Run]) -> list[RunResult]
         try:
             point = spec.search_point(trial.params)
             trial_runs = build_runs(spec, [point])
-        except Exception:  # a sampled config that failed to build: its trial shows the error
+        except Exception as err:  # broad on purpose: the other trials' report is still written
+            # A sampled config that does not build (its trial failed with the same message
+            # when it ran), or a trial this sweep file cannot read back: it has no runs to
+            # show, so it is named here instead.
+            log.warning(
+                "optuna trial %d: left out of the report, its runs cannot be built from "
+                "its parameters %s: %s: %s",
+                trial.number, trial.params, type(err).__name__, err,
+            )  # fmt: skip
             continue
         blamed = False  # a failed trial stopped at its first unfinished run: that one failed
         for run in trial_runs:

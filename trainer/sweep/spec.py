@@ -25,7 +25,14 @@ from typedtables import ConfigError, build_table, doc
 
 TABLES = ("set", "grid", "trials", "search", "pruner")
 RANGE_KEYS = ("low", "high", "log", "step")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "threshold")
+# The [pruner] names and Optuna's pruner class of each (in optuna.pruners).
+PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "threshold": "ThresholdPruner",
+}
 SEED_KEY = "train.seed"  # set per run from ``seeds``; see _seed_problems
 
 
@@ -77,7 +84,7 @@ class SweepFile:
 
 def param_value(value: Any) -> Any:
     """A value as an Optuna parameter: scalars as they are; a table or a list by its label,
-    because Optuna's categorical values must be plain scalars (and GridSampler hashes them)."""
+    because Optuna's categorical values must be plain scalars."""
     return label(value) if isinstance(value, (Mapping, list, tuple)) else value
 
 
@@ -380,6 +387,13 @@ def _search_param(key: str, spec: Mapping, where: str, problems: list[str]) -> S
     return SearchParam(key, low, high, log, step)
 
 
+def pruner_class(name: str) -> type:
+    """Optuna's pruner of that name (the sweep file's ``[pruner] name``)."""
+    import optuna
+
+    return getattr(optuna.pruners, PRUNERS[name])
+
+
 def _pruner(table: Any, problems: list[str]) -> dict[str, Any] | None:
     if table is None:
         return None
@@ -389,8 +403,6 @@ def _pruner(table: Any, problems: list[str]) -> dict[str, Any] | None:
     if table["name"] == "none":
         return None
     import inspect
-
-    from trainer.sweep.engine import pruner_class
 
     params = inspect.signature(pruner_class(table["name"])).parameters
     for key in table:

@@ -17,7 +17,6 @@ its trial back in the queue, so the same command resumes it.
 
 from __future__ import annotations
 
-import logging
 import signal
 import statistics
 import sys
@@ -32,6 +31,7 @@ from trainer.config.load import ConfigError
 from trainer.report.tracking import read_metrics
 from trainer.sweep import claims, engine, expand, process, report, results
 from trainer.sweep.expand import Run
+from trainer.sweep.optuna_adapter import quiet_caught
 from trainer.sweep.spec import Spec
 
 POLL_S = 0.5
@@ -44,15 +44,6 @@ class Skip(Exception):
 
 class RunFailed(Exception):
     """A run's training process failed; the trial is marked failed with the message."""
-
-
-class _QuietSkips(logging.Filter):
-    """Optuna logs every caught objective exception with its traceback; ours are reported
-    in the sweep's own status lines instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (Skip, RunFailed))
 
 
 def _stop_on_sigterm(signum, frame) -> None:
@@ -79,7 +70,7 @@ class Worker:
 
     def loop(self) -> int:
         """Run trials until the sweep is done; 0, 1 when a run failed, 130 when stopped."""
-        logging.getLogger("optuna.study._optimize").addFilter(_QuietSkips())
+        quiet_caught(Skip, RunFailed)  # reported in the sweep's own status lines instead
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
             while True:
@@ -104,7 +95,7 @@ class Worker:
                 time.sleep(IDLE_POLL_S)
         except KeyboardInterrupt:
             if self.current is not None:
-                claims.hand_back(self.study, self.storage, self.current)
+                claims.hand_back(self.study, self.current)
             self.say("stopped; the interrupted run saved a checkpoint, and running the same "
                      "command again resumes the sweep")  # fmt: skip
             return 130
@@ -131,10 +122,11 @@ class Worker:
 
     def objective(self, trial: optuna.Trial) -> float:
         """Run the trial's runs; the objective is their mean final validation loss."""
-        self.current = trial._trial_id
+        self.current = trial.number
         trial.set_user_attr(claims.WORKER, self.me.info)
-        frozen = self.storage.get_trial(trial._trial_id)
-        problem = claims.claim_problem(frozen, self.study.get_trials(deepcopy=False), self.budget)
+        trials = self.study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
+        problem = claims.claim_problem(frozen, trials, self.budget)
         if problem:
             trial.set_user_attr(claims.SKIPPED, problem)
             raise Skip(problem)
@@ -268,7 +260,7 @@ def run(
     study = engine.open_study(spec, storage)
     claims.check_fingerprint(study, sweep_fingerprint(spec, runs), where)
     if spec.mode != "search":
-        claims.enqueue_missing(study, runs, engine.grid_space(spec))
+        claims.enqueue_missing(study, runs)
     if retry_failed:
         for number in claims.retry_failed(study):
             tqdm.write(f"trial {number}: failed before; queued again")

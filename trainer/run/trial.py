@@ -1,7 +1,9 @@
 """The training side of a sweep trial: hold the run's lock, and say which process trains.
 
 ``sdlora train`` (and so ``train.py``) calls :func:`trial_process` around the whole run. It
-does nothing unless a sweep worker started this process and set the two variables below:
+does nothing unless a sweep worker started this process and set the two variables below
+(``trainer/sweep/process.py`` sets them, importing their names from here: the training
+command itself never imports the sweep package):
 
 - ``SDLORA_SWEEP_RUN_LOCK``: a lock file of the run's folder. The training process itself
   (rank 0) holds an exclusive ``flock`` on it for its whole life, so a second process for the
