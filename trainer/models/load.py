@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.config.load import ModelConfig
+from trainer.models import family
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ def load_components(
         raise ModelLoadError(
             f"model.pretrained = {source!r}: could not load it as a diffusers {where}: {err}"
         ) from err
-    loaded_sdxl = parts.unet.config.get("addition_embed_type") == "text_time"
+    # The UNet alone decides: a single file's pipeline class was chosen from `architecture`.
+    loaded_sdxl = family.from_unet(parts.unet.config, ()).name == "sdxl"
     if loaded_sdxl != sdxl:
         raise ModelLoadError(
             f"model.pretrained = {source!r}: loaded as {architecture}, but its UNet "
