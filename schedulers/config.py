@@ -8,14 +8,13 @@ valid key. Nothing is silently ignored.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from schedulers import registry
 from schedulers.base import Schedule
 from schedulers.errors import SOURCE
-from typedtables import ConfigError, describe_table, toml_value
+from typedtables import build_or_raise, describe_choice
 
 # Names other trainers use for our keys, so a ported config gets a precise hint.
 PEER_NAMES = {
@@ -52,11 +51,7 @@ def from_table(table: Mapping[str, Any], where: str = "lr_scheduler") -> Schedul
     Raises:
         ConfigError: With every problem found, each naming ``<where>.<key>``.
     """
-    problems: list[str] = []
-    schedule = build(table, where, problems)
-    if problems:
-        raise ConfigError(problems, SOURCE)
-    return schedule
+    return build_or_raise(build, table, where, SOURCE)
 
 
 def build(table: Any, where: str, problems: list[str]) -> Schedule:
@@ -86,10 +81,4 @@ def describe(name: str) -> str:
         Multi-line text: ``name``, the class docstring, then one line per key with its type,
         TOML default and doc.
     """
-    cls = registry.get(name)
-    lines = [f"{cls.name}", ""]
-    text = inspect.getdoc(cls) or ""
-    lines += [f"  {line}".rstrip() for line in text.splitlines()]
-    lines += ["", f"  keys of [lr_scheduler] with name = {toml_value(cls.name)}:"]
-    lines.append(describe_table(cls, "", indent="    "))
-    return "\n".join(lines)
+    return describe_choice(registry.get(name), "lr_scheduler")

@@ -1,10 +1,12 @@
 """Look at a schedule before training: its LR at every update as rows, CSV, PNG or a table.
 
-``sdlora lr-plot`` calls these. Nothing here touches an optimizer: the curve comes straight
-from ``Schedule.lrs``, the same call the training loop makes. A run of at most
-:data:`MAX_ROWS` updates is shown at every update; a longer one (up to 10,000,000) at
-:func:`sample_steps`' updates, so the preview stays instant and small while training, which
-evaluates one update at a time, starts at once too.
+``sdlora lr-plot`` calls these, and :func:`draw_curves`/:func:`lr_figure` are the project's
+one LR figure: ``scripts/plot_schedules.py`` draws its panels with them, and a sweep's
+applied-LR figure can pass each run's logged LRs as a :class:`Curve`. Nothing here touches
+an optimizer: the curve comes straight from ``Schedule.lrs``, the same call the training loop
+makes. A run of at most :data:`MAX_ROWS` updates is shown at every update; a longer one (up
+to 10,000,000) at :func:`sample_curve`'s updates, so the preview stays instant and small while
+training, which evaluates one update at a time, starts at once too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 from schedulers.base import Schedule
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 # The most updates of one curve that lr-plot writes and draws: a plot cannot show more, and
@@ -51,10 +54,10 @@ class Curve:
     """A schedule's LRs at some updates of a run: ``rows[i]`` holds every param group's LR at
     update ``steps[i]``, numbered from 1 like the CSV and ``metrics.jsonl``."""
 
-    steps: list[int]
-    rows: list[list[float]]
-    total: int  # updates in the run
-    stride: int  # updates between regular samples: 1 when every update is here
+    steps: Sequence[int]
+    rows: Sequence[Sequence[float]]
+    total: int = 0  # updates in the run (0: not known, e.g. LRs read from a run's log)
+    stride: int = 1  # updates between regular samples: 1 when every update is here
 
     @property
     def note(self) -> str:
@@ -154,70 +157,106 @@ def write_csv(
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def _steps_and_rows(
-    curve: Sequence[Sequence[float]] | Curve,
-) -> tuple[Sequence[int], Sequence[Sequence[float]]]:
+# What can be drawn: rows of every update (as :func:`lr_curve` returns them) or a Curve.
+Drawable = Sequence[Sequence[float]] | Curve
+# Curves by label: a mapping, or (label, curve) pairs in which a label may repeat (a sweep's
+# runs of one configuration under several seeds share its colour and its legend entry).
+Labelled = Mapping[str, Drawable] | Sequence[tuple[str, Drawable]]
+
+
+def _steps_and_rows(curve: Drawable) -> tuple[Sequence[int], Sequence[Sequence[float]]]:
     """The update numbers and rows of a :class:`Curve`, or of rows of every update."""
     if isinstance(curve, Curve):
         return curve.steps, curve.rows
     return range(1, len(curve) + 1), curve
 
 
-def lr_figure(
-    curves: Mapping[str, Sequence[Sequence[float]] | Curve],
-    title: str,
-    group_names: Sequence[str] = (),
-) -> Figure:
-    """Plot the LR of every param group of one or more schedules on shared axes.
+def draw_curves(ax: Axes, curves: Labelled, group_names: Sequence[str] = ()) -> int:
+    """Draw the LR of every param group of each curve on ``ax``; return the legend entries.
 
-    The x axis counts optimizer updates from 1, as the CSV and ``metrics.jsonl`` do. Each
-    schedule keeps one colour and each param group one line style, and the legend sits below
-    the axes, where it cannot hide a curve.
+    Each label keeps one colour and each param group one line style; a label that repeats
+    draws in the same colour and is named in the legend once.
 
     Args:
-        curves: Schedule label → rows as :func:`lr_curve` returns them (one column per group),
-            or a :class:`Curve` of some updates, drawn at its steps.
-        title: The plot title.
+        ax: The axes to draw on.
+        curves: Label → rows as :func:`lr_curve` returns them (one column per group), or a
+            :class:`Curve` of some updates, drawn at its steps; or (label, curve) pairs.
         group_names: A name per param group, e.g. ("UNet", "text encoder"); curves are
-            labelled "schedule (group)". Without names, groups beyond the first are numbered.
-
-    Returns:
-        The figure, drawn on an off-screen canvas; its lines hold exactly the plotted data.
+            labelled "label (group)", or "label" for an empty name. Without names, groups
+            beyond the first are numbered.
     """
-    # The object API with the Agg canvas draws off-screen without touching pyplot's global
-    # backend, so calling this never changes how the caller's own plots display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    pairs = list(curves.items()) if isinstance(curves, Mapping) else list(curves)
+    labels = dict.fromkeys(label for label, _ in pairs)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     styles = ("-", "--", ":", "-.")
-    for index, (label, curve) in enumerate(curves.items()):
-        colour = f"C{index % 10}"
+    named: set[str] = set()
+    for label, curve in pairs:
         updates, rows = _steps_and_rows(curve)
         width = len(rows[0]) if rows else 0
         for group in range(width):
             if group < len(group_names):
-                name = f"{label} ({group_names[group]})"
+                name = f"{label} ({group_names[group]})" if group_names[group] else label
             else:
                 name = label if width == 1 else f"{label} (group {group})"
             values = [row[group] for row in rows]
             style = styles[group % len(styles)]
-            ax.plot(updates, values, style, color=colour, label=name, linewidth=1.5)
+            shown = name if name not in named else f"_{name}"  # "_…": not in the legend
+            named.add(name)
+            ax.plot(updates, values, style, color=colours[label], label=shown, linewidth=1.5)
+    return len(named)
+
+
+def lr_figure(
+    curves: Labelled,
+    title: str,
+    group_names: Sequence[str] = (),
+    size: tuple[float, float] = (8, 5),
+) -> Figure:
+    """Plot the LR of every param group of one or more schedules on shared axes.
+
+    The x axis counts optimizer updates from 1, as the CSV and ``metrics.jsonl`` do. Each
+    schedule keeps one colour and each param group one line style (:func:`draw_curves`), and
+    the legend sits below the axes, where it cannot hide a curve.
+
+    Args:
+        curves: What :func:`draw_curves` takes.
+        title: The plot title.
+        group_names: A name per param group (:func:`draw_curves`).
+        size: The figure's width and height in inches (100 pixels each).
+
+    Returns:
+        The figure, drawn on an off-screen canvas; its lines hold exactly the plotted data.
+    """
+    fig = new_figure(size)
+    ax = fig.add_subplot()
+    entries = draw_curves(ax, curves, group_names)
     ax.set_xlabel("optimizer update")
     ax.set_ylabel("learning rate")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    lines = len(ax.get_lines())
-    # "outside" places the legend in the constrained layout's margin, below the x label.
-    fig.legend(loc="outside lower center", ncols=min(lines, 3), fontsize="small")
+    if entries:
+        # "outside" places the legend in the constrained layout's margin, below the x label.
+        fig.legend(loc="outside lower center", ncols=min(entries, 3), fontsize="small")
+    return fig
+
+
+def new_figure(size: tuple[float, float], dpi: int = 100, layout: str = "constrained") -> Figure:
+    """An empty figure on an off-screen Agg canvas.
+
+    The object API with the Agg canvas draws off-screen without touching pyplot's global
+    backend, so calling this never changes how the caller's own plots display.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=dpi, layout=layout)
+    FigureCanvasAgg(fig)
     return fig
 
 
 def write_png(
     path: str | Path,
-    curves: Mapping[str, Sequence[Sequence[float]] | Curve],
+    curves: Labelled,
     title: str,
     group_names: Sequence[str] = (),
 ) -> Figure:

@@ -13,13 +13,17 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import schedulers  # noqa: E402
-from schedulers.preview import lr_curve  # noqa: E402
+from schedulers.preview import draw_curves, lr_curve, new_figure  # noqa: E402
 
 TOTAL_STEPS = 1000
 BASE_LR = 1e-4
@@ -85,22 +89,19 @@ EXAMPLES: list[tuple[str, dict]] = [
 ]
 
 
-def plot(out: Path) -> None:
-    """Draw every example in a grid and save it to ``out``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def plot(out: Path) -> Figure:
+    """Draw every example in a grid and save it to ``out``; return the figure. Each panel is
+    drawn as ``sdlora lr-plot`` draws its curves (updates numbered from 1)."""
     cols = 4
     rows = math.ceil(len(EXAMPLES) / cols)
-    fig = Figure(figsize=(4 * cols, 2.6 * rows), dpi=80)
-    FigureCanvasAgg(fig)
+    fig = new_figure((4 * cols, 2.6 * rows), dpi=80, layout="tight")
     axes = fig.subplots(rows, cols, sharex=True, sharey=True).ravel()
     for ax, (title, table) in zip(axes, EXAMPLES, strict=False):
-        schedule = schedulers.from_table(table)
-        ax.plot([row[0] for row in lr_curve(schedule, TOTAL_STEPS, [BASE_LR])], linewidth=1.4)
+        curves = {title: lr_curve(schedulers.from_table(table), TOTAL_STEPS, [BASE_LR])}
         if title.startswith("warmup 400"):
             cosine = schedulers.from_table({**table, "warmup_shape": "cosine"})
-            ax.plot([row[0] for row in lr_curve(cosine, TOTAL_STEPS, [BASE_LR])], linewidth=1.4)
+            curves["cosine"] = lr_curve(cosine, TOTAL_STEPS, [BASE_LR])  # the second colour
+        draw_curves(ax, curves)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(EXAMPLES) :]:
@@ -111,8 +112,8 @@ def plot(out: Path) -> None:
     )
     fig.supxlabel("optimizer update")
     fig.supylabel("learning rate")
-    fig.tight_layout()
     fig.savefig(out)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -251,3 +251,20 @@ def test_every_bad_set_is_reported_at_once_and_bare_words_stay_strings(tmp_path)
     assert [p.split(":")[0] for p in err.value.problems] == [f"--set {b!r}" for b in bad]
     cfg = config.load(write(tmp_path, MINIMAL), ["data.path=/data/[cats]", "output_dir=a{b"])
     assert cfg.data.path == "/data/[cats]" and cfg.output_dir == "a{b"
+
+
+def test_a_deprecated_lora_key_warns_once_per_load_not_per_rebuild(tmp_path, caplog):
+    """lora.save_dtype is warned about by config.deprecated when the TOML is read; building or
+    replacing the [lora] table afterwards (sample, resume, sweeps do) says nothing again."""
+    import dataclasses
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sdlora"):
+        cfg = config.load(write(tmp_path, MINIMAL + '[lora]\nsave_dtype = "fp16"\n'))
+        assert caplog.text.count("lora.save_dtype is deprecated") == 1
+        assert 'output.save_dtype = "fp16"' in caplog.text
+        caplog.clear()
+        dataclasses.replace(cfg.lora, rank=8)
+        config.LoraConfig(save_dtype="bf16")
+    assert caplog.text == ""
+    assert cfg.lora.save_dtype == "fp16"

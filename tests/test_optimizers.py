@@ -548,3 +548,20 @@ def test_the_docs_describe_every_optimizer_and_key():
             else:
                 shown = f"`{f.name} = {toml_value(f.default)}`"
                 assert shown in row, (name, shown)
+
+
+def test_describe_and_from_table_share_the_schedules_table_helpers():
+    """optimizers.config and schedulers.config describe and build through the same typedtables
+    functions: name, docstring, the optional package's extra, then every key."""
+    from trainer.optimizers import config as optimizer_config
+
+    text = optimizer_config.describe("prodigy")
+    lines = text.splitlines()
+    assert lines[0] == "prodigy" and "  needs: pip install 'sdlora[prodigy]'" in lines
+    assert '  keys of [optimizer] with name = "prodigy":' in lines
+    assert any(line.startswith("    d_coef (float, default ") for line in lines)
+    assert "needs:" not in optimizer_config.describe("adamw")
+    with pytest.raises(ConfigError) as err:
+        optimizer_config.from_table({"name": "adamw", "beta3": 0.9})
+    assert err.value.source == optimizer_config.SOURCE
+    assert err.value.problems[0].startswith("optimizer.beta3: unknown key")

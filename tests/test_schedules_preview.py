@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 
 import schedulers
-from schedulers.preview import format_table, lr_curve, write_csv, write_png
+from schedulers.preview import Curve, format_table, lr_curve, lr_figure, write_csv, write_png
 
 
 def test_lr_curve_is_the_schedule_at_every_update():
@@ -72,6 +72,37 @@ def test_png_legend_sits_outside_the_axes(tmp_path):
     assert legend_box.y1 <= axes_box.y0  # wholly below the plotting area
     assert legend_box.x0 >= 0 and legend_box.x1 <= fig.bbox.x1  # and inside the image
     assert len(legend.get_texts()) == 6
+
+
+def test_runs_under_one_label_share_its_colour_and_legend_entry():
+    """A sweep's applied LRs: each run's logged steps and LRs as a Curve, several seeds of one
+    configuration under one label; group names may leave the first group unnamed."""
+    run = Curve([1, 2, 3], [[1e-4, 1e-5], [2e-4, 2e-5], [3e-4, 3e-5]])
+    other = Curve([1, 2], [[5e-5, 5e-6], [4e-5, 4e-6]])
+    pairs = [("lr=1e-4", run), ("lr=1e-4", run), ("lr=5e-5", other)]
+    fig = lr_figure(pairs, "Applied LR per update", ("", "text encoder"))
+    lines = fig.axes[0].get_lines()
+    assert [line.get_color() for line in lines] == ["C0", "C0", "C0", "C0", "C1", "C1"]
+    assert [line.get_label() for line in lines if not line.get_label().startswith("_")] == [
+        "lr=1e-4",
+        "lr=1e-4 (text encoder)",
+        "lr=5e-5",
+        "lr=5e-5 (text encoder)",
+    ]
+    assert list(lines[0].get_xdata()) == [1, 2, 3] and list(lines[5].get_ydata()) == [5e-6, 4e-6]
+    (legend,) = fig.legends
+    assert len(legend.get_texts()) == 4
+
+
+def test_the_docs_figure_draws_every_example_with_the_same_builder(tmp_path):
+    from plot_schedules import EXAMPLES, TOTAL_STEPS, plot
+
+    out = tmp_path / "lr_schedules.png"
+    fig = plot(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == len(EXAMPLES) + 1  # the warmup panel draws two shapes
+    assert all(list(line.get_xdata()) == list(range(1, TOTAL_STEPS + 1)) for line in lines)
 
 
 def test_format_table_shows_first_last_and_peak():

@@ -95,6 +95,48 @@ def test_a_refiner_is_refused(tmp_path):
     assert "refiner" in found[0]
 
 
+def test_a_cut_short_checkpoint_is_a_problem_not_a_traceback(tmp_path):
+    """safetensors raises its own error type for a header that does not cover the file; it is
+    one problem found before loading, not an exception out of preflight."""
+    path = original_layout(tmp_path / "model.safetensors", CHECKPOINTS["sd1"])
+    path.write_bytes(path.read_bytes()[:-2])
+    config = ModelConfig(pretrained=str(path))
+    found = model_arch.problems(config, model_arch.detect(config))
+    assert len(found) == 1 and "header cannot be read" in found[0], found
+
+
+# One rule for a LoRA file's family, whoever asks (inspect, sample, export's rebuilt record).
+@pytest.mark.parametrize(
+    ("metadata", "components", "widths", "expected"),
+    [
+        ({"sdlora_training": '{"architecture": "sd2"}'}, ["unet"], {}, ("sd2", True)),
+        ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, [], {}, ("sdxl", True)),
+        ({"ss_base_model_version": "sd_v1"}, [], {}, ("sd1", True)),
+        ({"ss_v2": "True"}, [], {}, ("sd2", True)),
+        ({}, ["unet", "text_encoder", "text_encoder_2"], {}, ("sdxl", False)),
+        ({}, ["unet"], {"lora_unet_input_blocks_4_1_proj_in": 640}, ("sdxl", False)),
+        ({}, ["unet"], {"unet.down_blocks.1.attentions.0.attn2.to_k": 1024}, ("sd2", False)),
+        ({}, ["text_encoder"], {"lora_te1_text_model_encoder_layers_0_q": 768}, ("sdxl", False)),
+        ({}, ["unet"], {"lora_unet_down_blocks_0_attn2_to_k": 32}, ("unknown", False)),
+    ],
+)
+def test_a_lora_files_family_from_its_header_then_its_keys(metadata, components, widths, expected):
+    found = model_arch.from_lora(metadata, components, widths)
+    assert (found.name, found.in_header) == expected, found
+
+
+def test_architecture_rows_follow_the_family_rules():
+    from trainer.models import architectures
+
+    assert architectures.detect({"addition_embed_type": "text_time"}, 0).name == "sdxl"
+    assert architectures.detect({"cross_attention_dim": 1024}).name == "sd2"
+    assert architectures.detect({"cross_attention_dim": 32}, 2).name == "sdxl"
+    assert architectures.detect_from_width(2048, 0).name == "sdxl"
+    assert architectures.detect_from_width(1024, 1).name == "sd2"
+    assert architectures.detect_from_width(None, 2).name == "sdxl"
+    assert architectures.detect_from_width(32, 1).name == "sd1"
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Every check here must happen before a model loads."""

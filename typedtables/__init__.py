@@ -16,19 +16,23 @@ from typedtables.fields import (
 )
 from typedtables.tables import (
     ConfigError,
+    build_or_raise,
     build_table,
     class_summary,
     closest,
+    describe_choice,
     describe_table,
     unknown_key_hint,
 )
 
 __all__ = [
     "ConfigError",
+    "build_or_raise",
     "build_table",
     "check_value",
     "class_summary",
     "closest",
+    "describe_choice",
     "describe_table",
     "doc",
     "field_problems",

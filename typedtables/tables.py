@@ -138,3 +138,43 @@ def class_summary(cls: type) -> str:
     """The first line of a class's docstring (empty when it has none)."""
     text = inspect.getdoc(cls) or ""
     return text.splitlines()[0] if text else ""
+
+
+def build_or_raise(
+    build: Callable[[Any, str, list[str]], T], table: Any, where: str, source: str
+) -> T:
+    """Run a problem-collecting ``build(table, where, problems)`` and raise them all at once.
+
+    For a table read on its own (one LR schedule, one optimizer) rather than as part of a
+    config that reports every table's problems together.
+
+    Raises:
+        ConfigError: With every problem found, from ``source``.
+    """
+    problems: list[str] = []
+    built = build(table, where, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return built
+
+
+def describe_choice(cls: type, where: str, notes: Sequence[str] = ()) -> str:
+    """Help text for a class chosen by ``name`` in a table (a schedule, an optimizer).
+
+    Args:
+        cls: The registered class; its ``name`` class attribute is what the table writes.
+        where: The table's TOML path (``lr_scheduler``).
+        notes: Lines printed between the docstring and the keys (what it needs installed).
+
+    Returns:
+        Multi-line text: ``name``, the class docstring, the notes, then one line per key with
+        its type, TOML default and doc.
+    """
+    lines = [f"{cls.name}", ""]
+    text = inspect.getdoc(cls) or ""
+    lines += [f"  {line}".rstrip() for line in text.splitlines()]
+    for note in notes:
+        lines += ["", f"  {note}"]
+    lines += ["", f"  keys of [{where}] with name = {toml_value(cls.name)}:"]
+    lines.append(describe_table(cls, "", indent="    "))
+    return "\n".join(lines)

@@ -23,26 +23,26 @@ LoRA made for another family than the model's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from trainer import quiet
-from trainer.commands.inspect import _architecture as lora_architecture
 from trainer.config.load import ConfigError
 from trainer.files import write_atomic
 from trainer.lora.adapters import TRAINING_METADATA_KEY, WEIGHTS_NAME
 from trainer.lora.files import LoraFileError, read_header
 from trainer.lora.formats import FORMAT_DIFFUSERS, Parsed, parse
 from trainer.lora.metadata import model_name
+from trainer.models import family as model_family
+from trainer.report import grids
 
 ADAPTER = "lora"
-_LABEL_HEIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,11 @@ class LoraSource:
 
 
 def _family(parsed: Parsed, metadata: dict[str, str]) -> tuple[str, str]:
-    """The LoRA's family, from its header as ``sdlora inspect`` reads it; a file that says
-    nothing is SDXL when its kohya keys name SDXL's first text encoder (``lora_te1_``)."""
-    family, evidence = lora_architecture(parsed, metadata)
-    if family == "unknown" and any(name.startswith("lora_te1_") for name in parsed.modules):
-        return "sdxl", "its keys: lora_te1_, the first of two text encoders"
-    if evidence.startswith((TRAINING_METADATA_KEY, "modelspec.", "ss_")):
-        return family, f"its header's {evidence}"
-    return family, f"its keys: {evidence}"
+    """The LoRA's family as ``sdlora inspect`` tells it, and where it was read, for messages."""
+    widths = {name: module.in_features for name, module in parsed.modules.items()}
+    found = model_family.from_lora(metadata, parsed.components, widths)
+    where = f"its header's {found.evidence}" if found.in_header else f"its keys: {found.evidence}"
+    return found.name, where
 
 
 def check_lora(path: Path) -> LoraSource:
@@ -153,7 +150,7 @@ def _peft_adapters(pipe, lora: Path, record: dict) -> list:
         for name in ("text_encoder", "text_encoder_2")
         if record.get(f"{name}_trained") and getattr(pipe, name, None) is not None
     }
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    sdxl = model_family.from_unet(pipe.unet.config, ()).name == "sdxl"
     lora_module.attach(pipe.unet, encoders, settings, conditioning.unread_layers(sdxl))
     try:
         lora_module.load_into(lora, pipe.unet, encoders)
@@ -232,10 +229,9 @@ def render(
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from trainer.config.load import ModelConfig
-    from trainer.models import family as model_arch
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if model_arch.detect(ModelConfig(pretrained=model)).name == "sdxl":
+    if model_family.detect(ModelConfig(pretrained=model)).name == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -250,19 +246,6 @@ def render(
         for row, prompt in zip(rows, settings.prompts, strict=True):
             row.append(_render(pipe, prompt, settings))
     return rows
-
-
-def grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str]) -> Image.Image:
-    """Images in rows and columns under a strip of column labels."""
-    width, height = rows[0][0].size
-    canvas = Image.new("RGB", (width * len(labels), _LABEL_HEIGHT + height * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, label in enumerate(labels):
-        draw.text((c * width + 2, 2), label, fill="black")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            canvas.paste(image.convert("RGB"), (c * width, _LABEL_HEIGHT + r * height))
-    return canvas
 
 
 def png_metadata(lora: Path, model: str, settings: SampleSettings, labels: list[str]) -> PngInfo:
@@ -304,6 +287,7 @@ def draw(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = render(source, model, settings, device)
     labels = ["base"] + [f"lora x{s:g}" for s in settings.scales]
-    image = grid(rows, labels)
+    # Column labels only: the prompts are in the PNG's text chunks, one row each.
+    image = grids.grid(rows, None, labels)
     info = png_metadata(source.path, model, settings, labels)
     return write_atomic(out, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

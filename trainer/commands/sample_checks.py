@@ -5,10 +5,11 @@ report them all at once: the settings the pipelines would refuse (a side that is
 of 8, no step) or draw as a black image (a NaN or infinite scale), a device this machine lacks,
 a model path that does not exist, and a LoRA made for another family than the model's.
 
-A LoRA's family comes from its header, as ``sdlora inspect`` reads it (our files write it in
-``sdlora_training``, ``modelspec.architecture`` and ``ss_base_model_version``); the model's
-from its configs, as ``trainer/models/family.py`` tells it for training. SDXL against SD 1.x/2.x
-never loads: it would end in a shape error deep in diffusers after the pipeline loaded.
+Both families are told by ``trainer/models/family.py``: a LoRA's from its header (our files
+write it in ``sdlora_training``, ``modelspec.architecture`` and ``ss_base_model_version``) or
+its keys, as ``sdlora inspect`` shows it; the model's from its configs, as for training.
+SDXL against SD 1.x/2.x never loads: it would end in a shape error deep in diffusers after the
+pipeline loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 # The pipelines refuse a side that is not a multiple of 8 (``check_inputs``), the VAE's
 # downsampling factor of every SD family.
 SIDE_MULTIPLE = 8
-_FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def settings_problems(settings: SampleSettings) -> list[str]:
@@ -100,21 +100,23 @@ def family_problems(lora: LoraSource, model: str) -> list[str]:
     """A LoRA made for another family than the model's: SDXL against SD 1.x/2.x never loads,
     nor does SD 1.x against 2.x (other text-encoder widths), whatever the file's format."""
     from trainer.config.load import ModelConfig
-    from trainer.models import family as model_arch
+    from trainer.models import family as model_family
+    from trainer.models.architectures import ARCHITECTURES
 
-    detected = model_arch.detect(ModelConfig(model))
+    detected = model_family.detect(ModelConfig(model))
     if detected.problem:
         return [f"--model {model}: {detected.problem}"]
     ours, theirs = lora.family, detected.name
-    if ours not in _FAMILIES or not theirs or ours == theirs:
+    if ours not in ARCHITECTURES or not theirs or ours == theirs:
         return []
     if not detected.certain and "sdxl" not in (ours, theirs):
         return []  # a UNet width of neither SD 1.x nor 2.x: the names alone differ
     trained = f"; trained on {lora.base_model}" if lora.base_model else ""
+    lora_title, model_title = ARCHITECTURES[ours].title, ARCHITECTURES[theirs].title
     return [
-        f"--lora {lora.path}: an {_FAMILIES[ours]} LoRA ({lora.family_evidence}{trained}), but "
-        f"--model {model} is an {_FAMILIES[theirs]} model ({detected.evidence}); give --model "
-        f"the {_FAMILIES[ours]} model it was made for"
+        f"--lora {lora.path}: an {lora_title} LoRA ({lora.family_evidence}{trained}), but "
+        f"--model {model} is an {model_title} model ({detected.evidence}); give --model "
+        f"the {lora_title} model it was made for"
     ]
 
 

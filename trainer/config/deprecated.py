@@ -1,13 +1,18 @@
-"""Config keys that moved, read for one more release: the optimizer keys of ``[train]``.
+"""Config keys that moved, read for one more release, each with one warning per load.
 
-Until the ``[optimizer]`` table existed, ``[train]`` held ``optimizer``, ``adam_beta1``,
-``adam_beta2``, ``adam_epsilon``, ``weight_decay`` and ``optimizer_impl``. A config that still
-uses them trains exactly as it did: they are moved into an ``[optimizer]`` table, with the old
-``[train]`` defaults for the ones it leaves out, and one warning shows the table to write
-instead. Giving old keys together with an ``[optimizer]`` table is an error, since it is not
-clear which should win.
+:func:`upgrade` is the one path: ``config.load.build`` runs it on the raw TOML data once, so
+a key is warned about once per load, however often a table is rebuilt afterwards.
 
-Remove this module (and its two call sites) in the release after next.
+- The optimizer keys of ``[train]``: until the ``[optimizer]`` table existed, ``[train]`` held
+  ``optimizer``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``, ``weight_decay`` and
+  ``optimizer_impl``. A config that still uses them trains exactly as it did: they are moved
+  into an ``[optimizer]`` table, with the old ``[train]`` defaults for the ones it leaves out,
+  and one warning shows the table to write instead. Giving old keys together with an
+  ``[optimizer]`` table is an error, since it is not clear which should win.
+- ``lora.save_dtype``: now ``output.save_dtype``. It stays a ``[lora]`` field for this release
+  (``trainer.lora.outputs.save_dtype`` lets it win when set); here it is only warned about.
+
+Remove this module (and its call sites) in the release after next.
 """
 
 from __future__ import annotations
@@ -29,6 +34,25 @@ MOVED = {
 # The old defaults that differ from the new ones: an old config keeps its exact numerics.
 OLD_DEFAULTS = {"weight_decay": 1e-2, "impl": "default"}
 ADAMW_ONLY = ("adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def upgrade(data: Mapping[str, Any], problems: list[str], warnings: list[str]) -> Mapping[str, Any]:
+    """Raw config data in today's shape, and one warning for each deprecated key it uses.
+
+    Args:
+        data: The raw TOML data (not modified).
+        problems: Receives the errors (old keys that conflict with their new place).
+        warnings: Receives the deprecation warnings.
+    """
+    data = move_optimizer_keys(data, problems, warnings)
+    lora = data.get("lora")
+    if isinstance(lora, Mapping) and lora.get("save_dtype"):
+        warnings.append(
+            "lora.save_dtype is deprecated; set output.save_dtype = "
+            f"{toml_value(lora['save_dtype'])} instead (lora.save_dtype is still read for "
+            "this release)"
+        )
+    return data
 
 
 def move_optimizer_keys(

@@ -8,8 +8,9 @@ Each table runs its own checks; :func:`cross_checks` holds the rules that span t
 
 The ``[lr_scheduler]`` and ``[optimizer]`` tables are resolved through their registries
 (``schedulers.config.build``, ``optimizers.config.build``), because each schedule's and each
-optimizer's dataclass is its own schema. The optimizer keys that ``[train]`` used to hold are
-still read for a release (``trainer/config/deprecated.py``), with a warning.
+optimizer's dataclass is its own schema. Keys that moved (the optimizer keys ``[train]`` used
+to hold, ``lora.save_dtype``) are still read for a release, each with one warning per load
+(``trainer/config/deprecated.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from typing import Any
 import tomllib
 
 from schedulers import config as schedule_config
-from trainer.config import adapter_formats
-from trainer.config.deprecated import move_optimizer_keys, unknown_train_key
+from trainer.config import adapter_formats, deprecated
 from trainer.config.schema import (
     MAX_UPDATES,
     CheckpointConfig,
@@ -84,7 +84,7 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     """
     problems: list[str] = []
     warnings: list[str] = []
-    data = move_optimizer_keys(data, problems, warnings)
+    data = deprecated.upgrade(data, problems, warnings)
     types = field_types(RunConfig)
     for key, value in data.items():
         if key not in types:
@@ -102,7 +102,7 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
         elif dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
-            unknown = unknown_train_key if key == "train" else None
+            unknown = deprecated.unknown_train_key if key == "train" else None
             values[key] = build_table(tp, data.get(key, {}), key, problems, unknown=unknown)
         elif key in data:
             value, problem = check_value(data[key], tp)

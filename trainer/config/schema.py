@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -174,14 +173,6 @@ class LoraConfig:
                 f"{self.type!r}; remove it (or set {where}.type)"
             )
         return p
-
-    def __post_init__(self) -> None:
-        if self.save_dtype:
-            logging.getLogger("sdlora").warning(
-                "lora.save_dtype is deprecated; set output.save_dtype = %r instead "
-                "(lora.save_dtype is still read for this release)",
-                self.save_dtype,
-            )
 
 
 @dataclass(frozen=True)

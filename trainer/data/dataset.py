@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from trainer.config.load import DataConfig
 from trainer.data import buckets, images
 from trainer.errors import UserError
+from trainer.models import conditioning
 
 log = logging.getLogger("sdlora")
 
@@ -322,17 +323,6 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
     return ", ".join(t for t in head + tail if t)
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids of captions, padded/truncated to the tokenizer's length (77 for CLIP)."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        truncation=True,
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids
-
-
 def long_captions(tokenizer, captions: list[str]) -> tuple[int, str, int]:
     """Captions the text encoder would cut: (how many, one of them, its token count).
 
@@ -385,17 +375,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.text = text
         self.time_ids = time_ids
 
-    @property
-    def tokenizer(self):
-        """The first tokenizer (the only one before SDXL)."""
-        return self.tokenizers[0]
-
     def __len__(self) -> int:
         return len(self.examples)
-
-    def tokenize(self, caption: str) -> torch.Tensor:
-        """Token ids of one caption for the first tokenizer, padded/truncated to its length."""
-        return tokenize(self.tokenizer, [caption])[0]
 
     def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
         """The random choices for one example: flip, caption, and the rng for the crop."""
@@ -416,9 +397,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         if self.text is not None:
             item.update(self.text(caption))
         else:
-            item["input_ids"] = self.tokenize(caption)
-            for n, tokenizer in enumerate(self.tokenizers[1:], start=2):
-                item[f"input_ids_{n}"] = tokenize(tokenizer, [caption])[0]
+            # Keys input_ids, input_ids_2, ...: the names conditioning.condition() reads.
+            ids = conditioning.tokenize(self.tokenizers, [caption])
+            for n, token_ids in enumerate(ids, start=1):
+                item["input_ids" if n == 1 else f"input_ids_{n}"] = token_ids[0]
         if self.latents is not None:
             item["latent_mean"], item["latent_std"], time_ids = self.latents(index, flip)
         else:

@@ -46,6 +46,7 @@ class Architecture:
         v2: kohya's ``ss_v2``.
         resolution: The family's native training resolution (side, pixels).
         implementation: ``modelspec.implementation`` of a LoRA for this family.
+        title: The family as messages name it (``SD 1.x``).
     """
 
     name: ArchName
@@ -56,6 +57,7 @@ class Architecture:
     v2: bool
     resolution: int
     implementation: str
+    title: str
 
     def version_string(self, prediction_type: str) -> str:
         """``ss_base_model_version``; kohya appends ``_v`` for v-prediction on SD1/SD2."""
@@ -89,10 +91,26 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd1": Architecture(
-        "sd1", ("text_encoder",), ("lora_te",), "diffusers", "sd_v1", False, 512, _IMPL_DIFFUSERS
+        "sd1",
+        ("text_encoder",),
+        ("lora_te",),
+        "diffusers",
+        "sd_v1",
+        False,
+        512,
+        _IMPL_DIFFUSERS,
+        "SD 1.x",
     ),
     "sd2": Architecture(
-        "sd2", ("text_encoder",), ("lora_te",), "diffusers", "sd_v2", True, 768, _IMPL_DIFFUSERS
+        "sd2",
+        ("text_encoder",),
+        ("lora_te",),
+        "diffusers",
+        "sd_v2",
+        True,
+        768,
+        _IMPL_DIFFUSERS,
+        "SD 2.x",
     ),
     "sdxl": Architecture(
         "sdxl",
@@ -103,6 +121,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         False,
         1024,
         _IMPL_SGM,
+        "SDXL",
     ),
 }
 
@@ -118,27 +137,22 @@ def get(name: str) -> Architecture:
 
 
 def detect(unet_config: Mapping[str, Any], text_encoder_count: int = 1) -> Architecture:
-    """Tell the family from a diffusers UNet config (and how many text encoders it has).
+    """The row of a loaded model: ``trainer.models.family.from_unet``'s decision from its UNet
+    config and how many text encoders it has (SD 1.x for a width of neither SD 1.x nor 2.x, as
+    kohya does without ``--v2``/``--sdxl``)."""
+    from trainer.models import family  # family reads this table's titles
 
-    SDXL conditions on added time ids (``addition_embed_type = "text_time"``) and has two
-    text encoders; SD 2.x cross-attends to OpenCLIP-H states of width 1024; everything else
-    (SD 1.x's 768, and the tests' tiny models) is treated as SD 1.x, as kohya does without
-    ``--v2``/``--sdxl``.
-    """
-    if unet_config.get("addition_embed_type") == "text_time" or text_encoder_count > 1:
-        return ARCHITECTURES["sdxl"]
-    if unet_config.get("cross_attention_dim") == 1024:
-        return ARCHITECTURES["sd2"]
-    return ARCHITECTURES["sd1"]
+    encoders = ("text_encoder", "text_encoder_2")[:text_encoder_count]
+    return get(family.from_unet(unet_config, encoders).name)
 
 
 def detect_from_width(cross_attention_dim: int | None, text_encoder_count: int) -> Architecture:
-    """Tell the family from tensor shapes alone: the width the cross-attention keys read.
+    """The row of a LoRA's tensors alone (a file without the facts in its header):
+    ``trainer.models.family.from_lora``'s decision from the width its cross-attention keys
+    read and how many text encoders it adapts; SD 1.x when they do not tell."""
+    from trainer.models import family
 
-    Used for files without the facts in their header (checkpoints, other trainers' files).
-    """
-    if text_encoder_count > 1 or cross_attention_dim == 2048:
-        return ARCHITECTURES["sdxl"]
-    if cross_attention_dim == 1024:
-        return ARCHITECTURES["sd2"]
-    return ARCHITECTURES["sd1"]
+    components = ("unet", "text_encoder", "text_encoder_2")[: text_encoder_count + 1]
+    widths = {"attn2.to_k": cross_attention_dim} if cross_attention_dim else {}
+    found = family.from_lora({}, components, widths)
+    return ARCHITECTURES.get(found.name, ARCHITECTURES["sd1"])

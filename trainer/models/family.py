@@ -15,17 +15,25 @@ a shape error after a multi-GB load.
 A UNet of another width (the tests' tiny SD model) is "SD 1.x, not certain": an explicit
 ``sd1`` or ``sd2`` names it, since the two differ only in the names written into the LoRA's
 metadata. SDXL against the others is never a matter of naming: the conditioning differs.
+
+A LoRA file's family (:func:`from_lora`, what ``sdlora inspect`` shows and ``sdlora sample``
+checks against the model) is read from its header first (our ``sdlora_training`` record, SAI's
+``modelspec.architecture``, kohya's ``ss_base_model_version``/``ss_v2``), then from its keys
+and tensor widths.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from trainer.config.load import ModelConfig
+from trainer.models.architectures import ARCHITECTURES
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
 # The original-layout key prefixes that tell the families apart in a single checkpoint.
@@ -57,7 +65,15 @@ def detect(config: ModelConfig) -> Detected:
     source = config.pretrained
     path = Path(source).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
-        return from_checkpoint_keys(_header_keys(path), path.name)
+        try:
+            keys = _header_keys(path)
+        except (OSError, ValueError, SafetensorError) as err:
+            # Found here, in seconds, rather than as a traceback from the pipeline's loader.
+            return Detected(
+                problem=f"its safetensors header cannot be read ({err}); a download or copy "
+                "cut short? get the file again"
+            )
+        return from_checkpoint_keys(keys, path.name)
     if path.is_dir():
         return from_folder(path)
     return _from_hub(config)
@@ -72,8 +88,23 @@ def from_folder(folder: Path) -> Detected:
 
 def from_configs(index: dict, unet: dict, where: str) -> Detected:
     """The family from a pipeline's ``model_index.json`` and its UNet's config."""
-    pipeline = index.get("_class_name", "")
     has = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
+    return from_unet(unet, has, where, index.get("_class_name", ""))
+
+
+def from_unet(
+    unet: Mapping[str, Any], components: Collection[str], where: str = "", pipeline: str = ""
+) -> Detected:
+    """The family from a UNet's config and the pipeline components beside it.
+
+    Args:
+        unet: The UNet's config (``unet/config.json``, or a loaded UNet's ``config``).
+        components: The pipeline's components that are present (``text_encoder_2`` says
+            SDXL); empty to judge the UNet alone.
+        where: The model, for the evidence.
+        pipeline: ``model_index.json``'s ``_class_name``, when known.
+    """
+    has = set(components)
     text_time = unet.get("addition_embed_type") == "text_time"
     if text_time and "text_encoder_2" in has and "text_encoder" not in has:
         return Detected(
@@ -119,7 +150,8 @@ def problems(config: ModelConfig, detected: Detected) -> list[str]:
     if not detected.certain and "sdxl" not in (config.arch, detected.name):
         return []  # neither SD 1.x's nor 2.x's width: the user names it
     return [
-        f"{key}: but model.pretrained is {_NAMES[detected.name]} ({detected.evidence}); set "
+        f"{key}: but model.pretrained is an {ARCHITECTURES[detected.name].title} model "
+        f"({detected.evidence}); set "
         f"model.arch = 'auto' or {detected.name!r}"
     ]
 
@@ -132,15 +164,11 @@ def resolve(config: ModelConfig, detected: Detected) -> str:
     return detected.name or "sd1"
 
 
-_NAMES = {"sd1": "an SD 1.x model", "sd2": "an SD 2.x model", "sdxl": "an SDXL model"}
-
-
 def _header_keys(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (OSError, ValueError):
-        return []  # not a readable safetensors file: the load reports it
+    """The tensor names of a checkpoint; safetensors checks that the header is whole and
+    describes the file on disk (no tensor is read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 def _read_json(path: Path) -> dict:
@@ -162,3 +190,85 @@ def _from_hub(config: ModelConfig) -> Detected:
     except Exception:  # offline and not cached, or no such file: the load will say why
         return Detected()
     return from_configs(_read_json(Path(index)), _read_json(Path(unet)), config.pretrained)
+
+
+# ---------------------------------------------------------------- LoRA files
+
+# The run record every file we write carries (trainer.lora.adapters.TRAINING_METADATA_KEY;
+# the models layer sits below lora, so it cannot import the name).
+_TRAINING_RECORD = "sdlora_training"
+# ``modelspec.architecture`` prefixes (SAI model spec), most specific first.
+_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"))
+_MODELSPEC_V1 = "stable-diffusion-v1"
+# Cross-attention key widths: CLIP ViT-L (SD 1.x), OpenCLIP-H (SD 2.x), both of SDXL's.
+_LORA_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+@dataclass(frozen=True)
+class LoraFamily:
+    """What a LoRA file says about the family it was made for.
+
+    Attributes:
+        name: ``sd1``, ``sd2``, ``sdxl``, or ``unknown`` when neither header nor keys tell.
+        evidence: The header key it was read from, or what in the keys told it.
+        in_header: Read from a header key (else from the keys and widths).
+    """
+
+    name: str
+    evidence: str
+    in_header: bool = False
+
+
+def from_lora(
+    metadata: Mapping[str, str],
+    components: Collection[str],
+    in_features: Mapping[str, int | None],
+) -> LoraFamily:
+    """A LoRA file's family: from its header, else from its keys and tensor widths.
+
+    Args:
+        metadata: The safetensors header's metadata.
+        components: The model components it adapts (``unet``, ``text_encoder``...).
+        in_features: Each adapted module's name (as the file writes it) and its input width.
+    """
+    found = _lora_header_family(metadata)
+    return found if found is not None else _lora_key_family(components, in_features)
+
+
+def _lora_header_family(metadata: Mapping[str, str]) -> LoraFamily | None:
+    try:
+        recorded = json.loads(metadata.get(_TRAINING_RECORD, "{}")).get("architecture")
+    except (json.JSONDecodeError, AttributeError):
+        recorded = None
+    if recorded in ARCHITECTURES:
+        return LoraFamily(recorded, _TRAINING_RECORD, True)
+    spec = metadata.get("modelspec.architecture", "")
+    for prefix, name in (*_MODELSPEC, (_MODELSPEC_V1, "sd1")):
+        if spec.startswith(prefix):
+            return LoraFamily(name, "modelspec.architecture", True)
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return LoraFamily("sdxl", "ss_base_model_version", True)
+    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
+        return LoraFamily("sd2", "ss_base_model_version / ss_v2", True)
+    if version.startswith("sd_v1"):
+        return LoraFamily("sd1", "ss_base_model_version", True)
+    return None
+
+
+def _lora_key_family(
+    components: Collection[str], in_features: Mapping[str, int | None]
+) -> LoraFamily:
+    if "text_encoder_2" in components:
+        return LoraFamily("sdxl", "two text encoders")
+    names = list(in_features)
+    if any(n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for n in names):
+        return LoraFamily("sdxl", "original-layout UNet names (SDXL trainers use them)")
+    widths = {w for n, w in in_features.items() if "attn2" in n and "to_k" in n}
+    for width in widths:
+        if width in _LORA_WIDTHS:
+            return LoraFamily(_LORA_WIDTHS[width], f"cross-attention width {width}")
+    if any(n.startswith("lora_te1_") for n in names):
+        # kohya numbers the text encoders only when there are two.
+        return LoraFamily("sdxl", "lora_te1_, the first of two text encoders")
+    return LoraFamily("unknown", "no metadata and no recognisable shapes")

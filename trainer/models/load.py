@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from trainer.config.load import ModelConfig
 from trainer.errors import UserError
+from trainer.models import family
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ def load_components(
         raise ModelLoadError(
             f"model.pretrained = {source!r}: could not load it as a diffusers {where}: {err}"
         ) from err
-    loaded_sdxl = parts.unet.config.get("addition_embed_type") == "text_time"
+    # The UNet alone decides: a single file's pipeline class was chosen from `architecture`.
+    loaded_sdxl = family.from_unet(parts.unet.config, ()).name == "sdxl"
     if loaded_sdxl != sdxl:
         raise ModelLoadError(
             f"model.pretrained = {source!r}: loaded as {architecture}, but its UNet "

@@ -8,13 +8,12 @@ and suggesting the closest valid key. Nothing is silently ignored.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from trainer.optimizers import registry
 from trainer.optimizers.base import OptimizerSpec
-from typedtables import ConfigError, describe_table, toml_value
+from typedtables import build_or_raise, describe_choice
 
 SOURCE = "the optimizer"
 DEFAULT = "adamw"
@@ -51,11 +50,7 @@ def from_table(table: Mapping[str, Any], where: str = "optimizer") -> OptimizerS
     Raises:
         ConfigError: With every problem found, each naming ``<where>.<key>``.
     """
-    problems: list[str] = []
-    spec = build(table, where, problems)
-    if problems:
-        raise ConfigError(problems, SOURCE)
-    return spec
+    return build_or_raise(build, table, where, SOURCE)
 
 
 def build(table: Any, where: str, problems: list[str]) -> OptimizerSpec:
@@ -84,11 +79,5 @@ def describe(name: str) -> str:
         TOML default and doc.
     """
     cls = registry.get(name)
-    lines = [f"{cls.name}", ""]
-    text = inspect.getdoc(cls) or ""
-    lines += [f"  {line}".rstrip() for line in text.splitlines()]
-    if cls.package:
-        lines += ["", f"  needs: pip install 'sdlora[{cls.extra or cls.package}]'"]
-    lines += ["", f"  keys of [optimizer] with name = {toml_value(cls.name)}:"]
-    lines.append(describe_table(cls, "", indent="    "))
-    return "\n".join(lines)
+    needs = [f"needs: pip install 'sdlora[{cls.extra or cls.package}]'"] if cls.package else []
+    return describe_choice(cls, "optimizer", needs)

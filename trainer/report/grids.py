@@ -1,6 +1,7 @@
 """Image grids with labels: one validation point's samples, and the whole run's progression.
 
-Pure layout on PIL images; what goes in them is decided in ``trainer/report/samples.py``.
+Pure layout on PIL images; what goes in them is decided by the callers: training's samples
+(``trainer/report/samples.py``) and ``sdlora sample``'s base-against-LoRA comparison.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _fit(image: Image.Image, tile_max: int | None) -> Image.Image:
 
 def grid(
     rows: Sequence[Sequence[Image.Image | None]],
-    row_labels: Sequence[str],
+    row_labels: Sequence[str] | None,
     col_labels: Sequence[str] | None = None,
     tile_max: int | None = None,
 ) -> Image.Image:
@@ -72,7 +73,7 @@ def grid(
 
     Args:
         rows: The images, row by row; None leaves a grey tile (a prompt absent at a point).
-        row_labels: One per row.
+        row_labels: One per row, or None for no label column.
         col_labels: One per column, or None for no header.
         tile_max: Shrink tiles whose longer side exceeds this; None keeps them whole.
     """
@@ -87,7 +88,7 @@ def grid(
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
-    label_w = max((text_size(t)[0] for t in row_labels), default=0) + 2 * _PAD
+    label_w = max((text_size(t)[0] for t in row_labels), default=0) + 2 * _PAD if row_labels else 0
     header_h = max((text_size(t)[1] for t in col_labels), default=0) + 2 * _PAD if col_labels else 0
     columns = max((len(row) for row in tiles), default=0)
     canvas = Image.new(
@@ -98,7 +99,8 @@ def grid(
         pen.text((label_w + c * width + _PAD, _PAD), text, fill=(0, 0, 0), font=font)
     for r, row in enumerate(tiles):
         top = header_h + r * height
-        pen.text((_PAD, top + _PAD), row_labels[r], fill=(0, 0, 0), font=font)
+        if row_labels:
+            pen.text((_PAD, top + _PAD), row_labels[r], fill=(0, 0, 0), font=font)
         for c, tile in enumerate(row):
             left = label_w + c * width
             if tile is None:
