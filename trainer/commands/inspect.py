@@ -13,7 +13,6 @@ meta device, so no weights are read.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from trainer.lora import hashes as lora_hashes
 from trainer.lora import keys as lora_keys
 from trainer.lora.files import Header, LoraFileError, load_tensors, read_header
 from trainer.lora.formats import Parsed, alpha_keys, parse
-from trainer.models.architectures import ARCHITECTURES
+from trainer.models import family as model_family
 
 _LONG_VALUE = 300  # metadata values longer than this are shortened in the text report
 
@@ -76,44 +75,6 @@ def _not_a_lora(header: Header) -> LoraFileError:
     )
 
 
-def _architecture(parsed: Parsed, metadata: dict[str, str]) -> tuple[str, str]:
-    """The base-model family and where that came from (header key, or tensor shapes)."""
-    try:
-        recorded = json.loads(metadata.get("sdlora_training", "{}")).get("architecture")
-    except (json.JSONDecodeError, AttributeError):
-        recorded = None
-    if recorded in ARCHITECTURES:
-        return recorded, "sdlora_training"
-    spec = metadata.get("modelspec.architecture", "")
-    for prefix, name in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2")):
-        if spec.startswith(prefix):
-            return name, "modelspec.architecture"
-    if spec.startswith("stable-diffusion-v1"):
-        return "sd1", "modelspec.architecture"
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl", "ss_base_model_version"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
-        return "sd2", "ss_base_model_version / ss_v2"
-    if version.startswith("sd_v1"):
-        return "sd1", "ss_base_model_version"
-    return _architecture_from_shapes(parsed)
-
-
-def _architecture_from_shapes(parsed: Parsed) -> tuple[str, str]:
-    if "text_encoder_2" in parsed.components:
-        return "sdxl", "two text encoders"
-    names = parsed.modules
-    if any(n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for n in names):
-        return "sdxl", "original-layout UNet names (SDXL trainers use them)"
-    widths = {m.in_features for n, m in names.items() if "attn2" in n and "to_k" in n}
-    width = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    for w in widths:
-        if w in width:
-            return width[w], f"cross-attention width {w}"
-    return "unknown", "no metadata and no recognisable shapes"
-
-
 def _module_rows(parsed: Parsed) -> list[dict[str, Any]]:
     return [
         {
@@ -153,7 +114,9 @@ def inspect(path: str | Path, against: str | Path | None = None) -> Report:
     parsed = parse(header, alphas)
     if parsed is None:
         raise _not_a_lora(header)
-    arch, source = _architecture(parsed, header.metadata)
+    widths = {name: module.in_features for name, module in parsed.modules.items()}
+    family = model_family.from_lora(header.metadata, parsed.components, widths)
+    arch, source = family.name, family.evidence
     hashes = lora_hashes.verify(header.path, header.metadata)
     report = Report(
         path=header.path,

@@ -152,7 +152,7 @@ def build_feed(
                 caption,
             )
 
-    sdxl = parts.text_encoder_2 is not None
+    sdxl = parts.architecture == "sdxl"
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":

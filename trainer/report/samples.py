@@ -164,7 +164,7 @@ def pipeline_for(parts: Components, unet: torch.nn.Module, text_encoder, schedul
     """
     _, sd_pipeline = _import_pipeline()
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    if parts.text_encoder_2 is not None:
+    if parts.architecture == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(

@@ -179,7 +179,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         if on
     }
     # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
-    unread = conditioning.unread_layers(parts.text_encoder_2 is not None)
+    unread = conditioning.unread_layers(parts.architecture == "sdxl")
     lora.attach(parts.unet, trained_texts, config.lora, unread)
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
     if train_cfg.compile:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from schedulers import preview
 from trainer.files import write_atomic, write_text
 from trainer.report import grids
 from trainer.step_folders import numbered_folders
@@ -184,13 +185,7 @@ def page_html(
 
 
 def _figure(width: float, height: float):
-    # The object API on an Agg canvas: no pyplot state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return preview.new_figure((width, height))
 
 
 def _png(fig) -> bytes:
@@ -205,23 +200,14 @@ def _colours(results: Sequence[RunResult]) -> dict[str, str]:
 
 
 def lr_figure(results: Sequence[RunResult]) -> bytes:
-    """Every run's applied LR per update (param group 0 solid, the text encoder's dashed)."""
-    fig = _figure(9, 5)
-    ax = fig.add_subplot()
-    colours, labelled = _colours(results), set()
+    """Every run's applied LR per update (param group 0 solid, the text encoder's dashed),
+    drawn by the same builder as ``sdlora lr-plot``."""
+    pairs = []
     for r in results:
-        steps = [m["step"] for m in r.metrics]
-        for group, style in ((0, "-"), (1, "--")):
-            lrs = [m["lr"][group] for m in r.metrics if len(m["lr"]) > group]
-            if not lrs:
-                continue
-            name = r.run.point.label + (" (text encoder)" if group else "")
-            ax.plot(steps[: len(lrs)], lrs, style, color=colours[r.run.point.label],
-                    label=None if name in labelled else name)  # fmt: skip
-            labelled.add(name)
-    ax.set(xlabel="optimizer update", ylabel="learning rate", title="Applied LR per update")
-    if labelled:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
+        logged = [m for m in r.metrics if m.get("lr")]
+        steps = [m["step"] for m in logged]
+        pairs.append((r.run.point.label, preview.Curve(steps, [m["lr"] for m in logged])))
+    fig = preview.lr_figure(pairs, "Applied LR per update", ("", "text encoder"), size=(9, 5))
     return _png(fig)
 
 
