@@ -50,6 +50,7 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Regenerate both locks from pyproject.toml with the newest releases its ranges allow, then run
 # `make test` and commit (README: Development).
