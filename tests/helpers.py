@@ -9,8 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from trainer.lora.adapters import TRAINING_METADATA_KEY
-from trainer.lora.files import read_header
+from trainer.lora.files import TRAINING_METADATA_KEY, read_header
 from trainer.report.samples import METADATA_KEY
 from trainer.report.tracking import CLOCK_KEYS
 

@@ -23,6 +23,7 @@ from trainer.commands import inspect as inspect_lora
 from trainer.config.load import ConfigError
 from trainer.lora import adapters as lora
 from trainer.lora import keys as lora_keys
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.run import checkpoint as ckpt
 from trainer.run import final, loop
 
@@ -72,8 +73,8 @@ def test_each_type_resumes_bitwise(trained, make_config, tmp_path):
     cfg = make_config(*overrides(kind), f'checkpoint.resume="{start}"', output=tmp_path / "r")
     loop.run(cfg)
     ours, theirs = (
-        load_file(tmp_path / "r" / lora.WEIGHTS_NAME),
-        load_file(result.output_dir / lora.WEIGHTS_NAME),
+        load_file(tmp_path / "r" / WEIGHTS_NAME),
+        load_file(result.output_dir / WEIGHTS_NAME),
     )
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), kind
@@ -81,10 +82,10 @@ def test_each_type_resumes_bitwise(trained, make_config, tmp_path):
 
 def test_each_type_trains_its_own_tensors(trained):
     kind, _, result = trained
-    state = load_file(result.output_dir / lora.WEIGHTS_NAME)
+    state = load_file(result.output_dir / WEIGHTS_NAME)
     adapter = "lokr" if kind.startswith("lokr") else kind
     assert lora_keys.adapter_type(state) == adapter
-    first = load_file(ckpt.step_dir(result.output_dir, 2) / lora.WEIGHTS_NAME)
+    first = load_file(ckpt.step_dir(result.output_dir, 2) / WEIGHTS_NAME)
     moved = [k for k in state if not torch.equal(state[k], first[k])]
     assert moved, f"{kind}: no adapter tensor changed between update 2 and 3"
 
@@ -186,7 +187,7 @@ def test_inspect_reports_the_type_of_both_files(exported):
     assert kohya.adapter_type == adapter
     assert kohya.format == ("kohya" if adapter == "lora" else "LyCORIS")
     assert f"adapter type:  {adapter}" in inspect_lora.format_report(kohya)
-    assert inspect_lora.inspect(files[lora.WEIGHTS_NAME]).adapter_type == adapter
+    assert inspect_lora.inspect(files[WEIGHTS_NAME]).adapter_type == adapter
 
 
 # ---------------------------------------------------------------- DoRA in diffusers
@@ -210,7 +211,7 @@ def test_per_output_dora_loads_in_diffusers_with_the_trained_outputs(dora_runs, 
     result = dora_runs["output"]
     folder = perturbed_checkpoint(result, result.output_dir / "perturbed")
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    pipe.load_lora_weights(str(folder), weight_name=lora.WEIGHTS_NAME)
+    pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME)
     ids = pipe.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -230,7 +231,7 @@ def test_diffusers_refuses_per_input_dora_loudly(dora_runs, tiny_model):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     with pytest.raises(RuntimeError, match="size mismatch"):
-        pipe.load_lora_weights(str(dora_runs["input"].output_dir), weight_name=lora.WEIGHTS_NAME)
+        pipe.load_lora_weights(str(dora_runs["input"].output_dir), weight_name=WEIGHTS_NAME)
 
 
 # ---------------------------------------------------------------- config
@@ -336,7 +337,7 @@ def test_sdlora_sample_loads_every_type_as_trained(exported, tiny_model, tmp_pat
     from trainer.commands import cli, sample
 
     kind, result, files = exported
-    path = files[lora.WEIGHTS_NAME]
+    path = files[WEIGHTS_NAME]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     ids = pipe.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -361,9 +362,9 @@ def test_sdlora_sample_loads_every_type_as_trained(exported, tiny_model, tmp_pat
         torch.testing.assert_close(
             predict(pipe.unet, pipe.text_encoder), ours, rtol=1e-4, atol=1e-5
         )
-        kohya = next(p for name, p in files.items() if name != lora.WEIGHTS_NAME)
+        kohya = next(p for name, p in files.items() if name != WEIGHTS_NAME)
         argv = ["sample", "--lora", str(kohya), "--model", str(tiny_model), "--prompt", "a"]
         capsys.readouterr()  # the progress bars of the pipeline loaded above
         assert cli.main([*argv, "--out", str(tmp_path / "k.png")]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and lora.WEIGHTS_NAME in err and "Traceback" not in err
+        assert err.startswith("error: ") and WEIGHTS_NAME in err and "Traceback" not in err

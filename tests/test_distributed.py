@@ -20,7 +20,7 @@ import torch
 from helpers import without_clock
 from safetensors.torch import load_file
 
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.report.tracking import read_metrics
 from trainer.run.checkpoint import step_dir
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer.commands.cli import main
 from trainer.lora import hashes as lora_hashes
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.run import loop
 
 NAME = "exp"

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save
 
 from trainer.files import umask_mode
 from trainer.lora import adapters as lora
+from trainer.lora import files as lora_files
 from trainer.lora import hashes as lora_hashes
 from trainer.run import checkpoint as ckpt
 from trainer.run import final, loop
@@ -98,7 +99,7 @@ def expected_names(tiny_model):
 
 def test_both_files_with_exact_key_names_and_normal_permissions(run, tiny_model):
     _, result = run
-    diffusers_file = result.output_dir / lora.WEIGHTS_NAME
+    diffusers_file = result.output_dir / lora_files.WEIGHTS_NAME
     kohya_file = result.output_dir / f"{NAME}.safetensors"
     diffusers_keys, kohya_keys = expected_names(tiny_model)
     assert set(load_file(diffusers_file)) == diffusers_keys
@@ -156,7 +157,7 @@ def outputs_of(pipe):
 
 def test_kohya_file_gives_the_diffusers_files_image_text_encoder_included(nontrivial, tiny_model):
     base_hidden, base_image = outputs_of(pipeline(tiny_model))
-    ours_hidden, ours_image = outputs_of(pipeline(tiny_model, nontrivial, lora.WEIGHTS_NAME))
+    ours_hidden, ours_image = outputs_of(pipeline(tiny_model, nontrivial, lora_files.WEIGHTS_NAME))
     kohya_hidden, kohya_image = outputs_of(pipeline(tiny_model, nontrivial, f"{NAME}.safetensors"))
     # The text-encoder part loaded from both files, identically.
     assert (ours_hidden - base_hidden).abs().max() > 1e-2
@@ -209,14 +210,17 @@ def test_kohya_metadata_values(run, dataset):
     assert {k: meta.get(k) for k in expected} == expected
     assert meta["ss_optimizer"].startswith("torch.optim.AdamW(")
     assert datetime.fromisoformat(meta["modelspec.date"].replace("Z", "+00:00")).year >= 2024
-    record = json.loads(meta[lora.TRAINING_METADATA_KEY])
+    record = json.loads(meta[lora_files.TRAINING_METADATA_KEY])
     assert record["steps"] == 2 and record["text_encoder_trained"] is True
 
 
 def test_no_absolute_path_in_any_header(run, tiny_model, dataset, tmp_path_factory):
     _, result = run
     root = str(tmp_path_factory.getbasetemp())
-    for path in (result.output_dir / lora.WEIGHTS_NAME, result.output_dir / f"{NAME}.safetensors"):
+    for path in (
+        result.output_dir / lora_files.WEIGHTS_NAME,
+        result.output_dir / f"{NAME}.safetensors",
+    ):
         for key, value in header(path).items():
             for leak in (root, str(tiny_model), str(dataset), str(result.output_dir)):
                 assert leak not in value, f"{path.name}: {key} holds {leak}"
@@ -241,7 +245,7 @@ def test_stored_hashes_are_the_files_own(run):
     assert meta["sshs_model_hash"] == content
     assert meta["modelspec.hash_sha256"] == "0x" + content
     assert meta["sshs_legacy_hash"] == legacy
-    diffusers_file = result.output_dir / lora.WEIGHTS_NAME
+    diffusers_file = result.output_dir / lora_files.WEIGHTS_NAME
     assert (
         header(diffusers_file)["modelspec.hash_sha256"]
         == "0x" + independent_hashes(diffusers_file)[0]
@@ -277,7 +281,7 @@ def test_a_changed_byte_fails_the_hash(run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("fmt", "files"), [("diffusers", [lora.WEIGHTS_NAME]), ("kohya", [f"{NAME}.safetensors"])]
+    ("fmt", "files"), [("diffusers", [lora_files.WEIGHTS_NAME]), ("kohya", [f"{NAME}.safetensors"])]
 )
 def test_output_format_picks_the_files(run, tiny_config, tmp_path, fmt, files):
     cfg, result = run

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from trainer import optimizers
 from trainer.lora import adapters as lora
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.optimizers.modes import TRAIN_WEIGHTS
 from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt

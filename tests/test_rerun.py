@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from trainer.commands import cli
 from trainer.config.load import ConfigError
 from trainer.files import write_atomic, write_folder_atomic
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import load as models
 from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt

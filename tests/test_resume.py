@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from trainer import files
 from trainer.config.load import ConfigError, build
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import load as models
 from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt

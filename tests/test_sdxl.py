@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from trainer.commands import export
 from trainer.commands import inspect as inspect_lora
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import conditioning
 from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from trainer.config.load import ConfigError, ModelConfig
 from trainer.models import family as model_arch
 from trainer.models import load as models
+from trainer.models import source
 from trainer.models.vae import posterior
 from trainer.run import preflight, step
 
@@ -240,16 +241,16 @@ def test_a_named_vae_replaces_the_models_and_the_log_says_which(tiny_sdxl, tmp_p
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
     cfg = ModelConfig(pretrained=str(tiny_sdxl), vae=str(folder))
-    assert models.vae_problems(cfg) == []
+    assert source.vae_problems(cfg) == []
     parts = models.load_components(cfg, torch.float32, "sdxl")
     assert parts.vae.config.force_upcast is False
     assert parts.vae_note == "sdxl-vae-fp16-fix, float32"
     own = models.load_components(ModelConfig(pretrained=str(tiny_sdxl)), torch.float32, "sdxl")
     assert own.vae_note == "the model's own, float32" and own.vae.config.force_upcast
     missing = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "nope"))
-    assert "model.vae" in models.vae_problems(missing)[0]
+    assert "model.vae" in source.vae_problems(missing)[0]
     single = ModelConfig(pretrained=str(tiny_sdxl), vae=str(tmp_path / "vae.safetensors"))
-    assert "single-file VAE is not supported" in models.vae_problems(single)[0]
+    assert "single-file VAE is not supported" in source.vae_problems(single)[0]
 
 
 # ---------------------------------------------------------------- the validation loss

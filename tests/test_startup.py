@@ -65,6 +65,16 @@ def test_lr_plot_needs_no_heavy_library(tiny_data):
     assert sorted(loaded & set(HEAVY)) == []
 
 
+def test_a_problem_preflight_finds_comes_before_the_model_libraries(tmp_path):
+    """A missing data.path is found by preflight, which loads torch (checkpoints) but not
+    diffusers, peft, transformers or accelerate."""
+    argv = ["train", "--config", "configs/tiny.toml", "--set", f'data.path="{tmp_path / "no"}"']
+    argv += ["--set", f'output_dir="{tmp_path / "out"}"']
+    code, loaded = loaded_after(argv)
+    assert code == 2
+    assert sorted(loaded & set(HEAVY) - {"torch"}) == []
+
+
 def test_the_probe_sees_a_heavy_import():
     """The measure can fail: `sample --help` builds no model, but a real import is seen."""
     code = "import sys, torch; print(json.dumps({'code': 0, 'loaded': list(sys.modules)}))"

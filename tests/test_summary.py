@@ -15,7 +15,7 @@ from conftest import REPO, TINY_TOML
 from trainer.commands import cli
 from trainer.commands import summary as end_summary
 from trainer.config.load import load
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.report import samples
 from trainer.report.progress import LOSS_EMA_BETA, format_loss, smoothed
 from trainer.report.tracking import read_metrics

@@ -32,6 +32,7 @@ from sweep_helpers import (
 )
 
 from trainer.commands import cli
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.report.tracking import read_metrics
 from trainer.run.checkpoint import find_latest
 from trainer.sweep import claims
@@ -274,7 +275,7 @@ def test_validation_loss_of_one_lora_is_identical_across_two_evaluations(referen
     cfg = config.load(folder / "config.toml")
     parts = models.load_components(cfg.model)
     lora.attach(parts.unet, None, cfg.lora)
-    lora.load_into(find_latest(folder) / lora.WEIGHTS_NAME, parts.unet, None)
+    lora.load_into(find_latest(folder) / WEIGHTS_NAME, parts.unet, None)
     _, held_out = checked_examples(cfg, show_progress=False)
     val = cfg.validation
 

@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from helpers import training_metadata, without_clock
 from safetensors.torch import load_file
 
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.report.tracking import read_metrics
 from trainer.run import loop
 

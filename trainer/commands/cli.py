@@ -313,12 +313,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         keys = [k.strip() for k in args.allow_change.split(",") if k.strip()]
         overrides.append(f"checkpoint.allow_change={json.dumps(keys)}")
     cfg = config.load(args.config, overrides)
-    from trainer.run import loop  # torch, accelerate, diffusers: after the config is known good
+    # Preflight needs torch but none of diffusers, peft or accelerate: every problem it finds
+    # (paths, data, resume point) is reported before those libraries' seconds of imports.
+    from trainer.run import preflight
 
     start = time.monotonic()
     # A sweep worker's trial holds its run folder's lock and registers its pid; a no-op else.
     with trial_process():
-        result = loop.run(cfg, overwrite=args.overwrite)
+        processes, is_main = preflight.launch()
+        checked = preflight.check(cfg, processes, args.overwrite, is_main)
+        from trainer.run import loop
+
+        result = loop.run(cfg, overwrite=args.overwrite, checked=checked)
     if not result.is_main_process:
         return 130 if result.interrupted else 0
     if result.interrupted:

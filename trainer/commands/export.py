@@ -29,8 +29,15 @@ from trainer.lora import formats as lora_formats
 from trainer.lora import keys as lora_keys
 from trainer.lora import metadata as meta
 from trainer.lora import outputs
-from trainer.lora.adapters import ADAPTER_METADATA_KEY, TRAINING_METADATA_KEY, WEIGHTS_NAME
-from trainer.lora.files import Header, LoraFileError, load_tensors, read_header
+from trainer.lora.files import (
+    ADAPTER_METADATA_KEY,
+    TRAINING_METADATA_KEY,
+    WEIGHTS_NAME,
+    Header,
+    LoraFileError,
+    load_tensors,
+    read_header,
+)
 from trainer.models import architectures
 from trainer.run import checkpoint as ckpt
 

@@ -35,8 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from trainer import quiet
 from trainer.config.load import ConfigError
 from trainer.files import write_atomic
-from trainer.lora.adapters import TRAINING_METADATA_KEY, WEIGHTS_NAME
-from trainer.lora.files import LoraFileError, read_header
+from trainer.lora.files import TRAINING_METADATA_KEY, WEIGHTS_NAME, LoraFileError, read_header
 from trainer.lora.formats import FORMAT_DIFFUSERS, Parsed, parse
 from trainer.lora.metadata import model_name
 from trainer.models import family as model_family

@@ -84,7 +84,7 @@ def model_problems(model: str) -> list[str]:
     """Why ``model`` cannot be loaded as a pipeline: a missing path, a folder that is not a
     diffusers model, a hub id not in the cache while offline (no weights are read)."""
     from trainer.config.load import ModelConfig
-    from trainer.models.load import source_problems
+    from trainer.models.source import source_problems
 
     if Path(model).expanduser().suffix == ".safetensors":
         return [

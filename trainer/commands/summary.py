@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config.load import RunConfig
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.report import progress
 from trainer.report.grids import PROGRESSION_NAME
 from trainer.report.samples import SAMPLES_DIR

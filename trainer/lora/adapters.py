@@ -19,7 +19,6 @@ the installed transformers calls the modules, and mapped back onto the live mode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,18 +28,15 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from trainer.config.load import ConfigError, LoraConfig
-from trainer.files import save_safetensors
 from trainer.lora import dora
 from trainer.lora import keys as lora_keys
-from trainer.lora.files import load_tensors, read_header
-from trainer.lora.metadata import strip_paths
+from trainer.lora.files import (
+    load_tensors,
+    read_header,
+    save_state,
+)
 from trainer.lora.targets import target_problems
 from trainer.models.dtypes import DTYPES
-
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-# The header key diffusers reads the adapter config from (diffusers.loaders.lora_base).
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
-TRAINING_METADATA_KEY = "sdlora_training"
 
 
 def _peft_config(
@@ -211,38 +207,6 @@ def collect(
         state.update({f"{name}.{k}": v.detach().cpu() for k, v in _lora_tensors(model).items()})
         packed.update({f"{name}.{k}": v for k, v in _adapter_metadata(model).items()})
     return lora_keys.canonical_state(state), packed
-
-
-def save_state(
-    folder: str | Path,
-    tensors: Mapping[str, torch.Tensor],
-    adapter_metadata: Mapping[str, object],
-    training_metadata: Mapping[str, object] | None = None,
-    extra_metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write collected LoRA tensors as ``folder/pytorch_lora_weights.safetensors``.
-
-    Args:
-        folder: Destination folder (created).
-        tensors: Diffusers-format tensors (``unet.…lora_A.weight``), in the dtype to store.
-        adapter_metadata: diffusers' packed adapter config (``unet.r``, ``unet.lora_alpha``,
-            ...), which ``load_lora_weights`` reads to restore the scale.
-        training_metadata: JSON-able facts about the run (absolute paths are reduced).
-        extra_metadata: More header entries (string values).
-    """
-    header = {
-        **dict(extra_metadata or {}),
-        "format": "pt",
-        # peft records base_model_name_or_path, the local model folder: reduced like the rest.
-        ADAPTER_METADATA_KEY: json.dumps(
-            strip_paths(dict(adapter_metadata)), sort_keys=True, default=str
-        ),
-        TRAINING_METADATA_KEY: json.dumps(
-            strip_paths(dict(training_metadata or {})), sort_keys=True
-        ),
-    }
-    tensors = lora_keys.canonical_state(tensors)
-    return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)
 
 
 def _live_state(

@@ -1,4 +1,8 @@
-"""Reading a safetensors file's header safely, with an error that says what is wrong.
+"""The diffusers LoRA file: its name and header keys, writing it, and reading any safetensors
+file's header safely, with an error that says what is wrong.
+
+Writing needs no peft (the tensors are already collected), so everything that only writes or
+reads files (final outputs, export, preflight) works without importing the training libraries.
 
 A LoRA file from anywhere may be truncated (an interrupted download), not safetensors at all
 (a pickle renamed, an HTML error page), or a model of another kind. This module reads the
@@ -9,12 +13,21 @@ and turns every such problem into a :class:`LoraFileError` naming the file and t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
+from trainer.files import save_safetensors
+from trainer.lora import keys as lora_keys
+from trainer.lora.metadata import strip_paths
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The header key diffusers reads the adapter config from (diffusers.loaders.lora_base).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+TRAINING_METADATA_KEY = "sdlora_training"
 
 # safetensors refuses headers above 100 MB; so do we, before reading one into memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -99,3 +112,35 @@ def load_tensors(header: Header, names: list[str] | None = None) -> dict[str, to
 
     with safe_open(str(header.path), framework="pt") as f:
         return {n: f.get_tensor(n) for n in (names if names is not None else f.keys())}
+
+
+def save_state(
+    folder: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    adapter_metadata: Mapping[str, object],
+    training_metadata: Mapping[str, object] | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write collected LoRA tensors as ``folder/pytorch_lora_weights.safetensors``.
+
+    Args:
+        folder: Destination folder (created).
+        tensors: Diffusers-format tensors (``unet.…lora_A.weight``), in the dtype to store.
+        adapter_metadata: diffusers' packed adapter config (``unet.r``, ``unet.lora_alpha``,
+            ...), which ``load_lora_weights`` reads to restore the scale.
+        training_metadata: JSON-able facts about the run (absolute paths are reduced).
+        extra_metadata: More header entries (string values).
+    """
+    header = {
+        **dict(extra_metadata or {}),
+        "format": "pt",
+        # peft records base_model_name_or_path, the local model folder: reduced like the rest.
+        ADAPTER_METADATA_KEY: json.dumps(
+            strip_paths(dict(adapter_metadata)), sort_keys=True, default=str
+        ),
+        TRAINING_METADATA_KEY: json.dumps(
+            strip_paths(dict(training_metadata or {})), sort_keys=True
+        ),
+    }
+    tensors = lora_keys.canonical_state(tensors)
+    return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)

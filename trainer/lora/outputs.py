@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from trainer.files import save_safetensors
-from trainer.lora import adapters as lora
+from trainer.lora import files as lora_files
 from trainer.lora import hashes as lora_hashes
 from trainer.lora import keys as lora_keys
 from trainer.lora import metadata as meta
 from trainer.models import architectures
+from trainer.models.dtypes import DTYPES
 
 FORMATS = ("diffusers", "kohya", "both")
 DIFFUSERS_IMPLEMENTATION = "diffusers"
@@ -53,7 +54,7 @@ def kohya_file_name(name: str, steps: int | None = None) -> str:
     """``name.safetensors``, or ``name-stepNNNNNNNN.safetensors`` for an intermediate state,
     as kohya names its per-step saves."""
     stem = name if steps is None else f"{name}-step{steps:08d}"
-    if f"{stem}.safetensors" == lora.WEIGHTS_NAME:
+    if f"{stem}.safetensors" == lora_files.WEIGHTS_NAME:
         stem += "_kohya"  # diffusers would pick it as its own file
     return f"{stem}.safetensors"
 
@@ -105,7 +106,7 @@ def write_lora_files(
         raise ValueError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     folder = Path(folder)
     arch = architectures.get(record.get("architecture", "sd1"))
-    torch_dtype = lora.DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     tensors = {
         k: v.to(torch_dtype).contiguous() for k, v in lora_keys.canonical_state(state).items()
     }
@@ -114,14 +115,14 @@ def write_lora_files(
     if fmt in ("diffusers", "both"):
         spec = meta.modelspec_metadata(record, name, DIFFUSERS_IMPLEMENTATION)
         spec["modelspec.hash_sha256"] = lora_hashes.hashes(tensors, {})["modelspec.hash_sha256"]
-        written.append(lora.save_state(folder, tensors, adapter_metadata, record, spec))
+        written.append(lora_files.save_state(folder, tensors, adapter_metadata, record, spec))
     if fmt in ("kohya", "both"):
         alphas = _alphas(adapter_metadata, tensors)
         kohya = lora_keys.to_kohya(tensors, arch, alphas, _ranks(adapter_metadata))
         header = {
             **meta.kohya_metadata(record, name, lora_keys.adapter_type(tensors)),
             **meta.modelspec_metadata(record, name),
-            lora.TRAINING_METADATA_KEY: record_json,
+            lora_files.TRAINING_METADATA_KEY: record_json,
         }
         path = folder / (kohya_file or kohya_file_name(name))
         written.append(save_safetensors(path, kohya, lora_hashes.with_hashes(kohya, header)))

@@ -194,7 +194,7 @@ def _from_hub(config: ModelConfig) -> Detected:
 
 # ---------------------------------------------------------------- LoRA files
 
-# The run record every file we write carries (trainer.lora.adapters.TRAINING_METADATA_KEY;
+# The run record every file we write carries (trainer.lora.files.TRAINING_METADATA_KEY;
 # the models layer sits below lora, so it cannot import the name).
 _TRAINING_RECORD = "sdlora_training"
 # ``modelspec.architecture`` prefixes (SAI model spec), most specific first.

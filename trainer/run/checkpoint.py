@@ -1,4 +1,5 @@
-"""Checkpoint layout, atomic saving, finding the latest, safe loading and pruning.
+"""Checkpoints: what one holds, writing it from a live run (:func:`save_checkpoint`), restoring a
+run from it (:func:`restore_checkpoint`), finding the latest, safe loading and pruning.
 
 A checkpoint is a folder ``output_dir/checkpoints/step-NNNNNN/`` (NNNNNN = optimizer updates
 done) holding:
@@ -27,20 +28,31 @@ falls back to the newest intact one, saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from schedulers import schedule_state
 from trainer import files
+from trainer.config.load import tables_hash, to_toml
 from trainer.errors import UserError
+from trainer.lora import metadata as meta
+from trainer.lora.files import WEIGHTS_NAME
+from trainer.optimizers import checkpoint_state, eval_mode, load_checkpoint_state
 from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
+
+if TYPE_CHECKING:
+    from trainer.data.dataset import Example
+    from trainer.run.state import RunState
 
 TRAINER_STATE = "trainer_state.json"
 LR_SCHEDULER_STATE = "lr_scheduler.json"
@@ -271,3 +283,122 @@ def load_tensors_state(path: Path) -> dict[str, Any]:
         ) from err
     except (RuntimeError, EOFError) as err:
         raise CheckpointError(f"{path}: unreadable or truncated ({err})") from err
+
+
+# ---------------------------------------------------------------- what a checkpoint holds
+
+# Tables whose change alters the trained weights; their hashes go in trainer_state.json.
+HASHED_TABLES = ("model", "lora", "data", "train", "optimizer", "lr_scheduler")
+
+
+def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
+    """What a checkpoint records of its training examples, to tell on resume whether they
+    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
+    caption, training size and file size, in the loader's order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        try:
+            size = os.path.getsize(example.path)
+        except OSError:  # gone since it was checked; the hash then differs on resume
+            size = None
+        name = os.path.relpath(example.path, data_path)
+        digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
+        digest.update(b"\n")
+    return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def save_checkpoint(run: RunState) -> Path:
+    """Write ``checkpoints/step-NNNNNN`` for the current update atomically (main process) and
+    prune old ones, never the checkpoint this run resumed from.
+
+    A schedule-free optimizer is in eval mode meanwhile, so the saved LoRA is the one it means
+    to be evaluated, and its train-mode weights go in its state
+    (see ``trainer/optimizers/modes.py``).
+    """
+    with eval_mode(run.optimizer):
+        return _write_checkpoint(run)
+
+
+def _write_checkpoint(run: RunState) -> Path:
+    # peft, through the adapters: imported where a checkpoint is written or restored, so
+    # preflight, which reads checkpoints' files only, runs before the training libraries load.
+    from trainer.lora import adapters as lora
+
+    config, accelerator, plan, update = run.config, run.accelerator, run.plan, run.update
+    folder = step_dir(config.output_dir, update)
+    if accelerator.is_main_process:
+        train = config.train
+        epoch, position = plan.position(update)
+        micro = update * plan.accumulation
+        trainer_state = {
+            "format": 1,
+            "global_step": update,
+            "total_updates": plan.total_updates,
+            "epoch": epoch,
+            "position_in_epoch": position,
+            "micro_batches": micro,
+            "samples_seen": micro * train.batch_size * accelerator.num_processes,
+            "seed": train.seed,
+            "rng": "every draw is seeded from (seed, counters) by trainer.data.order.seed_for",
+            "num_processes": accelerator.num_processes,
+            "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
+            "data": data_record(run.feed.prepared.examples, config.data.path),
+            # What the final LoRA's metadata needs, so the final files can be written from
+            # this checkpoint alone, with no model loaded (trainer/run/final.py).
+            "architecture": run.architecture,
+            "run_facts": dataclasses.asdict(run_facts(run)),
+            "saved_at": time.time(),
+        }
+        base_lrs = config.base_lrs()
+        last_lrs = [group["lr"] for group in run.optimizer.param_groups]
+        lr_state = schedule_state(
+            config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
+        )
+        unet, text_encoders = run.unwrapped(run.unet), run.trained_text_encoders()
+
+        def write(tmp: Path) -> None:
+            lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
+            files.write_json(tmp / LR_SCHEDULER_STATE, lr_state)
+            save_tensors_state(tmp / OPTIMIZER_STATE, checkpoint_state(run.optimizer))
+            if accelerator.scaler is not None:
+                files.write_json(tmp / SCALER_STATE, accelerator.scaler.state_dict())
+            (tmp / CONFIG_NAME).write_text(to_toml(config.to_dict()))
+            # Written last: it records every other file's size and hash, so damage is found
+            # before a resume loads anything.
+            names = [p.name for p in tmp.iterdir()]
+            state = {**trainer_state, "files": record_files(tmp, names)}
+            files.write_json(tmp / TRAINER_STATE, state)
+
+        files.write_folder_atomic(folder, write)
+        protect = [folder] + ([run.resumed_from] if run.resumed_from else [])
+        prune(config.output_dir, config.checkpoint.keep_last, protect)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def run_facts(run: RunState) -> meta.RunFacts:
+    """What only the loop knows about the run, for the LoRA's metadata."""
+    micro = run.update * run.plan.accumulation
+    return meta.collect_run_facts(
+        run.feed.prepared.examples,
+        steps=run.update,
+        epochs=-(-micro // run.plan.micro_batches_per_epoch),
+        optimizer=run.optimizer,
+        num_processes=run.accelerator.num_processes,
+        prediction_type=run.parts.noise_scheduler.config.prediction_type,
+        started_at=run.started_at,
+    )
+
+
+def restore_checkpoint(run: RunState, folder: Path) -> int:
+    """Load weights, optimizer and scaler state; return the global update to continue from."""
+    from trainer.lora import adapters as lora  # see _write_checkpoint
+
+    state = read_json(folder, TRAINER_STATE)
+    lora.load_into(folder / WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
+    load_checkpoint_state(run.optimizer, load_tensors_state(folder / OPTIMIZER_STATE))
+    scaler = run.accelerator.scaler
+    if scaler is not None and (folder / SCALER_STATE).is_file():
+        scaler.load_state_dict(read_json(folder, SCALER_STATE))
+    run.started_at = state.get("run_facts", {}).get("started_at") or run.started_at
+    return int(state["global_step"])

@@ -23,8 +23,7 @@ from trainer import files
 from trainer.config.load import RunConfig, to_toml
 from trainer.lora import metadata as meta
 from trainer.lora import outputs
-from trainer.lora.adapters import ADAPTER_METADATA_KEY, WEIGHTS_NAME
-from trainer.lora.files import load_tensors, read_header
+from trainer.lora.files import ADAPTER_METADATA_KEY, WEIGHTS_NAME, load_tensors, read_header
 from trainer.run import checkpoint as ckpt
 
 MANIFEST_NAME = "manifest.json"

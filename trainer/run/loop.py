@@ -24,7 +24,6 @@ The rules it keeps:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
 from trainer import optimizers
-from trainer.config.load import ConfigError, RunConfig, to_toml
+from trainer.config.load import RunConfig, to_toml
 from trainer.data.feed import build_feed
 from trainer.data.order import seed_for
 from trainer.files import write_text
@@ -48,8 +47,8 @@ from trainer.report import samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
 from trainer.run import final, preflight, step
+from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.preflight import Checked
-from trainer.run.resume import restore_checkpoint, save_checkpoint
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
 from trainer.run.validation import Validator
@@ -75,21 +74,23 @@ class TrainResult:
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second, when trained
 
 
-def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
+def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = None) -> TrainResult:
     """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
 
     Args:
         config: A validated run config.
         overwrite: Replace what an earlier run left in ``output_dir`` (``--overwrite``).
+        checked: ``preflight.check``'s answer when the caller ran it already (``sdlora
+            train`` does, before importing this module's libraries); else it runs here.
 
     Returns:
         The output folder, the updates done, the unwrapped trained models (None when the run
         had already finished), and whether the run stopped early on a signal.
     """
+    if checked is None:
+        processes, is_main = preflight.launch()
+        checked = preflight.check(config, processes, overwrite, is_main)
     accelerator = make_accelerator(config)
-    checked = preflight.check(
-        config, accelerator.num_processes, overwrite, accelerator.is_main_process
-    )
     if accelerator.is_main_process:
         preflight.apply(checked, config, accelerator.num_processes)
         for message in checked.warnings:
@@ -118,15 +119,9 @@ def run(config: RunConfig, overwrite: bool = False) -> TrainResult:
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
-    """The Accelerator, after refusing settings the hardware cannot run."""
-    precision = config.train.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(
-            [
-                "train.mixed_precision: 'fp16' needs a CUDA GPU and none is available; "
-                "use 'bf16' (runs on CPU) or 'no'"
-            ]
-        )
+    """The Accelerator for this launch (preflight has refused settings the hardware cannot
+    run)."""
+    precision = config.train.mixed_precision  # fp16 without CUDA: refused by preflight
     if torch.cuda.is_available():
         # PyTorch leaves TF32 matmuls off by default; they are the fast path on every GPU
         # this trainer targets, and the LoRA's fp32 master weights lose nothing by it.
@@ -138,7 +133,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     # accelerate only starts gloo for several CPU processes when asked for the CPU explicitly.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, _ = preflight.launch()
     accelerator = Accelerator(
         cpu=world > 1 and not torch.cuda.is_available(),
         mixed_precision=precision,

@@ -21,6 +21,7 @@ main process, so every process of a multi-process launch takes the same decision
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -29,9 +30,9 @@ from pathlib import Path
 from trainer.config.load import ConfigError, RunConfig, build, read_toml
 from trainer.data.dataset import DataError, Example, Prepared
 from trainer.lora import targets
-from trainer.lora.adapters import WEIGHTS_NAME
+from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import family as model_arch
-from trainer.models import load as models
+from trainer.models import source as model_source
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
 from trainer.run.plan import Plan, plan_run
@@ -41,7 +42,6 @@ from trainer.run.resume import (
     comparable_config,
     config_diff,
     data_change,
-    data_record,
     is_allowed,
 )
 
@@ -80,6 +80,25 @@ class Checked:
     architecture: str = "sd1"  # model.arch resolved: sd1, sd2 or sdxl
 
 
+def launch() -> tuple[int, bool]:
+    """This launch's process count, and whether this is its first process, from the variables
+    every launcher sets (accelerate and torchrun: WORLD_SIZE, RANK); a plain ``python train.py``
+    is one process. Read before the Accelerator exists, so preflight runs first."""
+    return int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
+
+
+def hardware_problems(config: RunConfig) -> list[str]:
+    """Settings this machine cannot run, found before anything loads."""
+    import torch  # already imported with the checkpoint module; named here for clarity
+
+    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        return [
+            "train.mixed_precision: 'fp16' needs a CUDA GPU and none is available; "
+            "use 'bf16' (runs on CPU) or 'no'"
+        ]
+    return []
+
+
 def check(
     config: RunConfig, num_processes: int, overwrite: bool = False, show_progress: bool = True
 ) -> Checked:
@@ -99,6 +118,7 @@ def check(
     # reported with the model's and the data's problems, not alone (fix one, rerun, meet
     # the next). The checks after it then assume a fresh start.
     problems = output_dir_problems(Path(config.output_dir))
+    problems += hardware_problems(config)
     checked = Checked()
     if not problems:
         try:
@@ -107,12 +127,12 @@ def check(
             problems += err.problems
         if checked.complete:
             return checked
-    source = models.source_problems(config.model)
+    source = model_source.source_problems(config.model)
     problems += source
     if not source:
         found, checked.architecture = model_problems(config)
         problems += found
-    problems += models.vae_problems(config.model)
+    problems += model_source.vae_problems(config.model)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
@@ -128,7 +148,7 @@ def check(
 
 def model_problems(config: RunConfig) -> tuple[list[str], str]:
     """The model's family against ``model.arch``, and the LoRA targets in its modules, for a
-    model source that exists (``models.source_problems`` found nothing).
+    model source that exists (``model_source.source_problems`` found nothing).
 
     Returns:
         The problems, and the family training uses (``sd1``, ``sd2`` or ``sdxl``).
@@ -194,7 +214,7 @@ def _data_change(config: RunConfig, checked: Checked) -> list[str]:
     longer continues the one that was stopped."""
     if checked.resume_from is None or checked.prepared is None or checked.plan is None:
         return []
-    now = data_record(checked.prepared.examples, config.data.path)
+    now = ckpt.data_record(checked.prepared.examples, config.data.path)
     change = data_change(checked.resume_state, now, checked.plan.total_updates)
     if change is None:
         return []

@@ -1,10 +1,8 @@
-"""Writing a run's checkpoint, and resuming from one.
+"""Whether a checkpoint may be resumed under the current config.
 
-What a checkpoint holds is listed in ``trainer/run/checkpoint.py``; this module fills it from a
-live run and restores a run from it. Which checkpoint a run resumes from (and whether it needs
-to train at all) is decided before any model loads, in ``trainer/run/preflight.py``.
-
-Whether a checkpoint may be resumed under the current config:
+A checkpoint is written and restored by ``trainer/run/checkpoint.py``. Which checkpoint a run
+resumes from (and whether it needs to train at all) is decided before any model loads, in
+``trainer/run/preflight.py``, with the rules of this module:
 
 A checkpoint stores the resolved config it was trained with. On resume the two are compared
 key by key. Keys that cannot change the trained weights (where logs go, worker counts,
@@ -32,33 +30,18 @@ exist and their shapes (:data:`ADAPTER_KEYS`).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
-import os
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schedulers import schedule_state
-from trainer import files
 from trainer.config.deprecated import upgrade_saved
-from trainer.config.load import ConfigError, flatten, tables_hash, to_toml
-from trainer.lora import adapters as lora
-from trainer.lora import metadata as meta
-from trainer.optimizers import checkpoint_state, eval_mode, load_checkpoint_state
-from trainer.run import checkpoint as ckpt
+from trainer.config.load import ConfigError, flatten
 
 if TYPE_CHECKING:
-    from trainer.data.dataset import Example
-    from trainer.run.state import RunState
+    pass
 
 log = logging.getLogger("sdlora")
 
-# Tables whose change alters the trained weights; their hashes go in trainer_state.json.
-HASHED_TABLES = ("model", "lora", "data", "train", "optimizer", "lr_scheduler")
 # Keys that do not influence the trained weights, so they may differ freely on resume.
 # How the final files are written (format, dtype, name) never changes the trained weights.
 FREE_KEYS = (
@@ -175,28 +158,12 @@ def _cannot_change(
     return True
 
 
-def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
-    """What a checkpoint records of its training examples, to tell on resume whether they
-    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
-    caption, training size and file size, in the loader's order."""
-    digest = hashlib.sha256()
-    for example in examples:
-        try:
-            size = os.path.getsize(example.path)
-        except OSError:  # gone since it was checked; the hash then differs on resume
-            size = None
-        name = os.path.relpath(example.path, data_path)
-        digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
-        digest.update(b"\n")
-    return {"examples": len(examples), "sha256": digest.hexdigest()}
-
-
 def data_change(state: Mapping[str, Any], now: Mapping[str, Any], total_updates: int) -> str | None:
     """How the training examples differ from those the checkpoint was trained on, or None.
 
     Args:
         state: The checkpoint's ``trainer_state.json`` (older ones record only the count).
-        now: :func:`data_record` of the examples found now.
+        now: :func:`trainer.run.checkpoint.data_record` of the examples found now.
         total_updates: The run length planned now.
     """
     saved = state.get("data") or {}
@@ -226,94 +193,3 @@ def data_change(state: Mapping[str, Any], now: Mapping[str, Any], total_updates:
 def comparable_config(config_data: dict, num_processes: int) -> dict:
     """The config plus the launch facts that also shape the run (compared on resume)."""
     return {**config_data, "launch": {"num_processes": num_processes}}
-
-
-def save_checkpoint(run: RunState) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` for the current update atomically (main process) and
-    prune old ones, never the checkpoint this run resumed from.
-
-    A schedule-free optimizer is in eval mode meanwhile, so the saved LoRA is the one it means
-    to be evaluated, and its train-mode weights go in its state
-    (see ``trainer/optimizers/modes.py``).
-    """
-    with eval_mode(run.optimizer):
-        return _write_checkpoint(run)
-
-
-def _write_checkpoint(run: RunState) -> Path:
-    config, accelerator, plan, update = run.config, run.accelerator, run.plan, run.update
-    folder = ckpt.step_dir(config.output_dir, update)
-    if accelerator.is_main_process:
-        train = config.train
-        epoch, position = plan.position(update)
-        micro = update * plan.accumulation
-        trainer_state = {
-            "format": 1,
-            "global_step": update,
-            "total_updates": plan.total_updates,
-            "epoch": epoch,
-            "position_in_epoch": position,
-            "micro_batches": micro,
-            "samples_seen": micro * train.batch_size * accelerator.num_processes,
-            "seed": train.seed,
-            "rng": "every draw is seeded from (seed, counters) by trainer.data.order.seed_for",
-            "num_processes": accelerator.num_processes,
-            "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
-            "data": data_record(run.feed.prepared.examples, config.data.path),
-            # What the final LoRA's metadata needs, so the final files can be written from
-            # this checkpoint alone, with no model loaded (trainer/run/final.py).
-            "architecture": run.architecture,
-            "run_facts": dataclasses.asdict(run_facts(run)),
-            "saved_at": time.time(),
-        }
-        base_lrs = config.base_lrs()
-        last_lrs = [group["lr"] for group in run.optimizer.param_groups]
-        lr_state = schedule_state(
-            config.lr_scheduler, plan.total_updates, update, base_lrs, last_lrs
-        )
-        unet, text_encoders = run.unwrapped(run.unet), run.trained_text_encoders()
-
-        def write(tmp: Path) -> None:
-            lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
-            files.write_json(tmp / ckpt.LR_SCHEDULER_STATE, lr_state)
-            ckpt.save_tensors_state(tmp / ckpt.OPTIMIZER_STATE, checkpoint_state(run.optimizer))
-            if accelerator.scaler is not None:
-                files.write_json(tmp / ckpt.SCALER_STATE, accelerator.scaler.state_dict())
-            (tmp / ckpt.CONFIG_NAME).write_text(to_toml(config.to_dict()))
-            # Written last: it records every other file's size and hash, so damage is found
-            # before a resume loads anything.
-            names = [p.name for p in tmp.iterdir()]
-            state = {**trainer_state, "files": ckpt.record_files(tmp, names)}
-            files.write_json(tmp / ckpt.TRAINER_STATE, state)
-
-        files.write_folder_atomic(folder, write)
-        protect = [folder] + ([run.resumed_from] if run.resumed_from else [])
-        ckpt.prune(config.output_dir, config.checkpoint.keep_last, protect)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-def run_facts(run: RunState) -> meta.RunFacts:
-    """What only the loop knows about the run, for the LoRA's metadata."""
-    micro = run.update * run.plan.accumulation
-    return meta.collect_run_facts(
-        run.feed.prepared.examples,
-        steps=run.update,
-        epochs=-(-micro // run.plan.micro_batches_per_epoch),
-        optimizer=run.optimizer,
-        num_processes=run.accelerator.num_processes,
-        prediction_type=run.parts.noise_scheduler.config.prediction_type,
-        started_at=run.started_at,
-    )
-
-
-def restore_checkpoint(run: RunState, folder: Path) -> int:
-    """Load weights, optimizer and scaler state; return the global update to continue from."""
-    state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
-    lora.load_into(folder / lora.WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
-    load_checkpoint_state(run.optimizer, ckpt.load_tensors_state(folder / ckpt.OPTIMIZER_STATE))
-    scaler = run.accelerator.scaler
-    if scaler is not None and (folder / ckpt.SCALER_STATE).is_file():
-        scaler.load_state_dict(ckpt.read_json(folder, ckpt.SCALER_STATE))
-    run.started_at = state.get("run_facts", {}).get("started_at") or run.started_at
-    return int(state["global_step"])

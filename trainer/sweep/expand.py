@@ -176,7 +176,7 @@ def _check_runs(spec: Spec, processes: int, problems: dict[str, list[str]]) -> l
 
 def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any]) -> list[str]:
     """Model-free problems of one run's config; each distinct check runs once (``once``)."""
-    from trainer.models import load as models
+    from trainer.models import source
     from trainer.run import preflight
 
     def cached(key: Any, compute: Callable[[], Any]) -> Any:
@@ -191,11 +191,12 @@ def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any
     def model_problems() -> list[str]:
         # The family against model.arch, and the targets in every trained text encoder, once
         # the source exists; the VAE either way, as the run's own preflight checks them.
-        found = models.source_problems(model) or preflight.model_problems(cfg)[0]
-        return found + models.vae_problems(model)
+        found = source.source_problems(model) or preflight.model_problems(cfg)[0]
+        return found + source.vae_problems(model)
 
     data = cfg.to_dict()
     p = p + cached(["model", data["model"], data["lora"]], model_problems)
+    p = p + cached(["hardware", data["train"]], lambda: preflight.hardware_problems(cfg))
     # The dataset is read even when train.max_steps fixes the length: a missing data.path
     # is found here with the rest, not by the first trial.
     examples = cached(["data", data["data"], data["validation"]], lambda: _examples(cfg))
