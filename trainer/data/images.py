@@ -212,10 +212,3 @@ def load_example(
     array = np.asarray(image, dtype=np.float32)
     pixels = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
     return pixels, Geometry(original, resized, box, flip)
-
-
-def to_tensor(
-    path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """The pixels of :func:`load_example` alone."""
-    return load_example(path, target, center_crop, flip, rng)[0]

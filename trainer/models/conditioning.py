@@ -61,14 +61,6 @@ class Conditioning:
         return kwargs
 
 
-def time_ids(
-    original: tuple[int, int], crop_top_left: tuple[int, int], target: tuple[int, int]
-) -> torch.Tensor:
-    """SDXL's six size and crop ids of one example, each pair as (height, width) or
-    (top, left): ``[orig_h, orig_w, top, left, target_h, target_w]``."""
-    return torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32)
-
-
 def tokenize(tokenizers: Sequence, captions: Sequence[str]) -> list[torch.Tensor]:
     """Token ids of ``captions`` for each tokenizer, padded/truncated to its length (77)."""
     return [
