@@ -443,6 +443,23 @@ def test_32_concurrent_clients_leave_it_healthy_and_every_answer_right(server, c
         )
 
 
+# ---------------------------------------------------------------- the docs
+
+
+def test_the_docs_example_is_what_the_service_answers():
+    """docs/serve.md's first curl body and the JSON it shows, through the request code."""
+    import re
+
+    from trainer.commands import serve_api
+
+    text = (REPO / "docs" / "serve.md").read_text()
+    sent = re.search(r"-d '(\{.*?\})'", text, re.DOTALL)
+    shown = re.search(r"```json\n(\{.*?\})\n```", text, re.DOTALL)
+    assert sent and shown
+    answer = serve_api.answer(serve_api.parse_json(sent.group(1).encode()))
+    assert json.loads(shown.group(1)) == answer.body
+
+
 # ---------------------------------------------------------------- the command
 
 

@@ -54,6 +54,7 @@ ASGIApp = Callable[
 ENDPOINTS = ("/lr_schedule", "/schedules", "/schedules/{name}", "/metrics", "/healthz")
 # Request latencies, in seconds: a one-update answer takes well under a millisecond of work;
 # 100,000 updates of a slow schedule take a second or more.
+BACKLOG = 2048  # connections waiting to be accepted (uvicorn's default)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -229,6 +230,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        # Listening from here on: a client that connects before uvicorn runs waits in the
+        # backlog instead of being refused.
+        sock.listen(BACKLOG)
     except OSError as err:
         sock.close()
         raise ConfigError(
@@ -256,6 +260,7 @@ def serve(host: str, port: int, access_log: bool = False) -> int:
         access_log=access_log,
         log_level="info",
         timeout_graceful_shutdown=10,
+        backlog=BACKLOG,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
