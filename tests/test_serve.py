@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import random
+import re
 import select
 import signal
 import socket
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_startup import loaded_after
 
 import schedulers
-from trainer.commands import cli
+from trainer.commands import cli, serve_api
 from trainer.commands.serve_api import MAX_BODY_BYTES, MAX_STEPS
 from trainer.config import load as config
 from trainer.config.load import ConfigError
@@ -448,10 +449,6 @@ def test_32_concurrent_clients_leave_it_healthy_and_every_answer_right(server, c
 
 def test_the_docs_example_is_what_the_service_answers():
     """docs/serve.md's first curl body and the JSON it shows, through the request code."""
-    import re
-
-    from trainer.commands import serve_api
-
     text = (REPO / "docs" / "serve.md").read_text()
     sent = re.search(r"-d '(\{.*?\})'", text, re.DOTALL)
     shown = re.search(r"```json\n(\{.*?\})\n```", text, re.DOTALL)
