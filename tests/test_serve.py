@@ -468,6 +468,17 @@ def test_help_loads_no_web_stack():
         assert sorted(loaded & set(WEB_STACK)) == []
 
 
+def test_a_missing_web_stack_names_the_extra(monkeypatch, capsys):
+    """Without the serve extra, `sdlora serve` is one error line naming it, exit status 2."""
+    monkeypatch.delitem(sys.modules, "trainer.commands.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "starlette", None)  # import starlette fails
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)
+    assert cli.main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "sdlora serve needs the starlette package" in err
+    assert "pip install 'sdlora[serve]'" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_a_port_in_use_is_one_clear_error(tmp_path):
     with socket.socket() as holder:

@@ -560,10 +560,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from trainer.commands import serve
     except ImportError as err:
-        if err.name not in SERVE_PACKAGES:
+        package = (err.name or "").split(".")[0]
+        if package not in SERVE_PACKAGES:
             raise
         raise ConfigError(
-            [f"sdlora serve needs the {err.name} package; install it: pip install 'sdlora[serve]'"],
+            [f"sdlora serve needs the {package} package; install it: pip install 'sdlora[serve]'"],
             "sdlora serve",
         ) from err
     return serve.serve(args.host, args.port, args.access_log)
