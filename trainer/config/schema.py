@@ -25,6 +25,7 @@ from typedtables import doc
 # Bounds beyond which a value is a typo, not a plan (10**12 updates would be an ETA of
 # millions of hours); every real SD run sits far inside them.
 MAX_UPDATES = 10_000_000
+MAX_PORT = 65_535  # the highest TCP port
 MAX_RESOLUTION = 4096
 
 
@@ -432,15 +433,40 @@ class LoggingConfig:
         "Experiment tracker (metrics.jsonl is always written)", "tensorboard"
     )
     project: str = doc("Tracker project / run-group name", "sdlora")
+    prometheus_port: int = doc(
+        "Serve /metrics for Prometheus on this TCP port (all interfaces) from the run's main "
+        "process while it trains: update, LRs, loss, throughput, memory; 0: off. A sweep's "
+        "trials take the first free port from it on (docs/progress.md)",
+        0,
+    )
 
     def problems(self, where: str) -> list[str]:
-        """wandb is an extra: its absence is found with the config, not after the models load."""
+        """Ranges, and the extras: a missing package is found with the config, not after the
+        models load."""
+        p = []
+        if not 0 <= self.prometheus_port <= MAX_PORT:
+            p.append(
+                f"{where}.prometheus_port: {self.prometheus_port} is not a TCP port; use "
+                f"1..{MAX_PORT}, or 0 for no metrics server"
+            )
+        return p + self.package_problems(where)
+
+    def package_problems(self, where: str) -> list[str]:
+        """The packages the settings need that this environment lacks, each with its extra
+        (``sdlora serve`` leaves these out: they say nothing about a schedule)."""
+        p = []
         if self.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
-            return [
+            p.append(
                 f'{where}.tracker: "wandb" needs the wandb package, which is not installed; '
                 "install it with: pip install 'sdlora[wandb]' (or use \"tensorboard\")"
-            ]
-        return []
+            )
+        if self.prometheus_port and importlib.util.find_spec("prometheus_client") is None:
+            p.append(
+                f"{where}.prometheus_port: serving metrics needs the prometheus_client package, "
+                "which is not installed; install it with: pip install 'sdlora[prometheus]' (or "
+                "set it to 0)"
+            )
+        return p
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from trainer.report import progress
 from trainer.step_folders import CHECKPOINTS
 
 if TYPE_CHECKING:
+    from trainer.report.prometheus import TrainingMetrics
     from trainer.run.plan import Plan
 
 METRICS_NAME = "metrics.jsonl"
@@ -180,6 +181,7 @@ class Tracker:
         plan: Plan,
         initial: int,
         resumed_from: Path | None = None,
+        metrics: TrainingMetrics | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
@@ -203,6 +205,10 @@ class Tracker:
         self.base_elapsed = 0.0
         for record in history(output_dir, initial, resumed_from) if self.main else []:
             self._remember(record)
+        # The Prometheus gauges (logging.prometheus_port): what the line shows, as numbers.
+        self.prometheus = metrics if self.main else None
+        if self.prometheus is not None:
+            self.prometheus.started(initial, self.total)
         self.bar = tqdm(
             total=self.total,
             initial=initial,
@@ -235,8 +241,11 @@ class Tracker:
             if "val_loss" in record:
                 self.val = (record["val_loss"], record["step"])
             # Set before bar.update, which draws: the line shows this update, never the last.
-            self.bar.bar_format, line = self._fit(self._values(record, ema))
+            shown = self._values(record, ema)
+            self.bar.bar_format, line = self._fit(shown)
             self.bar.set_postfix_str(line, refresh=False)
+            if self.prometheus is not None:
+                self.prometheus.publish(record["step"], shown)
             if self.enabled_tracker:
                 values = {"train/loss": record["loss"]}
                 if "val_loss" in record:

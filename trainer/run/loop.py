@@ -43,7 +43,7 @@ from trainer.models import conditioning
 from trainer.models import load as models
 from trainer.models.dtypes import DTYPES
 from trainer.models.vae import posterior
-from trainer.report import samples
+from trainer.report import prometheus, samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
 from trainer.run import final, preflight, step
@@ -51,6 +51,7 @@ from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
+from trainer.run.trial import in_sweep
 from trainer.run.validation import Validator
 
 log = logging.getLogger("sdlora")
@@ -110,9 +111,13 @@ def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = No
             messages=tuple(checked.warnings + checked.messages),
         )
     optimizers.check_device(config.optimizer, accelerator.device)  # before any model loads
-    state = setup(config, accelerator, checked)
-    interrupted = train(state)
-    return finish(state, interrupted)
+    # /metrics for Prometheus (logging.prometheus_port) from before the models load until the
+    # run returns, however it ends; a sweep's trials each take a port of their own.
+    spread = prometheus.SWEEP_PORTS if in_sweep() else 1
+    with prometheus.serving(config, accelerator.is_main_process, spread) as metrics:
+        state = setup(config, accelerator, checked, metrics)
+        interrupted = train(state)
+        return finish(state, interrupted)
 
 
 # ---------------------------------------------------------------- setup
@@ -152,8 +157,14 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     return accelerator
 
 
-def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunState:
-    """Load and prepare everything the loop needs; restore the checkpoint when resuming."""
+def setup(
+    config: RunConfig,
+    accelerator: Accelerator,
+    checked: Checked,
+    metrics: prometheus.TrainingMetrics | None = None,
+) -> RunState:
+    """Load and prepare everything the loop needs; restore the checkpoint when resuming.
+    ``metrics``: the Prometheus gauges the tracker updates, when they are served."""
     train_cfg = config.train
     set_seed(train_cfg.seed)  # model init draws (LoRA A matrices) are the same on every process
     weight_dtype = DTYPES[train_cfg.mixed_precision]
@@ -227,7 +238,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     # ---- resume: weights, optimizer, scaler; the data position follows from the update
     if checked.resume_from is not None:
         state.update = restore_checkpoint(state, checked.resume_from)
-    state.tracker = start_logging(state)
+    state.tracker = start_logging(state, metrics)
     state.tracker.message(
         f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
         f"{state.plan.micro_batches_per_epoch} micro-batches/epoch, "
@@ -241,16 +252,17 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     return state
 
 
-def start_logging(state: RunState) -> Tracker:
+def start_logging(state: RunState, metrics: prometheus.TrainingMetrics | None = None) -> Tracker:
     """metrics.jsonl and samples cut back to the resumed update, the resolved config, the
-    trackers (appending to this output_dir's tensorboard run from the next update)."""
+    trackers (appending to this output_dir's tensorboard run from the next update), and the
+    Prometheus gauges when served."""
     config, accelerator = state.config, state.accelerator
     if accelerator.is_main_process:
         truncate_metrics(state.output_dir, state.update)
         samples.drop_after(state.output_dir, state.update)
         write_text(state.output_dir / "config.toml", to_toml(config.to_dict()))
         start_trackers(accelerator, config, state.update + 1)
-    return Tracker(accelerator, config, state.plan, state.update, state.resumed_from)
+    return Tracker(accelerator, config, state.plan, state.update, state.resumed_from, metrics)
 
 
 # ---------------------------------------------------------------- train

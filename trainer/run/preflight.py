@@ -33,6 +33,7 @@ from trainer.lora import targets
 from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import family as model_arch
 from trainer.models import source as model_source
+from trainer.report import prometheus
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
 from trainer.run.plan import Plan, plan_run
@@ -44,6 +45,7 @@ from trainer.run.resume import (
     data_change,
     is_allowed,
 )
+from trainer.run.trial import in_sweep
 
 # What a run writes into output_dir (the disk latent cache is left alone: it is keyed by
 # content, so it stays valid for any later run).
@@ -127,6 +129,9 @@ def check(
             problems += err.problems
         if checked.complete:
             return checked
+    if launch()[1]:  # the main process serves the metrics: is its port free?
+        spread = prometheus.SWEEP_PORTS if in_sweep() else 1
+        problems += prometheus.port_problems(config.logging.prometheus_port, spread)
     source = model_source.source_problems(config.model)
     problems += source
     if not source:
