@@ -31,7 +31,6 @@ from gpu_wheels import (
     FROM_LOCK,
     LOCK,
     PEER,
-    XFORMERS,
     canonical,
     duplicates,
     read_lock,
@@ -81,7 +80,8 @@ def names() -> list[str]:
     """sdlora's core dependencies, the carried packages, and :data:`ALSO`, in that order."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     core = [canonical(Requirement(r).name) for r in project["dependencies"]]
-    listed = [*core, *FROM_LOCK, *PEER, *XFORMERS, *ALSO]
+    # xformers, not its CUDA runtime wheel: that one is unpacked, never installed.
+    listed = [*core, *FROM_LOCK, *PEER, "xformers", *ALSO]
     return list(dict.fromkeys(listed))
 
 
