@@ -37,10 +37,10 @@ RETURNED = {"bench_gpu.md", "bench_gpu.json", "pytest.log", "gpu_check.log", "be
 
 
 def check(out: Path, *args: str, work: Path | None = None) -> subprocess.CompletedProcess:
+    """The dry run, its work folder beside ``out`` unless given (not a new /tmp folder)."""
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1")
-    cmd = ["bash", str(SCRIPT), "--dry-run", "--out", str(out), *args]
-    if work is not None:
-        cmd += ["--work", str(work)]
+    work = work or out.parent / "work"
+    cmd = ["bash", str(SCRIPT), "--dry-run", "--out", str(out), "--work", str(work), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
