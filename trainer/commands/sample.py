@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from PIL import Image
@@ -89,6 +90,15 @@ class LoraSource:
     resolution: int = 512  # its training side (modelspec.resolution), else 512
 
 
+class _HeaderFacts(TypedDict):
+    """The :class:`LoraSource` fields read from a file's header."""
+
+    family: str
+    family_evidence: str
+    base_model: str
+    resolution: int
+
+
 def _family(parsed: Parsed, metadata: dict[str, str]) -> tuple[str, str]:
     """The LoRA's family as ``sdlora inspect`` tells it, and where it was read, for messages."""
     widths = {name: module.in_features for name, module in parsed.modules.items()}
@@ -108,7 +118,7 @@ def check_lora(path: Path) -> LoraSource:
     record = json.loads(meta.get(TRAINING_METADATA_KEY, "{}") or "{}")
     side = meta.get("modelspec.resolution", "").split("x", 1)[0]
     family, evidence = _family(parsed, meta)
-    facts = {
+    facts: _HeaderFacts = {
         "family": family,
         "family_evidence": evidence,
         "base_model": record.get("base_model") or meta.get("ss_sd_model_name", ""),

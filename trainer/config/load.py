@@ -100,7 +100,7 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = schedule_config.build(table, key, problems)
         elif key == "optimizer":
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
             unknown = deprecated.unknown_train_key if key == "train" else None
             values[key] = build_table(tp, data.get(key, {}), key, problems, unknown=unknown)
@@ -359,7 +359,7 @@ def describe() -> str:
             ]
         elif f.name == "optimizer":
             lines += ["", describe_optimizers()]
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:
             lines.append(

@@ -509,7 +509,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, (Schedule, OptimizerSpec)):
                 value = {"name": value.name, **value.params()}
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 value = dataclasses.asdict(value)
             out[f.name] = _plain(value)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from trainer.config.load import RunConfig
 from trainer.data import cache, holdout
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 SKIPPED_NAME = "skipped_images.txt"
@@ -69,7 +73,7 @@ def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
 
 
 def _fill_latent_cache(
-    config: RunConfig, prepared: data.Prepared, vae: torch.nn.Module, accelerator, mode: str
+    config: RunConfig, prepared: data.Prepared, vae: AutoencoderKL, accelerator, mode: str
 ):
     folder = None
     if mode == "disk":
@@ -85,8 +89,10 @@ def _fill_latent_cache(
     }
     examples = prepared.examples
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
-    jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
-    jobs = list(jobs.values())
+    unique = {
+        key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()
+    }
+    jobs = list(unique.values())
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(

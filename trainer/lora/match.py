@@ -25,6 +25,7 @@ import torch
 from trainer.lora import keys as lora_keys
 from trainer.lora.files import LoraFileError
 from trainer.lora.formats import FORMAT_KOHYA, FORMAT_LYCORIS, Parsed
+from trainer.models.accessors import attribute
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -80,7 +81,7 @@ def client_names(models: dict[str, torch.nn.Module], kohya: bool) -> dict[str, t
     """Every name a client accepts for a module of the model → its (in, out) widths."""
     texts = [c for c in models if lora_keys.is_text_component(c)]
     names: dict[str, tuple[int, int]] = {}
-    unet_config = dict(models["unet"].config)
+    unet_config = dict(attribute(models["unet"], "config", dict))
     layers = unet_config.get("layers_per_block", 2)
     layers = layers if isinstance(layers, int) else layers[0]
     with_attention = {
@@ -101,6 +102,7 @@ def client_names(models: dict[str, torch.nn.Module], kohya: bool) -> dict[str, t
             if not kohya:
                 names[f"{component}.{canonical}"] = widths
                 continue
+            prefixes: tuple[str, ...]
             if len(texts) == 1:
                 prefixes = ("lora_te", "lora_te1")
             else:

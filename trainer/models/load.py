@@ -12,14 +12,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+# From the submodules, not `diffusers`: to a type checker, diffusers' top-level names are the
+# placeholder classes it defines for a missing torch (its __init__ imports those first).
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.config.load import ModelConfig
 from trainer.errors import UserError
 from trainer.models import family
+from trainer.models.accessors import move
 from trainer.models.source import is_single_file
 
 log = logging.getLogger(__name__)
@@ -101,7 +107,7 @@ def load_components(
         parts.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
     vae_type, why = vae_dtype(parts.vae, dtype, architecture)
     if parts.vae.dtype != vae_type:
-        parts.vae.to(dtype=vae_type)
+        move(parts.vae, dtype=vae_type)
     name = "the model's own" if not config.vae else _source_name(config.vae)
     parts.vae_note = f"{name}, {str(vae_type).removeprefix('torch.')}" + (
         f" ({why})" if why else ""
@@ -144,8 +150,8 @@ def _load_vae(source: str) -> AutoencoderKL:
 
 
 def _load_folder(config: ModelConfig, dtype: torch.dtype, sdxl: bool) -> Components:
-    kwargs = {"revision": config.revision or None}
-    weights = {**kwargs, "variant": config.variant or None, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"revision": config.revision or None}
+    weights: dict[str, Any] = {**kwargs, "variant": config.variant or None, "use_safetensors": True}
     weights["torch_dtype"] = dtype
     source = config.pretrained
     parts = Components(

@@ -7,13 +7,19 @@ the same latents for the same pixels.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+from trainer.models.accessors import move
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 
 
-def posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode pixels in [-1, 1] to the VAE posterior's (mean, std), scaled to latent units.
 
     An fp16 VAE whose activations overflow (SDXL's own VAE does; ``models.vae_dtype`` runs it
@@ -26,22 +32,22 @@ def posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor,
         FloatingPointError: the latents are not finite even in fp32 (a broken VAE or image).
     """
     dist = vae.encode(pixels).latent_dist
-    scale = vae.config.scaling_factor
+    scale = vae.config["scaling_factor"]
     mean, std = dist.mean * scale, dist.std * scale
     if pixels.dtype != torch.float16 or (mean.isfinite().all() and std.isfinite().all()):
         return mean, std
     if not getattr(vae, "_sdlora_upcast_warned", False):
-        vae._sdlora_upcast_warned = True
+        vae._sdlora_upcast_warned = True  # type: ignore[assignment]  # stub: tensors only
         log.warning(
             "the VAE overflowed in fp16 (non-finite latents); such batches are encoded in fp32. "
             "Set model.vae to a VAE made for fp16 (for SDXL: madebyollin/sdxl-vae-fp16-fix), "
             "or keep this VAE and let it run in fp32 by setting force_upcast in its config"
         )
-    vae.to(torch.float32)
+    move(vae, torch.float32)
     try:
         dist = vae.encode(pixels.float()).latent_dist
     finally:
-        vae.to(torch.float16)
+        move(vae, torch.float16)
     mean, std = dist.mean * scale, dist.std * scale
     if not (mean.isfinite().all() and std.isfinite().all()):
         raise FloatingPointError(

@@ -33,10 +33,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from trainer import quiet
 from trainer.files import write_atomic
+from trainer.models.accessors import move
 from trainer.report import grids
 from trainer.step_folders import numbered_folders, step_name
 
 if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
     from trainer.config.load import RunConfig
     from trainer.models.load import Components
     from trainer.run.state import RunState
@@ -189,7 +192,7 @@ def pipeline_for(parts: Components, unet: torch.nn.Module, text_encoder, schedul
     )
 
 
-def make_sampler(noise_scheduler_config: Any, ddim: type) -> Any:
+def make_sampler(noise_scheduler_config: Any, ddim: type[DDIMScheduler]) -> Any:
     """The DDIM sampler, built from the training noise scheduler's config.
 
     SD's ``scheduler_config.json`` (a PNDM config) has no ``clip_sample`` key, so the
@@ -230,7 +233,7 @@ def draw(
     ddim, _ = _import_pipeline()
     device = next(unet.parameters()).device
     vae_device = parts.vae.device
-    parts.vae.to(device)  # the VAE may sit on the CPU while training from cached latents
+    move(parts.vae, device)  # the VAE may sit on the CPU while training from cached latents
     pipe = pipeline_for(parts, unet, text_encoder, make_sampler(parts.noise_scheduler.config, ddim))
     pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,7 @@ def draw(
             save_png(image, folder / image_name(k, spec.seed), info)
             images.append(image)
     finally:
-        parts.vae.to(vae_device)
+        move(parts.vae, vae_device)
     return images
 
 

@@ -232,7 +232,7 @@ class Tracker:
         becomes one metrics.jsonl line, goes to the tracker, and is what the line shows."""
         self.done += 1
         self.training_s = self.clock.training_s
-        if self.main:
+        if self.metrics is not None:  # the main process (it alone writes metrics and the line)
             record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
             record["elapsed"] = round(self.base_elapsed + self.clock.wall_s, 3)
             self.metrics.write(json.dumps(record) + "\n")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -41,6 +42,7 @@ from trainer.files import write_text
 from trainer.lora import adapters as lora
 from trainer.models import conditioning
 from trainer.models import load as models
+from trainer.models.accessors import move
 from trainer.models.dtypes import DTYPES
 from trainer.models.vae import posterior
 from trainer.report import prometheus, samples
@@ -53,6 +55,9 @@ from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
 from trainer.run.trial import in_sweep
 from trainer.run.validation import Validator
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 
@@ -174,15 +179,15 @@ def setup(
     for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)
     if train_cfg.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
-        parts.vae.to(memory_format=torch.channels_last)
+        move(parts.unet, memory_format=torch.channels_last)
+        move(parts.vae, memory_format=torch.channels_last)
     trained_texts = {
         name: module
         for name, module, on in (
             ("text_encoder", parts.text_encoder, config.lora.train_text_encoder),
             ("text_encoder_2", parts.text_encoder_2, config.lora.train_text_encoder_2),
         )
-        if on
+        if on and module is not None
     }
     # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
     unread = conditioning.unread_layers(parts.architecture == "sdxl")
@@ -196,6 +201,7 @@ def setup(
             module.gradient_checkpointing_enable()
 
     # ---- caches and the loader; the order is planned by counters so it can resume
+    assert checked.prepared is not None and checked.plan is not None  # preflight set both
     feed = build_feed(
         config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples
     )
@@ -211,7 +217,7 @@ def setup(
             val.batch_size,
         )
     if feed.cached_latents != "off":
-        parts.vae.to("cpu")  # not needed on the device while training from cached latents
+        move(parts.vae, "cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
     # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
@@ -346,7 +352,7 @@ def apply_lr_schedule(
 
 
 def encode_latents(
-    batch: dict[str, torch.Tensor], vae: torch.nn.Module, rand: step.ExampleRandom
+    batch: dict[str, torch.Tensor], vae: AutoencoderKL, rand: step.ExampleRandom
 ) -> torch.Tensor:
     """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode
     in the VAE's own dtype (SDXL's may run in fp32 under fp16, see ``models.vae_dtype``)."""

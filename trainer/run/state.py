@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import torch
 from accelerate import Accelerator
@@ -39,7 +40,7 @@ class RunState:
     weight_dtype: torch.dtype
     resumed_from: Path | None = None
     update: int = 0
-    tracker: Tracker | None = None  # set once the resumed update is known
+    _tracker: Tracker | None = None  # behind `tracker`: set once the resumed update is known
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
@@ -47,6 +48,17 @@ class RunState:
     @property
     def output_dir(self) -> Path:
         return Path(self.config.output_dir)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The progress line, metrics and trackers (from the end of setup on)."""
+        if self._tracker is None:
+            raise RuntimeError("the tracker starts once the resumed update is known")
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, tracker: Tracker) -> None:
+        self._tracker = tracker
 
     @property
     def trained(self) -> list[torch.nn.Module]:
@@ -72,6 +84,12 @@ class RunState:
         """The trained text encoders by component name, unwrapped (for saving and loading)."""
         named = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         return {k: self.unwrapped(v) for k, v in named.items() if v is not None}
+
+    @overload
+    def unwrapped(self, module: torch.nn.Module) -> torch.nn.Module: ...
+
+    @overload
+    def unwrapped(self, module: None) -> None: ...
 
     def unwrapped(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         """A prepared module without its DDP wrapper (None stays None)."""

@@ -10,6 +10,7 @@ drawn by ``trainer/report/samples.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from trainer.data.order import seed_for
 from trainer.models import conditioning
 from trainer.models.vae import posterior
 from trainer.run import step
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 
 def _as_list(value) -> list:
@@ -45,7 +49,7 @@ class Validator:
         self,
         examples: Sequence[Example],
         tokenizer,
-        vae: torch.nn.Module,
+        vae: AutoencoderKL,
         timesteps: int,
         seed: int,
         batch_size: int,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from schedulers import preview
-from trainer.files import write_atomic, write_text
+from trainer.files import write_bytes, write_text
 from trainer.report import grids
 from trainer.step_folders import numbered_folders
 from trainer.sweep.overrides import set_flags
@@ -89,7 +89,7 @@ def write(spec: Spec, results: Sequence[RunResult]) -> tuple[Path, Verdict]:
         "samples.png": samples_figure(results),
     }
     for name, png in images.items():
-        write_atomic(out / name, lambda tmp, png=png: tmp.write_bytes(png))
+        write_bytes(out / name, png)
     page = write_text(out / "report.html", page_html(spec, ranked, verdict, rows, images))
     return page, verdict
 

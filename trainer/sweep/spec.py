@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from trainer.config.load import read_toml
 from trainer.sweep.overrides import Assignment, assignments, key_label, label
@@ -111,6 +111,12 @@ class SearchParam:
     @property
     def is_int(self) -> bool:
         return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a range (``int`` ones when :attr:`is_int`)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a choice among values, not a range")
+        return self.low, self.high
 
     def choice_labels(self) -> list[Any]:
         """Categorical values as Optuna stores them: scalars as they are, tables by label."""
@@ -375,8 +381,7 @@ def _search_param(key: str, spec: Mapping, where: str, problems: list[str]) -> S
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; a range takes {', '.join(RANGE_KEYS)}")
     low, high = spec.get("low"), spec.get("high")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-    if not numbers or not low < high:
+    if not (_number(low) and _number(high)) or not low < high:
         problems.append(f"{where}: needs numbers low < high (got low={low!r}, high={high!r})")
         return None
     log, step = bool(spec.get("log", False)), spec.get("step")
@@ -385,6 +390,11 @@ def _search_param(key: str, spec: Mapping, where: str, problems: list[str]) -> S
     if log and step is not None:
         problems.append(f"{where}: give log or step, not both")
     return SearchParam(key, low, high, log, step)
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    """An int or a float; not a bool, which Python counts as an int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def pruner_class(name: str) -> type:

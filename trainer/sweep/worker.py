@@ -150,9 +150,11 @@ class Worker:
             if p.choices:
                 params[p.key] = trial.suggest_categorical(p.key, p.choice_labels())
             elif p.is_int:
-                params[p.key] = trial.suggest_int(p.key, p.low, p.high, step=p.step or 1, log=p.log)
+                low, high = p.bounds()  # ints; Optuna makes the step an int itself
+                step = int(p.step or 1)
+                params[p.key] = trial.suggest_int(p.key, int(low), int(high), step=step, log=p.log)
             else:
-                params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+                params[p.key] = trial.suggest_float(p.key, *p.bounds(), step=p.step, log=p.log)
         point = self.spec.search_point(params)
         try:
             runs = expand.build_runs(self.spec, [point])
