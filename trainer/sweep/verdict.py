@@ -341,8 +341,9 @@ def sentence(verdict: Verdict) -> str:
     if verdict.kind == "identical":
         who = "Both" if configs == 2 else f"All {configs}"
         return (
-            f"{who} configurations gave identical {objective.title}s on every seed "
-            f"({best.mean:.6g}): they train the same thing, or differ in nothing it measures."
+            f"{who} configurations gave the identical {objective.title} on every seed "
+            f"(mean {best.mean:.6g}): they train the same thing, or differ in nothing it "
+            "measures."
         )
     parts = []
     same = [c.label for c in verdict.comparisons if c.place == "identical"]
@@ -389,6 +390,5 @@ def unplaced_reason(s: Summary) -> str:
 def _with_unplaced(text: str, unplaced: Sequence[Summary]) -> str:
     if not unplaced:
         return text
-    names = _join([s.label for s in unplaced])
-    verb = "is" if len(unplaced) == 1 else "are"
-    return text[:-1] + f"; {names} {verb} not placed, with seeds unfinished."
+    names = _join([f"{s.label} ({s.n} of {len(s.seeds)} seeds)" for s in unplaced])
+    return text[:-1] + f"; not placed, with seeds unfinished, pruned or failed: {names}."
