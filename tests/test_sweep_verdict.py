@@ -130,7 +130,9 @@ def test_identical_results_are_named_identical():
     verdict = decide([config("a", same), config("b", same)], FINAL)
     assert verdict.kind == "identical"
     assert verdict.comparisons[0].place == "identical"
-    assert "identical" in verdict.text and "on every seed" in verdict.text
+    assert verdict.text.startswith(
+        "Both configurations gave the identical final validation loss on every seed (mean 1.1)"
+    )
     mixed = decide([config("a", same), config("b", same), config("c", (1.5, 1.6, 1.7))], FINAL)
     assert [c.place for c in mixed.comparisons] == ["identical", "behind"]
     assert "b gave identical results on every seed" in mixed.text
@@ -149,7 +151,9 @@ def test_unfinished_and_pruned_seeds_are_named_and_not_placed():
     verdict = decide([pruned, *done], FINAL)
     assert verdict.best.label == "x"  # the pruned configuration's low value does not count
     assert verdict.unplaced == (pruned,)
-    assert "pruned is not placed" in verdict.text
+    assert "not placed, with seeds unfinished, pruned or failed: pruned (1 of 3 seeds)" in (
+        verdict.text
+    )
     assert unplaced_reason(pruned) == (
         "1 of 3 seeds finished; seed 1 pruned (stopped early as worse); seed 2 waiting to run"
     )
