@@ -91,7 +91,11 @@ def test_holm_covers_every_pair_as_its_definition_says():
     places = {c.label: c.place for c in verdict.comparisons}
     assert places == {"b": "behind", "c": "tied", "d": "behind"}
     assert verdict.text.startswith("a has the lowest final validation loss (0.5132, mean of 5")
-    assert "c is tied with it" in verdict.text and "behind it: b by" in verdict.text
+    (tie,) = verdict.tied
+    assert f"c (by {tie.gap:.3g}; about {tie.seeds_needed} seeds would resolve it) is tied" in (
+        verdict.text
+    )
+    assert "behind it: b by" in verdict.text
 
 
 def test_the_issues_example_is_resolved_by_pairing():

@@ -161,7 +161,7 @@ def load_scorer(config, device, held_out: Sequence[Example], message) -> ImageSc
 
     val = config.validation
     if not val.scores:
-        if val.prompts:
+        if val.prompts or val.fraction or val.path:
             message("image scores: off (validation.scores = [] ; clip_t, clip_i, dino score "
                     "the samples)")  # fmt: skip
         return None

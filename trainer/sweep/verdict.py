@@ -352,12 +352,21 @@ def sentence(verdict: Verdict) -> str:
         parts.append(f"{_join(same)} gave identical results on every seed")
     if tied:
         verb = "is" if len(tied) == 1 else "are"
-        parts.append(f"{_join([c.label for c in tied])} {verb} tied with it")
+        parts.append(f"{_join([_tie(c) for c in tied])} {verb} tied with it")
     if verdict.behind:
         parts.append(f"behind it: {_gaps(verdict.behind)}")
     if not verdict.behind:
         parts.append("no configuration is shown to be behind it")
     return f"{head}; " + "; ".join(parts) + "."
+
+
+def _tie(c: Comparison) -> str:
+    """A tied configuration with its gap and the seeds that would resolve it."""
+    if c.seeds_needed is None:
+        return c.label
+    if c.seeds_needed > MAX_SEEDS:
+        return f"{c.label} (by {c.gap:.3g}: a tie in practice, over {MAX_SEEDS} seeds to resolve)"
+    return f"{c.label} (by {c.gap:.3g}; about {c.seeds_needed} seeds would resolve it)"
 
 
 def _join(items: Sequence[str]) -> str:
@@ -371,6 +380,7 @@ MISSING_WORDS = {
     "failed": "failed (see its train.log; --retry-failed runs it again)",
     "running": "still running",
     "waiting": "waiting to run",
+    "complete": "finished without recording it",
 }
 
 
