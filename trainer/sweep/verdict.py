@@ -44,7 +44,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -279,13 +279,10 @@ def decide(summaries: Sequence[Summary], objective: Objective) -> Verdict:
     b = int(tests.best[0])  # done[0] by the ranking; the test's own choice is the one used
     best = done[b]
     comparisons = tuple(_comparison(s, tests, j) for j, s in enumerate(done) if j != b)
-    verdict = Verdict("placed", "", _method(objective, best, tests.pairs, len(done)), objective,
-                      best, comparisons, unplaced, tests.pairs)  # fmt: skip
-    if all(c.place == "identical" for c in comparisons):
-        verdict = Verdict("identical", "", verdict.method, objective, best, comparisons, unplaced,
-                          tests.pairs)  # fmt: skip
-    return Verdict(verdict.kind, _with_unplaced(sentence(verdict), unplaced), verdict.method,
-                   objective, best, comparisons, unplaced, tests.pairs)  # fmt: skip
+    kind = "identical" if all(c.place == "identical" for c in comparisons) else "placed"
+    method = _method(objective, best, tests.pairs, len(done))
+    verdict = Verdict(kind, "", method, objective, best, comparisons, unplaced, tests.pairs)
+    return replace(verdict, text=_with_unplaced(sentence(verdict), unplaced))
 
 
 def _comparison(s: Summary, tests: Tests, j: int) -> Comparison:
