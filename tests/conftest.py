@@ -92,3 +92,11 @@ def every_update_drawn(monkeypatch):
     from trainer.report import tracking
 
     monkeypatch.setattr(tracking, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny random CLIP and DINOv2 folders (validation.clip_model, validation.dino_model)."""
+    from make_tiny_scorers import make_tiny_scorers
+
+    return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))

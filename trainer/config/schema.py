@@ -358,10 +358,24 @@ class ValidationConfig:
     sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
     guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
     sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)
+    scores: tuple[Literal["clip_t", "clip_i", "dino"], ...] = doc(
+        "Image scores of the samples at every validation point: 'clip_t' (samples against "
+        "their prompts, CLIP), 'clip_i' and 'dino' (samples against the held-out images, CLIP "
+        "and DINO); [] = none",
+        [],
+    )
+    clip_model: str = doc(
+        "The CLIP model of clip_t and clip_i: a hub id or a local transformers folder",
+        "openai/clip-vit-large-patch14",
+    )
+    dino_model: str = doc(
+        "The DINO model of dino: a hub id or a local transformers folder",
+        "facebook/dinov2-small",
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
-        p = []
+        p = self._score_problems(where)
         if not 0 <= self.fraction < 1:
             p.append(f"{where}.fraction: {self.fraction} must be in [0, 1)")
         if self.fraction and self.path:
@@ -375,6 +389,26 @@ class ValidationConfig:
                 p.append(
                     f"{where}.prompts[{i}]: empty prompt; write one, or remove it from the list"
                 )
+        return p
+
+    def _score_problems(self, where: str) -> list[str]:
+        p = []
+        if len(set(self.scores)) != len(self.scores):
+            p.append(f"{where}.scores: {list(self.scores)} names a score twice")
+        if self.scores and not self.prompts:
+            p.append(
+                f"{where}.scores: the scores are computed on the samples; set "
+                f"{where}.prompts (or scores = [])"
+            )
+        against_images = [s for s in self.scores if s != "clip_t"]
+        if against_images and not (self.fraction or self.path):
+            p.append(
+                f"{where}.scores: {', '.join(against_images)} compare the samples with the "
+                f"held-out images; set {where}.fraction or {where}.path (or drop them)"
+            )
+        for key, needed in (("clip_model", ("clip_t", "clip_i")), ("dino_model", ("dino",))):
+            if not getattr(self, key).strip() and any(s in needed for s in self.scores):
+                p.append(f"{where}.{key}: empty, but {where}.scores needs it")
         return p
 
 

@@ -54,7 +54,7 @@ from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
 from trainer.run.trial import in_sweep
-from trainer.run.validation import Validator
+from trainer.run.validation import Validator, load_scorer, score_samples
 
 if TYPE_CHECKING:
     from diffusers.models import AutoencoderKL
@@ -245,6 +245,9 @@ def setup(
     if checked.resume_from is not None:
         state.update = restore_checkpoint(state, checked.resume_from)
     state.tracker = start_logging(state, metrics)
+    if accelerator.is_main_process:  # the samples it scores are drawn on the main process
+        state.scorer = load_scorer(config, accelerator.device, feed.validation or [],
+                                   state.tracker.message)  # fmt: skip
     state.tracker.message(
         f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
         f"{state.plan.micro_batches_per_epoch} micro-batches/epoch, "
@@ -394,18 +397,22 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
 
 
 def validate(state: RunState, record: dict) -> None:
-    """The fixed-seed validation loss into ``record``, and the fixed-seed sample images."""
+    """The fixed-seed validation loss (overall and per timestep) into ``record``, the
+    fixed-seed sample images, and their image scores when configured."""
     accelerator, val = state.accelerator, state.config.validation
     unet = state.unwrapped(state.unet)
     encoder = [state.unwrapped(e) for e in state.encoders]
     if state.validator is not None:
         with optimizers.eval_mode(state.optimizer), accelerator.autocast():
-            record["val_loss"] = state.validator.loss(
+            scored = state.validator.evaluate(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
+        record.update(scored.record())
     if val.prompts and accelerator.is_main_process:
         with optimizers.eval_mode(state.optimizer), accelerator.autocast():
-            samples.sample_point(state, unet, encoder)
+            folder = samples.sample_point(state, unet, encoder)
+        if state.scorer is not None:
+            record.update(score_samples(state.scorer, folder, val.prompts))
 
 
 # ---------------------------------------------------------------- finish

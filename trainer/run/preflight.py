@@ -33,7 +33,7 @@ from trainer.lora import targets
 from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import family as model_arch
 from trainer.models import source as model_source
-from trainer.report import prometheus
+from trainer.report import image_scores, prometheus
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
 from trainer.run.plan import Plan, plan_run
@@ -138,6 +138,7 @@ def check(
         found, checked.architecture = model_problems(config)
         problems += found
     problems += model_source.vae_problems(config.model)
+    problems += image_scores.model_problems(config.validation)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import torch
 from accelerate import Accelerator
@@ -16,6 +16,9 @@ from trainer.models.load import Components
 from trainer.report.tracking import Tracker
 from trainer.run.plan import Plan
 from trainer.run.validation import Validator
+
+if TYPE_CHECKING:
+    from trainer.report.image_scores import ImageScorer
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RunState:
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
+    scorer: ImageScorer | None = None  # validation.scores' models (main process)
 
     @property
     def output_dir(self) -> Path:
