@@ -18,7 +18,7 @@ from trainer.data.dataset import Example
 from trainer.data.order import seed_for
 from trainer.models import conditioning
 from trainer.models.vae import posterior
-from trainer.run import step
+from trainer.run import flow_matching, step
 
 
 def _as_list(value) -> list:
@@ -80,6 +80,14 @@ class Validator:
             device: Where the models are.
         """
         encoders = _as_list(text_encoder)
+        if flow_matching.is_flow_matching(noise_scheduler):  # SD3: fixed σ, same noise
+            conditioned = (
+                (conditioning.condition(_on(text, device), encoders), mean, std, seeds)
+                for text, mean, std, seeds in self.batches
+            )
+            return flow_matching.fixed_sigma_loss(
+                unet, noise_scheduler, conditioned, self.timesteps, device
+            )
         steps = noise_scheduler.config.num_train_timesteps
         fixed = [int((k + 0.5) * steps / self.timesteps) for k in range(self.timesteps)]
         total, count = 0.0, 0
@@ -96,6 +104,10 @@ class Validator:
                 total += (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3)).sum().item()
                 count += len(seeds)
         return total / count
+
+
+def _on(text: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in text.items()}
 
 
 def _by_size(chunk: Sequence[Example]) -> list[list[Example]]:
