@@ -353,3 +353,19 @@ def test_validation_loss_is_recorded(cached):
     _, result = cached
     last = read_metrics(result.output_dir)[-1]
     assert last["step"] == 2 and math.isfinite(last["val_loss"]) and last["val_loss"] > 0
+
+
+def test_sdlora_sample_asks_for_the_diffusers_file_of_an_sd3_lora(cached, tiny_sd3, tmp_path):
+    """diffusers reads no kohya-style SD3 file: refused before any model loads, naming the
+    file that works (the diffusers file is drawn in tests/test_sd3_train.py)."""
+    from trainer.commands.sample import SampleSettings, sample
+    from trainer.config.load import ConfigError
+
+    _, result = cached
+    settings = SampleSettings(prompts=(PROMPT,), steps=2, width=64, height=64)
+    with pytest.raises(ConfigError) as err:
+        sample(
+            result.output_dir / f"{NAME}.safetensors", str(tiny_sd3), settings, tmp_path / "g.png"
+        )
+    (problem,) = err.value.problems
+    assert "kohya/ComfyUI format" in problem and WEIGHTS_NAME in problem

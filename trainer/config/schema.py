@@ -362,13 +362,19 @@ class ValidationConfig:
         "runs trained with different seeds are scored on the same images and noise",
         0,
     )
-    timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
+    timesteps: int = doc(
+        "Fixed, evenly spaced timesteps each example is scored at (SD3: positions of the "
+        "model's σ table)",
+        4,
+    )
     batch_size: int = doc("Examples per validation forward pass", 4)
     prompts: tuple[str, ...] = doc(
         "Prompts sampled at every validation point into output_dir/samples/; empty = none", []
     )
     negative_prompt: str = doc("Negative prompt of every sample; empty = none", "")
-    sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
+    sample_steps: int = doc(
+        "Denoising steps per sample (DDIM; SD3: the model's flow-matching Euler sampler)", 25
+    )
     guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
     sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)
 

@@ -11,8 +11,8 @@ Recognised, by their documented key conventions:
   full ``diff``, norm ``w_norm``, GLoRA ``a1.weight``…; and plain LoRA/LoCon tensors when
   ``ss_network_module`` names LyCORIS.
 - **diffusers/PEFT**: ``<component>.<path>.lora_A.weight`` / ``lora_B.weight`` (component
-  ``unet`` or SD3's ``transformer``, ``text_encoder``, ``text_encoder_2``), rank and alpha in the header's
-  ``lora_adapter_metadata``; and the older diffusers attention-processor keys
+  ``unet`` or SD3's ``transformer``, ``text_encoder``, ``text_encoder_2``), rank and alpha in
+  the header's ``lora_adapter_metadata``; and the older diffusers attention-processor keys
   (``…attn1.processor.to_q_lora.down.weight``, ``…q_proj.lora_linear_layer.down.weight``).
 """
 
