@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -111,7 +112,7 @@ def check_lora(path: Path) -> LoraSource:
     record = json.loads(meta.get(TRAINING_METADATA_KEY, "{}") or "{}")
     side = meta.get("modelspec.resolution", "").split("x", 1)[0]
     family, evidence = _family(parsed, meta)
-    facts = {
+    facts: dict[str, Any] = {
         "family": family,
         "family_evidence": evidence,
         "base_model": record.get("base_model") or meta.get("ss_sd_model_name", ""),
