@@ -369,3 +369,40 @@ def test_sdlora_sample_asks_for_the_diffusers_file_of_an_sd3_lora(cached, tiny_s
         )
     (problem,) = err.value.problems
     assert "kohya/ComfyUI format" in problem and WEIGHTS_NAME in problem
+
+
+def test_without_t5_a_run_trains_and_samples_as_the_pipeline_without_t5(
+    sd3_config, tiny_sd3, tmp_path
+):
+    """model.t5 = false: zeros in T5's place in training and samples, as
+    StableDiffusion3Pipeline without text_encoder_3 draws the final file."""
+    out = tmp_path / "no_t5"
+    cfg = sd3_config(
+        out,
+        "model.t5=false",
+        "model.t5_max_length=16",
+        "train.max_steps=1",
+        "train.learning_rate=2e-2",
+        'validation.prompts=["a blue square"]',
+        "validation.sample_steps=2",
+    )
+    result = loop.run(cfg)
+    assert result.updates == 1
+    facts = sample_facts(out / "samples" / "step-000001" / "p00-seed0.png")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        facts["prompt"],
+        height=facts["height"],
+        width=facts["width"],
+        num_inference_steps=facts["steps"],
+        guidance_scale=facts["guidance_scale"],
+        generator=torch.Generator("cpu").manual_seed(facts["seed"]),
+        max_sequence_length=16,
+    ).images[0]
+    with Image.open(out / "samples" / "step-000001" / "p00-seed0.png") as ours:
+        diff = np.asarray(ours.convert("RGB"), np.int16) - np.asarray(image, np.int16)
+    assert np.abs(diff).max() <= 1
+    record = json.loads(header(out / WEIGHTS_NAME)["sdlora_training"])
+    assert (record["t5"], record["t5_max_length"]) == (False, 16)
