@@ -115,3 +115,46 @@ def test_sigkill_mid_epoch_then_resume_latest_is_bitwise_the_uninterrupted_run(
     run_to_end([*cmd, "--resume", "latest"])
     assert_same_run(out, reference)
     assert torch.equal(torch.tensor([r["step"] for r in read_metrics(out)]), torch.arange(1, 9))
+
+
+@pytest.mark.parametrize("adapter", ["dora", "loha", "lokr"])
+def test_every_adapter_type_trains_on_sd3_and_is_drawn_from_its_file(
+    adapter, sd3_config, tiny_sd3, tmp_path
+):
+    """DoRA, LoHa and LoKr on the transformer: the kohya-style file holds each module's
+    tensors under names ComfyUI maps for SD3, and `sdlora sample` draws the diffusers file
+    (attached by peft as training did): scale 1 differs from the base image, and scale 0 is the
+    base image (not for DoRA: `sdlora sample` scales its direction, and a trained magnitude
+    stays)."""
+    import client_rules as rules
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from trainer.commands.sample import SampleSettings, sample
+    from trainer.run import loop
+
+    out = tmp_path / adapter
+    cfg = sd3_config(
+        out,
+        f'lora.type="{adapter}"',
+        "model.t5_max_length=16",
+        "train.max_steps=1",
+        "train.learning_rate=5e-2",
+        'output.name="a"',
+    )
+    loop.run(cfg)
+    kohya = load_file(out / "a.safetensors")
+    parts = rules.module_parts(kohya)
+    assert sorted(set(parts) - rules.comfy_sd3_names(2, (2, 2))) == []
+    assert all(p - {"alpha"} in rules.MODULE_PARTS[adapter] for p in parts.values()), parts
+    settings = SampleSettings(
+        prompts=("a red circle",), scales=(0.0, 1.0), steps=2, width=64, height=64
+    )
+    grid = sample(out / WEIGHTS_NAME, str(tiny_sd3), settings, tmp_path / "grid.png", device="cpu")
+    with Image.open(grid) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    top = pixels.shape[0] - 64
+    base, off, on = (pixels[top:, 64 * c : 64 * (c + 1)] for c in range(3))
+    if adapter != "dora":
+        assert np.array_equal(base, off)
+    assert np.abs(on - base).max() > 4

@@ -154,9 +154,9 @@ def _peft_adapters(pipe, lora: Path, record: dict) -> list:
         for name in ("text_encoder", "text_encoder_2")
         if record.get(f"{name}_trained") and getattr(pipe, name, None) is not None
     }
-    denoiser = getattr(pipe, "transformer", None)  # SD3's
-    denoiser = pipe.unet if denoiser is None else denoiser
-    sdxl = denoiser is pipe.unet and model_family.from_unet(pipe.unet.config, ()).name == "sdxl"
+    transformer = getattr(pipe, "transformer", None)  # SD3's
+    denoiser = pipe.unet if transformer is None else transformer
+    sdxl = transformer is None and model_family.from_unet(pipe.unet.config, ()).name == "sdxl"
     lora_module.attach(denoiser, encoders, settings, conditioning.unread_layers(sdxl))
     try:
         lora_module.load_into(lora, denoiser, encoders)
