@@ -208,3 +208,13 @@ def test_flow_matching_keys_are_checked(tiny_config, tmp_path):
         "loss_weighting": "none",
         "shift": 0.0,
     }
+
+
+def test_a_position_of_one_reads_the_last_entry_of_the_table(scheduler):
+    """Mode sampling turns a uniform draw of 0 into u = 1: the last σ, not an index error."""
+    sigmas, timesteps = flow_matching.table_position(scheduler, torch.tensor([1.0, 0.0]))
+    assert sigmas.tolist() == [scheduler.sigmas[-1].item(), scheduler.sigmas[0].item()]
+    assert timesteps.tolist() == [scheduler.timesteps[-1].item(), scheduler.timesteps[0].item()]
+    mode = FlowMatchingConfig(timestep_density="mode")
+    u = 1 - torch.zeros(1) - mode.mode_scale * (torch.cos(torch.zeros(1)) ** 2 - 1)
+    assert u.item() == 1.0

@@ -63,9 +63,13 @@ def density(rand: ExampleRandom, config: FlowMatchingConfig) -> torch.Tensor:
 
 
 def table_position(noise_scheduler: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ, timestep) at position u of the scheduler's table (index ``⌊u·N⌋``)."""
+    """(σ, timestep) at position u of the scheduler's table (index ``⌊u·N⌋``).
+
+    The index is clamped to the table: mode sampling maps a draw of exactly 0 to u = 1, and a
+    float32 sigmoid rounds far-out normals to 1 (diffusers' script would index past the end).
+    """
     n = noise_scheduler.config.num_train_timesteps
-    index = (u * n).long().cpu()
+    index = (u * n).long().clamp(max=n - 1).cpu()
     sigmas = noise_scheduler.sigmas[index].to(u.device, torch.float32)
     return sigmas, noise_scheduler.timesteps[index].to(u.device)
 
