@@ -33,6 +33,15 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD 3.5 diffusers folder in 3.5 Medium's layout (an MMDiT with attn2 in
+    its first block, CLIP-L, CLIP-G and T5, a 16-channel VAE, flow matching)."""
+    from make_tiny_sd import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """16 captioned 64 px shape images in the kohya layout."""
     from make_tiny_dataset import make_tiny_dataset
@@ -65,6 +74,16 @@ def sdxl_config(tiny_config, tiny_sdxl):
 
     def build(output: Path, *overrides: str):
         return tiny_config(output, f'model.pretrained="{tiny_sdxl}"', *overrides)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def sd3_config(tiny_config, tiny_sd3):
+    """``sd3_config(output, *overrides)``: like ``tiny_config``, on the tiny SD3 model."""
+
+    def build(output: Path, *overrides: str):
+        return tiny_config(output, f'model.pretrained="{tiny_sd3}"', *overrides)
 
     return build
 

@@ -6,10 +6,10 @@ then taken per input column, ``trainer/lora/dora.py``), ``LoHaConfig`` or ``LoKr
 LoHa and LoKr layers hold the tensors LyCORIS defines, under LyCORIS' names and with its
 formulas, so ``trainer/lora/keys.py`` writes them in the kohya/LyCORIS format as they are.
 
-The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.``,
-``text_encoder.`` and (SDXL) ``text_encoder_2.`` prefixes, plus the adapter config (rank,
-alpha, targets) in the header under diffusers' ``lora_adapter_metadata`` key, so
-``pipe.load_lora_weights(folder)`` restores the exact scale. Our own training metadata sits
+The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.`` (SD3:
+``transformer.``), ``text_encoder.`` and (SDXL, SD3) ``text_encoder_2.`` prefixes, plus the
+adapter config (rank, alpha, targets) in the header under diffusers' ``lora_adapter_metadata``
+key, so ``pipe.load_lora_weights(folder)`` restores the exact scale. Our own training metadata sits
 beside it in the same header.
 
 Text-encoder keys are written in canonical form (``text_encoder.text_model.encoder…``) whatever
@@ -84,14 +84,16 @@ def _peft_config(
 
 
 def _components(unet: torch.nn.Module, text_encoders: TextEncoders) -> dict[str, torch.nn.Module]:
-    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` without the absent ones; a
-    lone module is the first text encoder (SD 1.x/2.x callers)."""
+    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` without the absent ones
+    (SD3's transformer under ``transformer``); a lone module is the first text encoder (SD
+    1.x/2.x callers)."""
     named: dict[str, torch.nn.Module | None]
     if isinstance(text_encoders, Mapping):
         named = dict(text_encoders)
     else:
         named = {"text_encoder": text_encoders}
-    return {"unet": unet, **{k: v for k, v in named.items() if v is not None}}
+    denoiser = lora_keys.denoiser_component(unet)
+    return {denoiser: unet, **{k: v for k, v in named.items() if v is not None}}
 
 
 def attach(
@@ -115,7 +117,9 @@ def attach(
             They get no adapter: it would never train, and under DDP a parameter that gets
             no gradient stops the run.
     """
-    encoders = {k: v for k, v in _components(unet, text_encoders).items() if k != "unet"}
+    encoders = {
+        k: v for k, v in _components(unet, text_encoders).items() if k not in lora_keys.DENOISERS
+    }
     # Checked on the live modules too: a single-file model skips the config-time check.
     problems = target_problems("lora.target_modules", config.target_modules, unet)
     key = "lora.text_encoder_target_modules"
@@ -205,8 +209,9 @@ def collect(
     """The LoRA tensors (canonical keys, on the CPU) and diffusers' packed adapter config.
 
     Args:
-        components: The adapted models by diffusers component name (``unet``,
-            ``text_encoder``, and for SDXL ``text_encoder_2``), unwrapped from DDP.
+        components: The adapted models by diffusers component name (``unet`` or SD3's
+            ``transformer``, ``text_encoder``, and for SDXL/SD3 ``text_encoder_2``), unwrapped
+            from DDP.
     """
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, object] = {}

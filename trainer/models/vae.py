@@ -7,7 +7,7 @@ the same latents for the same pixels.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,7 +20,9 @@ log = logging.getLogger("sdlora")
 
 
 def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode pixels in [-1, 1] to the VAE posterior's (mean, std), scaled to latent units.
+    """Encode pixels in [-1, 1] to the VAE posterior's (mean, std), in latent units: the
+    posterior of ``(z − shift_factor) · scaling_factor``, the latents SD3's VAE (16 channels,
+    ``shift_factor`` 0.0609) feeds its transformer; SD 1.x/SDXL VAEs have no shift.
 
     An fp16 VAE whose activations overflow (SDXL's own VAE does; ``models.vae_dtype`` runs it
     in fp32 when its config says so) would return NaN latents and train on them silently.
@@ -32,8 +34,7 @@ def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, t
         FloatingPointError: the latents are not finite even in fp32 (a broken VAE or image).
     """
     dist = vae.encode(pixels).latent_dist
-    scale = vae.config["scaling_factor"]
-    mean, std = dist.mean * scale, dist.std * scale
+    mean, std = _latent_units(vae, dist)
     if pixels.dtype != torch.float16 or (mean.isfinite().all() and std.isfinite().all()):
         return mean, std
     if not getattr(vae, "_sdlora_upcast_warned", False):
@@ -48,9 +49,17 @@ def posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, t
         dist = vae.encode(pixels.float()).latent_dist
     finally:
         move(vae, torch.float16)
-    mean, std = dist.mean * scale, dist.std * scale
+    mean, std = _latent_units(vae, dist)
     if not (mean.isfinite().all() and std.isfinite().all()):
         raise FloatingPointError(
             "the VAE gives non-finite latents even in fp32; check model.vae and the images"
         )
     return mean, std
+
+
+def _latent_units(vae: torch.nn.Module, dist: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior's mean and std shifted and scaled as the VAE's config says."""
+    config: Any = vae.config
+    scale, shift = config.scaling_factor, config.get("shift_factor") or 0.0
+    mean = (dist.mean - shift) * scale if shift else dist.mean * scale
+    return mean, dist.std * scale

@@ -385,8 +385,10 @@ def run_facts(run: RunState) -> meta.RunFacts:
         epochs=-(-micro // run.plan.micro_batches_per_epoch),
         optimizer=run.optimizer,
         num_processes=run.accelerator.num_processes,
-        prediction_type=run.parts.noise_scheduler.config["prediction_type"],
+        # SD3's flow-matching scheduler has no prediction type: it predicts the velocity.
+        prediction_type=run.parts.noise_scheduler.config.get("prediction_type", "flow_matching"),
         started_at=run.started_at,
+        model_variant=run.parts.variant,
     )
 
 

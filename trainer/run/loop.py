@@ -35,12 +35,13 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config import sd3 as sd3_config
 from trainer.config.load import RunConfig, to_toml
 from trainer.data.feed import build_feed
 from trainer.data.order import seed_for
 from trainer.files import write_text
 from trainer.lora import adapters as lora
-from trainer.models import conditioning
+from trainer.models import conditioning, sd3
 from trainer.models import load as models
 from trainer.models.accessors import move
 from trainer.models.dtypes import DTYPES
@@ -48,7 +49,7 @@ from trainer.models.vae import posterior
 from trainer.report import prometheus, samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
-from trainer.run import final, preflight, step
+from trainer.run import final, flow_matching, preflight, step
 from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
@@ -191,7 +192,10 @@ def setup(
     }
     # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
     unread = conditioning.unread_layers(parts.architecture == "sdxl")
-    lora.attach(parts.unet, trained_texts, config.lora, unread)
+    # SD3 (its transformer in the UNet's slot) has its own default targets.
+    lora.attach(
+        parts.unet, trained_texts, sd3_config.resolved_lora(config.lora, parts.architecture), unread
+    )
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
     if train_cfg.compile:
         parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
@@ -216,6 +220,8 @@ def setup(
             val.seed,  # not train.seed: every run of a sweep is scored on the same noise
             val.batch_size,
         )
+    if parts.architecture == "sd3":  # T5's outputs cached for every caption; T5 freed
+        sd3.settle_t5(parts, config, feed.prepared.examples, feed.validation)
     if feed.cached_latents != "off":
         move(parts.vae, "cpu")  # not needed on the device while training from cached latents
 
@@ -315,10 +321,16 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         latents = encode_latents(batch, state.parts.vae, rand)
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
-        loss = step.diffusion_loss(
-            state.unet, state.parts.noise_scheduler, latents, cond, rand,
-            config.train.noise_offset, config.train.snr_gamma,
-        )  # fmt: skip
+        if state.architecture == "sd3":  # flow matching, not ε/v prediction
+            loss = flow_matching.flow_matching_loss(
+                state.unet, state.parts.noise_scheduler, latents, cond, rand,
+                config.flow_matching, config.train.noise_offset,
+            )  # fmt: skip
+        else:
+            loss = step.diffusion_loss(
+                state.unet, state.parts.noise_scheduler, latents, cond, rand,
+                config.train.noise_offset, config.train.snr_gamma,
+            )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             apply_lr_schedule(

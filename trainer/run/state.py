@@ -74,14 +74,15 @@ class RunState:
     @property
     def encoders(self) -> list[torch.nn.Module]:
         """Every text encoder in pipeline order, the trained (prepared) one where trained."""
-        trained = (self.text_encoder, self.text_encoder_2)[: len(self.parts.text_encoders)]
+        # SD3's third (T5) is never trained.
+        trained = (self.text_encoder, self.text_encoder_2, None)[: len(self.parts.text_encoders)]
         pairs = zip(self.parts.text_encoders, trained, strict=True)
         return [trained if trained is not None else frozen for frozen, trained in pairs]
 
     @property
     def encoders_trained(self) -> list[bool]:
         """Whether each of :attr:`encoders` is trained."""
-        trained = (self.text_encoder, self.text_encoder_2)
+        trained = (self.text_encoder, self.text_encoder_2, None)
         return [m is not None for m in trained[: len(self.parts.text_encoders)]]
 
     def trained_text_encoders(self) -> dict[str, torch.nn.Module]:

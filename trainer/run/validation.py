@@ -25,7 +25,7 @@ from trainer.data.dataset import Example
 from trainer.data.order import seed_for
 from trainer.models import conditioning
 from trainer.models.vae import posterior
-from trainer.run import step
+from trainer.run import flow_matching, step
 
 if TYPE_CHECKING:
     from diffusers.models import AutoencoderKL
@@ -121,6 +121,15 @@ class Validator:
         :meth:`loss`). Each timestep scores every example once, so the mean over timesteps
         is the overall mean; the overall mean is summed as before, in the same order."""
         encoders = _as_list(text_encoder)
+        if flow_matching.is_flow_matching(noise_scheduler):  # SD3: fixed σ, same noise
+            conditioned = (
+                (conditioning.condition(_on(text, device), encoders), mean, std, seeds)
+                for text, mean, std, seeds in self.batches
+            )
+            loss, by_timestep = flow_matching.fixed_sigma_loss(
+                unet, noise_scheduler, conditioned, self.timesteps, device
+            )
+            return Scored(loss, by_timestep)
         fixed = self.fixed_timesteps(noise_scheduler)
         total, count = 0.0, 0
         per_t = dict.fromkeys(fixed, 0.0)
@@ -140,6 +149,10 @@ class Validator:
                 count += len(seeds)
         examples = count // len(fixed)
         return Scored(total / count, {t: v / examples for t, v in per_t.items()})
+
+
+def _on(text: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in text.items()}
 
 
 def _by_size(chunk: Sequence[Example]) -> list[list[Example]]:
