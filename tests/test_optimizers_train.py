@@ -183,20 +183,20 @@ def test_schedule_free_validates_and_samples_with_its_eval_weights(
     from trainer.run import validation
 
     seen = {}
-    real_loss = validation.Validator.loss
+    real_evaluate = validation.Validator.evaluate
 
-    def loss(self, unet, encoder, *args, **kwargs):
+    def evaluate(self, unet, encoder, *args, **kwargs):
         seen.setdefault("val", []).append(
             [p.detach().clone() for p in trained_params(unet, encoder)]
         )
-        return real_loss(self, unet, encoder, *args, **kwargs)
+        return real_evaluate(self, unet, encoder, *args, **kwargs)
 
     def sample_point(state, unet, encoder):
         seen.setdefault("samples", []).append(
             [p.detach().clone() for p in trained_params(unet, encoder)]
         )
 
-    monkeypatch.setattr(validation.Validator, "loss", loss)
+    monkeypatch.setattr(validation.Validator, "evaluate", evaluate)
     monkeypatch.setattr(samples, "sample_point", sample_point)
     cfg = schedule_free(
         make_config,
