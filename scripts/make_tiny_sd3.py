@@ -235,20 +235,6 @@ def t5_config(spec: SD3Preset, tokenizer):
     )
 
 
-def clip_config(spec: SD3Preset, tokenizer, which: str):
-    """The ``CLIPTextConfig`` of ``text_encoder`` or ``text_encoder_2``."""
-    from transformers import CLIPTextConfig
-
-    kwargs = dict(getattr(spec, which))
-    kwargs["vocab_size"] = kwargs["vocab_size"] or len(tokenizer.get_vocab())
-    return CLIPTextConfig(
-        **kwargs,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
 def write_sd3(
     out: Path, spec: SD3Preset, prediction_type: str, seed: int, dtype: torch.dtype
 ) -> Path:
@@ -263,7 +249,7 @@ def write_sd3(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from make_tiny_sd import write_tokenizer
+    from make_tiny_sd import text_encoder_config, write_tokenizer
     from transformers import (
         AutoTokenizer,
         CLIPTextModelWithProjection,
@@ -283,8 +269,10 @@ def write_sd3(
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**spec.transformer)
     vae = AutoencoderKL(**spec.vae)
-    text_encoder = CLIPTextModelWithProjection(clip_config(spec, tokenizer, "text_encoder"))
-    text_encoder_2 = CLIPTextModelWithProjection(clip_config(spec, tokenizer_2, "text_encoder_2"))
+    clip_1 = text_encoder_config(spec, tokenizer, "text_encoder")
+    clip_2 = text_encoder_config(spec, tokenizer_2, "text_encoder_2")
+    text_encoder = CLIPTextModelWithProjection(clip_1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_2)
     text_encoder_3 = T5EncoderModel(t5_config(spec, tokenizer_3))
     pipe: Any = StableDiffusion3Pipeline(
         transformer=transformer,

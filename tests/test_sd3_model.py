@@ -283,7 +283,8 @@ def test_the_sd35_medium_preset_has_the_published_shapes(tmp_path):
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
     from make_tiny_sd import preset_spec, write_tokenizer
-    from make_tiny_sd3 import clip_config, t5_config, write_t5_tokenizer
+    from make_tiny_sd import text_encoder_config as clip_config
+    from make_tiny_sd3 import t5_config, write_t5_tokenizer
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
     spec = preset_spec("sd3", "sd35-medium-shape")
