@@ -26,7 +26,7 @@ from typing import Any
 import tomllib
 
 from schedulers import config as schedule_config
-from trainer.config import adapter_formats, deprecated
+from trainer.config import adapter_formats, deprecated, subsets
 from trainer.config.schema import (
     MAX_UPDATES,
     CheckpointConfig,
@@ -39,6 +39,7 @@ from trainer.config.schema import (
     ValidationConfig,
     tables_hash,
 )
+from trainer.config.subsets import SubsetConfig
 from trainer.optimizers import BaseLR
 from trainer.optimizers import config as optimizer_config
 from typedtables import (
@@ -100,6 +101,8 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = schedule_config.build(table, key, problems)
         elif key == "optimizer":
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
+        elif key == "data":
+            values[key] = build_data(data.get(key, {}), problems)
         elif dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
             unknown = deprecated.unknown_train_key if key == "train" else None
@@ -119,6 +122,15 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     return config
 
 
+def build_data(table: Any, problems: list[str]) -> DataConfig:
+    """``[data]`` with its ``[[data.subsets]]``, each subset completed from ``[data]``."""
+    data = build_table(DataConfig, table, "data", problems, skip=("subsets",))
+    if isinstance(table, Mapping) and "subsets" in table:
+        data = subsets.with_subsets(data, subsets.build_subsets(data, table["subsets"], problems))
+    problems += subsets.subset_problems(data)
+    return data
+
+
 def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[str]:
     """The rules that involve more than one table (each table checks its own keys).
 
@@ -134,7 +146,8 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
     if not config.output_dir.strip():
         p.append("output_dir: required; the folder the run writes into")
     text_trained = lora.train_text_encoder or lora.train_text_encoder_2
-    if data.cache_text == "on" and (data.shuffle_tags or text_trained):
+    shuffled = any(s.shuffle_tags for s in subsets.effective_subsets(data))
+    if data.cache_text == "on" and (shuffled or text_trained):
         why = "a text encoder is trained" if text_trained else "tags are shuffled"
         p.append(
             f"data.cache_text: 'on' while {why} would serve stale outputs; use 'auto' or 'off'"
@@ -359,6 +372,13 @@ def describe() -> str:
             ]
         elif f.name == "optimizer":
             lines += ["", describe_optimizers()]
+        elif f.name == "data":
+            lines += [
+                "",
+                describe_table(tp, f.name),
+                "",
+                describe_table(SubsetConfig, "[data.subsets]"),
+            ]
         elif dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import schedulers
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config.subsets import SubsetConfig
 from trainer.optimizers import OptimizerSpec
 from typedtables import doc
 
@@ -179,7 +180,9 @@ class LoraConfig:
 class DataConfig:
     """[data]: the images and captions."""
 
-    path: str = doc("Dataset folder (required)", "")
+    path: str = doc(
+        "Dataset folder (required, unless the folders are given as [[data.subsets]])", ""
+    )
     layout: Literal["auto", "kohya", "imagefolder"] = doc(
         "'kohya' = captions in .txt files beside images; 'imagefolder' = metadata.jsonl/.csv; "
         "'auto' picks imagefolder when a metadata file exists",
@@ -224,20 +227,21 @@ class DataConfig:
     num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
     persistent_workers: bool = doc("Keep DataLoader workers alive between epochs", True)
 
+    subsets: tuple[SubsetConfig, ...] = doc(
+        "Several folders, each a [[data.subsets]] table with its own path, repeats, captions, "
+        "resolution, is_reg and loss_weight (keys it leaves out come from [data]); empty = "
+        "data.path is the one folder",
+        [],
+    )
+    prior_loss_weight: float = doc(
+        "Loss weight of regularisation images (subsets with is_reg = true), as kohya's", 1.0
+    )
+
     def problems(self, where: str) -> list[str]:
-        """Checks of this table alone."""
-        p = []
-        if not self.path.strip():
-            p.append(f"{where}.path: required; the folder holding your images and captions")
-        if self.resolution < 8 or self.resolution % 8:
-            p.append(f"{where}.resolution: {self.resolution} must be a positive multiple of 8")
-        elif self.resolution > MAX_RESOLUTION:
-            p.append(
-                f"{where}.resolution: {self.resolution} px is beyond any SD model "
-                f"(at most {MAX_RESOLUTION}); SD 1.x trains at 512, SDXL at 1024"
-            )
-        if not 0 <= self.caption_dropout <= 1:
-            p.append(f"{where}.caption_dropout: {self.caption_dropout} must be in [0, 1]")
+        """Checks of this table alone (``path`` against the subsets: ``subset_problems``)."""
+        p = resolution_problems(where, self.resolution) + caption_problems(where, self)
+        if self.prior_loss_weight < 0:
+            p.append(f"{where}.prior_loss_weight: {self.prior_loss_weight} must be >= 0")
         if self.num_workers < 0:
             p.append(f"{where}.num_workers: must be >= 0")
         if self.bucket_step < 8 or self.bucket_step % 8:
@@ -246,19 +250,39 @@ class DataConfig:
             p.append(f"{where}.bucket_max_crop: {self.bucket_max_crop} must be in [0, 1)")
         if self.max_upscale < 1:
             p.append(f"{where}.max_upscale: {self.max_upscale} must be >= 1 (1 = never upscale)")
-        if self.keep_tokens < 0:
-            p.append(f"{where}.keep_tokens: must be >= 0")
-        if not self.caption_extension.startswith("."):
-            p.append(
-                f"{where}.caption_extension: {self.caption_extension!r} must start with a dot, "
-                "e.g. '.txt'"
-            )
         if self.cache_latents in ("memory", "disk") and not self.center_crop:
             p.append(
                 f"{where}.cache_latents: {self.cache_latents!r} with {where}.center_crop = false "
                 "would train every epoch on the first random crop; use 'auto' or 'off'"
             )
         return p
+
+
+def resolution_problems(where: str, resolution: int) -> list[str]:
+    """``resolution`` of ``[data]`` or of a subset."""
+    if resolution < 8 or resolution % 8:
+        return [f"{where}.resolution: {resolution} must be a positive multiple of 8"]
+    if resolution > MAX_RESOLUTION:
+        return [
+            f"{where}.resolution: {resolution} px is beyond any SD model "
+            f"(at most {MAX_RESOLUTION}); SD 1.x trains at 512, SDXL at 1024"
+        ]
+    return []
+
+
+def caption_problems(where: str, table: Any) -> list[str]:
+    """The caption keys shared by ``[data]`` and its subsets."""
+    p = []
+    if not 0 <= table.caption_dropout <= 1:
+        p.append(f"{where}.caption_dropout: {table.caption_dropout} must be in [0, 1]")
+    if table.keep_tokens < 0:
+        p.append(f"{where}.keep_tokens: must be >= 0")
+    if not table.caption_extension.startswith("."):
+        p.append(
+            f"{where}.caption_extension: {table.caption_extension!r} must start with a dot, "
+            "e.g. '.txt'"
+        )
+    return p
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.config.load import DataConfig
+from trainer.config.subsets import SubsetConfig, effective_subsets
 from trainer.data import buckets, images
 from trainer.errors import UserError
 from trainer.models import conditioning
@@ -53,6 +54,7 @@ class Record:
     path: Path
     caption: str
     problem: str = ""
+    subset: int = 0  # index into the run's subsets (trainer/config/subsets.py)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Example:
     path: Path
     caption: str
     size: tuple[int, int]
+    subset: int = 0  # index into the run's subsets
+    is_reg: bool = False  # a regularisation image
 
 
 @dataclass
@@ -211,11 +215,19 @@ def find_imagefolder(root: Path) -> list[Record]:
     return records
 
 
-def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
-    """All records of the configured dataset (or of ``path``), in a stable order."""
+def find_records(
+    config: DataConfig | SubsetConfig, path: str | None = None, where: str = "data.path"
+) -> list[Record]:
+    """All records of one folder (``config.path``, or ``path``), in a stable order.
+
+    Args:
+        config: ``[data]`` or one subset: the folder, its layout and caption extension.
+        path: Another folder read with the same settings (``validation.path``).
+        where: The key that names the folder, for messages.
+    """
     root = Path(path or config.path)
     if not root.is_dir():
-        raise DataError(f"data.path = {str(root)!r}: not a folder")
+        raise DataError(f"{where} = {str(root)!r}: not a folder")
     layout = config.layout
     if layout == "auto":
         has_metadata = any((root / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
@@ -227,7 +239,7 @@ def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
     if not records:
         what = "is empty" if not any(root.iterdir()) else "holds no images"
         raise DataError(
-            f"data.path = {str(root)!r}: the folder {what} ({layout} layout; image types: "
+            f"{where} = {str(root)!r}: the folder {what} ({layout} layout; image types: "
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
     return records
@@ -236,8 +248,9 @@ def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
 # ---------------------------------------------------------------- checking every file once
 
 
-def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
-    res = config.resolution
+def _bucket_grid(config: DataConfig, res: int | None = None) -> list[tuple[int, int]]:
+    """The bucket sizes at ``res`` (default ``data.resolution``) under ``[data]``'s rules."""
+    res = res or config.resolution
     if not config.buckets:
         return [(res, res)]
     step = config.bucket_step
@@ -247,16 +260,23 @@ def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
 
 
 def prepare(
-    records: list[Record], config: DataConfig, show_progress: bool = True, decode: bool = True
+    records: list[Record],
+    config: DataConfig,
+    show_progress: bool = True,
+    decode: bool = True,
+    subsets: Sequence[SubsetConfig] | None = None,
 ) -> Prepared:
     """Decode every distinct image once, assign buckets, and apply ``data.on_bad_image``.
 
     ``decode=False`` reads only image headers (sizes), for previews such as ``lr-plot``.
+    ``subsets``: the run's subsets, by which each record's resolution and role are read
+    (None: every record at ``data.resolution``, e.g. a separate validation folder).
 
     Raises:
         DataError: listing every bad file, when the policy is "error" or nothing usable is left.
     """
-    grid = _bucket_grid(config)
+    resolutions = [s.resolution for s in subsets] if subsets else [config.resolution]
+    grids = {res: _bucket_grid(config, res) for res in set(resolutions)}
     unique = list(dict.fromkeys(r.path for r in records if not r.problem))
     infos: dict[Path, images.ImageInfo | str] = {}
 
@@ -282,6 +302,8 @@ def prepare(
         if record.problem or isinstance(info, str):
             problems.append(record.problem or info)
             continue
+        index = record.subset if subsets else 0
+        grid = grids[resolutions[index]]
         size = buckets.assign(
             (info.width, info.height), grid, config.max_upscale, config.bucket_max_crop
         )
@@ -296,18 +318,21 @@ def prepare(
             continue
         if info.note:
             notes.append(f"{record.path}: {info.note}")
-        examples.append(Example(record.path, record.caption, size))
+        is_reg = subsets is not None and subsets[index].is_reg
+        examples.append(Example(record.path, record.caption, size, index, is_reg))
     problems = list(dict.fromkeys(problems))  # a repeated image is reported once
     notes = list(dict.fromkeys(notes))
     if problems and config.on_bad_image == "error":
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(
-            f"{len(problems)} unusable file(s) in {config.path}:\n  {shown}{more}\n"
+            f"{len(problems)} unusable file(s) in {config.path or 'the subsets'}:\n"
+            f"  {shown}{more}\n"
             'fix them, or set data.on_bad_image = "skip" to train without them'
         )
     if not examples:
-        raise DataError(f"data.path = {config.path!r}: no usable images left after checking")
+        where = f"data.path = {config.path!r}" if config.path else "[[data.subsets]]"
+        raise DataError(f"{where}: no usable images left after checking")
     sizes, groups = buckets.group_by_bucket([e.size for e in examples])
     return Prepared(examples, groups, sizes, problems, notes)
 
@@ -357,6 +382,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         latents: ``(index, flip) -> (mean, std, time_ids)`` from the latent cache.
         text: ``caption -> {"encoder_hidden_states": ..., ["text_embeds": ...]}``.
         time_ids: Serve SDXL's ``time_ids``.
+
+    Each example's flip, caption dropout and tag shuffling follow its subset's settings. When
+    any example's loss is weighted (a subset's ``loss_weight``, or ``data.prior_loss_weight``
+    for regularisation images), every item carries its ``loss_weight``.
     """
 
     def __init__(
@@ -374,18 +403,22 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.latents = latents
         self.text = text
         self.time_ids = time_ids
+        self.subsets = effective_subsets(config)
+        self.weights = [loss_weight(config, s) for s in self.subsets]
+        self.weighted = any(self.weights[e.subset] != 1.0 for e in examples)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
         """The random choices for one example: flip, caption, and the rng for the crop."""
-        config, rng = self.config, random.Random(draw_seed)
-        flip = config.random_flip and rng.random() < 0.5
-        caption = self.examples[index].caption
-        if config.shuffle_tags:
-            caption = shuffle_tags(caption, config.keep_tokens, rng)
-        if rng.random() < config.caption_dropout:
+        example, rng = self.examples[index], random.Random(draw_seed)
+        subset = self.subsets[example.subset]
+        flip = subset.random_flip and rng.random() < 0.5
+        caption = example.caption
+        if subset.shuffle_tags:
+            caption = shuffle_tags(caption, subset.keep_tokens, rng)
+        if rng.random() < subset.caption_dropout:
             caption = ""
         return flip, caption, rng
 
@@ -394,6 +427,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         flip, caption, rng = self.draw(index, draw_seed)
         # The example's own seed also drives its latent sample, noise and timestep (step.py).
         item = {"seed": torch.tensor(draw_seed)}
+        if self.weighted:
+            item["loss_weight"] = torch.tensor(self.weights[self.examples[index].subset])
         if self.text is not None:
             item.update(self.text(caption))
         else:
@@ -412,6 +447,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         if self.time_ids:
             item["time_ids"] = time_ids
         return item
+
+
+def loss_weight(config: DataConfig, subset: SubsetConfig) -> float:
+    """The loss weight of a subset's examples: its ``loss_weight``, times
+    ``data.prior_loss_weight`` for regularisation images."""
+    return subset.loss_weight * (config.prior_loss_weight if subset.is_reg else 1.0)
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

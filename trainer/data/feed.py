@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.load import RunConfig
-from trainer.data import cache, holdout
+from trainer.data import cache, holdout, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
 
@@ -47,9 +47,8 @@ def text_cache_enabled(config: RunConfig) -> bool:
     if setting != "auto":
         return setting == "on"
     lora = config.lora
-    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not (
-        config.data.shuffle_tags
-    )
+    shuffled = any(s.shuffle_tags for s in subsets.effective_subsets(config.data))
+    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not shuffled
     if not valid:
         log.info("text cache off: a text encoder is trained or tags are shuffled")
     return valid
@@ -77,11 +76,11 @@ def _fill_latent_cache(
     store = cache.LatentCache(folder)
     vae_id = cache.module_fingerprint(vae)
     digests = {p: cache.file_digest(p) for p in dict.fromkeys(e.path for e in prepared.examples)}
-    flips = (False, True) if config.data.random_flip else (False,)
+    flipped = [s.random_flip for s in subsets.effective_subsets(config.data)]
     keys = {
         (i, flip): cache.latent_key(digests[e.path], vae_id, e.size, "center", flip)
         for i, e in enumerate(prepared.examples)
-        for flip in flips
+        for flip in ((False, True) if flipped[e.subset] else (False,))
     }
     examples = prepared.examples
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
@@ -100,20 +99,26 @@ def _fill_latent_cache(
 def checked_examples(
     config: RunConfig, show_progress: bool = True, decode: bool = True
 ) -> tuple[data.Prepared, list[data.Example]]:
-    """Training examples (checked, bucketed) and the held-out validation examples."""
-    records = data.find_records(config.data)
-    val = config.validation
+    """Training examples (checked, bucketed, regularisation images mixed in) and the held-out
+    validation examples (held out from the training images, never the regularisation ones)."""
+    records = subsets.find(config.data)
+    reg = [r for r in records if subsets.is_reg(config.data, r)]
+    records = [r for r in records if not subsets.is_reg(config.data, r)]
+    val, held_subsets = config.validation, subsets.effective_subsets(config.data)
     if val.path:
-        held_out = data.find_records(config.data, val.path)
+        held_out = data.find_records(config.data, val.path, where="validation.path")
+        held_subsets = None  # a folder of its own, read with [data]'s settings
     else:
         try:
             records, held_out = holdout.split(records, val.fraction, val.seed)
         except ValueError as err:
             raise data.DataError(str(err)) from err
-    prepared = data.prepare(records, config.data, show_progress, decode)
+    found = subsets.effective_subsets(config.data)
+    prepared = data.prepare(records + reg, config.data, show_progress, decode, found)
+    prepared = subsets.mix_regularisation(prepared)
     if not held_out:
         return prepared, []
-    checked = data.prepare(held_out, config.data, show_progress, decode)
+    checked = data.prepare(held_out, config.data, show_progress, decode, held_subsets)
     prepared.skipped += checked.skipped
     prepared.notes += checked.notes
     return prepared, checked.examples
@@ -161,7 +166,7 @@ def build_feed(
     if use_text_cache:
         store = cache.TextCache()
         captions = {e.caption for e in prepared.examples}
-        if config.data.caption_dropout > 0:
+        if any(s.caption_dropout > 0 for s in subsets.effective_subsets(config.data)):
             captions.add("")
         store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
         dataset.text = store.get

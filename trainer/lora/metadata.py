@@ -25,7 +25,7 @@ import datetime
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,11 @@ class RunFacts:
         num_processes: Training processes (the global batch is batch × processes).
         prediction_type: The noise scheduler's, ``epsilon`` or ``v_prediction``.
         started_at: Unix time the run started (None if unknown).
+        num_reg_images: Regularisation examples per epoch, as mixed in (kohya's
+            ``ss_num_reg_images``); the counts above are of training images only.
+        reg_dataset_dirs: ``dataset_dirs`` of the regularisation images
+            (``ss_reg_dataset_dirs``).
+        subset_images: Distinct images per subset, by subset index (for ``ss_datasets``).
     """
 
     steps: int
@@ -101,6 +106,9 @@ class RunFacts:
     num_processes: int = 1
     prediction_type: str = "epsilon"
     started_at: float | None = None
+    num_reg_images: int = 0
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    subset_images: Sequence[int] = ()
 
 
 def tag_frequency(examples: Iterable[tuple[str | Path, str]]) -> dict[str, dict[str, int]]:
@@ -157,7 +165,8 @@ def collect_run_facts(
     prediction_type: str = "epsilon",
     started_at: float | None = None,
 ) -> RunFacts:
-    """The :class:`RunFacts` of a run, from its examples (objects with ``path`` and ``caption``).
+    """The :class:`RunFacts` of a run, from its examples (objects with ``path`` and ``caption``,
+    and ``is_reg`` and ``subset`` where the run has subsets).
 
     Args:
         examples: The training examples as the loader serves them (repeats listed again).
@@ -168,13 +177,20 @@ def collect_run_facts(
         prediction_type: The noise scheduler's prediction type.
         started_at: Unix time the run started.
     """
-    pairs = [(e.path, e.caption) for e in examples]
+    examples = list(examples)
+    pairs = [(e.path, e.caption) for e in examples if not getattr(e, "is_reg", False)]
+    reg = [(e.path, e.caption) for e in examples if getattr(e, "is_reg", False)]
+    distinct = {(e.path, getattr(e, "subset", 0)) for e in examples}
+    per_subset = Counter(subset for _, subset in distinct)
     return RunFacts(
         steps=steps,
         epochs=epochs,
         image_count=len(pairs),
         tag_frequency=tag_frequency(pairs),
         dataset_dirs=dataset_dirs(pairs),
+        num_reg_images=len(reg),
+        reg_dataset_dirs=dataset_dirs(reg),
+        subset_images=[per_subset[i] for i in range(max(per_subset, default=-1) + 1)],
         optimizer=optimizer if isinstance(optimizer, str) else optimizer_name(optimizer),
         num_processes=num_processes,
         prediction_type=prediction_type,
@@ -242,6 +258,10 @@ def training_record(
         "max_grad_norm": train.max_grad_norm,
         "noise_offset": train.noise_offset,
         "snr_gamma": train.snr_gamma,
+        "num_reg_images": facts.num_reg_images,
+        "reg_dataset_dirs": facts.reg_dataset_dirs,
+        "prior_loss_weight": data.prior_loss_weight,
+        "subsets": subset_records(data, facts),
         "caption_dropout": data.caption_dropout,
         "random_flip": data.random_flip,
         "center_crop": data.center_crop,
@@ -255,6 +275,51 @@ def training_record(
         "finished_at": finished_at if finished_at is not None else _now(),
     }
     return strip_paths(record)
+
+
+def subset_records(data: Any, facts: RunFacts) -> list[dict[str, Any]]:
+    """Each ``[[data.subsets]]`` table as kohya's ``ss_datasets`` describes a subset (its
+    folder's name, never its path); empty for a one-folder ``[data]``."""
+    counts = list(facts.subset_images)
+    return [
+        {
+            "image_dir": Path(s.path.rstrip("/\\")).name,
+            "img_count": counts[i] if i < len(counts) else 0,
+            "num_repeats": s.repeats,
+            "is_reg": s.is_reg,
+            "loss_weight": s.loss_weight,
+            "resolution": s.resolution,
+            "flip_aug": s.random_flip,
+            "shuffle_caption": s.shuffle_tags,
+            "keep_tokens": s.keep_tokens,
+            "caption_dropout_rate": s.caption_dropout,
+        }
+        for i, s in enumerate(data.subsets)
+    ]
+
+
+def datasets_entry(record: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """kohya's ``ss_datasets``: one dataset holding the run's subsets (None without them)."""
+    subsets = record.get("subsets")
+    if not subsets:
+        return None
+    return [
+        {
+            "is_dreambooth": True,
+            "batch_size_per_device": record.get("batch_size"),
+            "num_train_images": record.get("image_count"),
+            "num_reg_images": record.get("num_reg_images", 0),
+            "resolution": [record.get("resolution")] * 2,
+            "enable_bucket": record.get("buckets"),
+            "min_bucket_reso": record.get("bucket_min_side"),
+            "max_bucket_reso": record.get("bucket_max_side"),
+            "tag_frequency": record.get("tag_frequency") or {},
+            "subsets": [
+                {k: v for k, v in s.items() if k not in ("loss_weight", "resolution")}
+                for s in subsets
+            ],
+        }
+    ]
 
 
 def adapter_args(lora: Any) -> dict[str, Any]:
@@ -341,6 +406,10 @@ def kohya_metadata(
         "ss_num_train_images": record.get("image_count") or None,
         "ss_tag_frequency": record.get("tag_frequency") or None,
         "ss_dataset_dirs": record.get("dataset_dirs") or None,
+        "ss_reg_dataset_dirs": record.get("reg_dataset_dirs") or None,
+        "ss_num_reg_images": record.get("num_reg_images"),
+        "ss_prior_loss_weight": record.get("prior_loss_weight"),
+        "ss_datasets": datasets_entry(record),
         "ss_learning_rate": record.get("learning_rate"),
         "ss_unet_lr": record.get("learning_rate"),
         # kohya records one text-encoder LR; for SDXL the first trained encoder's.

@@ -44,6 +44,7 @@ import torch
 from schedulers import schedule_state
 from trainer import files
 from trainer.config.load import tables_hash, to_toml
+from trainer.config.subsets import effective_subsets
 from trainer.errors import UserError
 from trainer.lora import metadata as meta
 from trainer.lora.files import WEIGHTS_NAME
@@ -291,20 +292,28 @@ def load_tensors_state(path: Path) -> dict[str, Any]:
 HASHED_TABLES = ("model", "lora", "data", "train", "optimizer", "lr_scheduler")
 
 
-def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
+def data_record(examples: Sequence[Example], roots: Sequence[str]) -> dict[str, Any]:
     """What a checkpoint records of its training examples, to tell on resume whether they
-    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
-    caption, training size and file size, in the loader's order."""
+    changed: their count (repeats included) and a hash of each one's path under its subset's
+    folder (``roots``, by subset index: ``data.path`` without subsets), caption, training size
+    and file size, in the loader's order."""
     digest = hashlib.sha256()
     for example in examples:
         try:
             size = os.path.getsize(example.path)
         except OSError:  # gone since it was checked; the hash then differs on resume
             size = None
-        name = os.path.relpath(example.path, data_path)
+        name = os.path.relpath(example.path, roots[example.subset])
+        if example.subset:  # the subset's index too (the one-folder record stays as it was)
+            name = f"{example.subset}:{name}"
         digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
         digest.update(b"\n")
     return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def subset_roots(data: Any) -> list[str]:
+    """Each subset's folder by subset index, what :func:`data_record` records paths under."""
+    return [s.path for s in effective_subsets(data)]
 
 
 def save_checkpoint(run: RunState) -> Path:
@@ -342,7 +351,7 @@ def _write_checkpoint(run: RunState) -> Path:
             "rng": "every draw is seeded from (seed, counters) by trainer.data.order.seed_for",
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
-            "data": data_record(run.feed.prepared.examples, config.data.path),
+            "data": data_record(run.feed.prepared.examples, subset_roots(config.data)),
             # What the final LoRA's metadata needs, so the final files can be written from
             # this checkpoint alone, with no model loaded (trainer/run/final.py).
             "architecture": run.architecture,

@@ -296,7 +296,7 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
         loss = step.diffusion_loss(
             state.unet, state.parts.noise_scheduler, latents, cond, rand,
-            config.train.noise_offset, config.train.snr_gamma,
+            config.train.noise_offset, config.train.snr_gamma, batch.get("loss_weight"),
         )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:

@@ -214,7 +214,7 @@ def _data_change(config: RunConfig, checked: Checked) -> list[str]:
     longer continues the one that was stopped."""
     if checked.resume_from is None or checked.prepared is None or checked.plan is None:
         return []
-    now = ckpt.data_record(checked.prepared.examples, config.data.path)
+    now = ckpt.data_record(checked.prepared.examples, ckpt.subset_roots(config.data))
     change = data_change(checked.resume_state, now, checked.plan.total_updates)
     if change is None:
         return []

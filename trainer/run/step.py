@@ -103,8 +103,10 @@ def diffusion_loss(
     rand: ExampleRandom,
     noise_offset: float = 0.0,
     snr_gamma: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mean latent-diffusion loss of one batch.
+    """The mean latent-diffusion loss of one batch: each example's mean over its latent,
+    weighted, then the mean over the batch (kohya's reduction).
 
     Args:
         unet: UNet (possibly DDP-wrapped, possibly under autocast).
@@ -114,19 +116,24 @@ def diffusion_loss(
         rand: Per-example source of the noise and timesteps.
         noise_offset: See :func:`sample_noise`.
         snr_gamma: Min-SNR-γ; 0 gives the plain mean squared error.
+        weights: Each example's loss weight (a subset's ``loss_weight``, the prior loss
+            weight of a regularisation image); None weighs every example 1.
     """
     noise = sample_noise(latents, rand, noise_offset)
     timesteps = rand.randint(noise_scheduler.config.num_train_timesteps)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
-    if not snr_gamma:
+    if not snr_gamma and weights is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    weights = min_snr_weights(
-        snr(noise_scheduler.alphas_cumprod, timesteps),
-        snr_gamma,
-        noise_scheduler.config.prediction_type,
-    )
-    return (per_sample * weights).mean()
+    if snr_gamma:
+        per_sample = per_sample * min_snr_weights(
+            snr(noise_scheduler.alphas_cumprod, timesteps),
+            snr_gamma,
+            noise_scheduler.config.prediction_type,
+        )
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()
