@@ -162,6 +162,12 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
             "train.text_encoder_2_lr: set, but lora.train_text_encoder_2 is false; "
             "enable it or drop the key"
         )
+    if train.zero_terminal_snr and config.model.prediction_type == "epsilon":
+        p.append(
+            "train.zero_terminal_snr: needs v-prediction (at zero SNR the last timestep's input "
+            "is pure noise and ε says nothing about the image); set model.prediction_type = "
+            '"v_prediction", or turn zero_terminal_snr off'
+        )
     if lora.train_text_encoder_2 and config.model.arch in ("sd1", "sd2"):
         p.append(
             f"lora.train_text_encoder_2: model.arch = {config.model.arch!r} has one text "

@@ -328,6 +328,40 @@ class TrainConfig:
     )
     noise_offset: float = doc("Noise offset (adds per-channel constant noise); 0 disables", 0.0)
     snr_gamma: float = doc("Min-SNR-γ loss weighting (5.0 is the paper's); 0 disables", 0.0)
+    loss: Literal["mse", "huber", "smooth_l1"] = doc(
+        "Loss per latent element: 'mse'; 'huber' or 'smooth_l1', kohya's pseudo-Huber forms "
+        "2c(√(d²+c²) − c) and 2(√(d²+c²) − c), robust to outliers (kohya's loss_type)",
+        "mse",
+    )
+    huber_c: float = doc(
+        "huber/smooth_l1: the threshold c, in (0, 1]; the schedules move it with the timestep",
+        0.1,
+    )
+    huber_schedule: Literal["snr", "exponential", "constant"] = doc(
+        "huber/smooth_l1: c over timesteps: 'snr' ((1 − c)/(1 + σ_t)² + c, kohya's default), "
+        "'exponential' (c^(t/T)) or 'constant'",
+        "snr",
+    )
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = doc(
+        "How training timesteps are drawn: 'uniform', 'logit_normal' (sigmoid of a normal: "
+        "more mid-range timesteps) or 'mode' (the SD3 paper's mode-centred density)",
+        "uniform",
+    )
+    logit_mean: float = doc("logit_normal: mean of the normal before the sigmoid", 0.0)
+    logit_std: float = doc("logit_normal: standard deviation of that normal", 1.0)
+    mode_scale: float = doc(
+        "mode: how strongly timesteps gather mid-range, in [-1, 1.75] (0 = uniform)", 1.29
+    )
+    debiased_estimation: bool = doc(
+        "Weight each example's loss by 1/√SNR (v-prediction: 1/(SNR+1)), kohya's "
+        "debiased_estimation_loss",
+        False,
+    )
+    zero_terminal_snr: bool = doc(
+        "Rescale the noise schedule's betas to zero SNR at the last timestep (Lin et al., "
+        "2023); needs v-prediction (model.prediction_type)",
+        False,
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
@@ -355,6 +389,34 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 p.append(f"{where}.{key}: {getattr(self, key)} must be >= 0")
+        return p + self.loss_problems(where)
+
+    def loss_problems(self, where: str) -> list[str]:
+        """The loss and timestep keys: ranges, and keys set for an option that does not read
+        them (compared by value, as ``LoraConfig.type_key_problems`` does)."""
+        p = []
+        if not 0 < self.huber_c <= 1:
+            p.append(f"{where}.huber_c: {self.huber_c} must be in (0, 1]")
+        if self.logit_std <= 0:
+            p.append(f"{where}.logit_std: {self.logit_std} must be > 0")
+        if not -1 <= self.mode_scale <= 1.75:
+            p.append(f"{where}.mode_scale: {self.mode_scale} must be in [-1, 1.75]")
+        defaults = TrainConfig.__dataclass_fields__
+        users = {
+            "huber_c": ("loss", ("huber", "smooth_l1")),
+            "huber_schedule": ("loss", ("huber", "smooth_l1")),
+            "logit_mean": ("timestep_sampling", ("logit_normal",)),
+            "logit_std": ("timestep_sampling", ("logit_normal",)),
+            "mode_scale": ("timestep_sampling", ("mode",)),
+        }
+        for key, (owner, values) in users.items():
+            if getattr(self, owner) in values or getattr(self, key) == defaults[key].default:
+                continue
+            wanted = " or ".join(repr(v) for v in values)
+            p.append(
+                f"{where}.{key}: applies only to {where}.{owner} = {wanted}, not "
+                f"{getattr(self, owner)!r}; remove it (or set {where}.{owner})"
+            )
         return p
 
 

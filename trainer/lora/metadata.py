@@ -258,6 +258,15 @@ def training_record(
         "max_grad_norm": train.max_grad_norm,
         "noise_offset": train.noise_offset,
         "snr_gamma": train.snr_gamma,
+        "loss": train.loss,
+        "huber_c": train.huber_c,
+        "huber_schedule": train.huber_schedule,
+        "timestep_sampling": train.timestep_sampling,
+        "logit_mean": train.logit_mean,
+        "logit_std": train.logit_std,
+        "mode_scale": train.mode_scale,
+        "debiased_estimation": train.debiased_estimation,
+        "zero_terminal_snr": train.zero_terminal_snr,
         "num_reg_images": facts.num_reg_images,
         "reg_dataset_dirs": facts.reg_dataset_dirs,
         "prior_loss_weight": data.prior_loss_weight,
@@ -426,6 +435,7 @@ def kohya_metadata(
         "ss_max_grad_norm": record.get("max_grad_norm"),
         "ss_noise_offset": record.get("noise_offset"),
         "ss_min_snr_gamma": record.get("snr_gamma"),
+        **loss_keys(record),
         "ss_caption_dropout_rate": record.get("caption_dropout"),
         "ss_flip_aug": record.get("random_flip"),
         "ss_random_crop": None
@@ -443,6 +453,33 @@ def kohya_metadata(
         "ss_training_finished_at": record.get("finished_at"),
     }
     return {k: _kohya_str(v) for k, v in values.items() if v is not None}
+
+
+# kohya's loss_type names: its "l2" is our "mse".
+KOHYA_LOSS_TYPE = {"mse": "l2", "huber": "huber", "smooth_l1": "smooth_l1"}
+
+
+def loss_keys(record: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya's loss and timestep keys (``ss_loss_type``, ``ss_huber_*``,
+    ``ss_debiased_estimation``, ``ss_zero_terminal_snr``, and its SD3 names for the timestep
+    density: ``ss_weighting_scheme``, ``ss_logit_mean``/``_std``, ``ss_mode_scale``), for the
+    facts the record has."""
+    if "loss" not in record:
+        return {}  # a record written before these options existed
+    sampling = record.get("timestep_sampling", "uniform")
+    keys: dict[str, Any] = {
+        "ss_loss_type": KOHYA_LOSS_TYPE.get(record["loss"], record["loss"]),
+        "ss_huber_schedule": record.get("huber_schedule"),
+        "ss_huber_c": record.get("huber_c"),
+        "ss_debiased_estimation": record.get("debiased_estimation"),
+        "ss_zero_terminal_snr": record.get("zero_terminal_snr"),
+        "ss_weighting_scheme": "none" if sampling == "uniform" else sampling,
+    }
+    if sampling == "logit_normal":
+        keys |= {"ss_logit_mean": record.get("logit_mean"), "ss_logit_std": record.get("logit_std")}
+    if sampling == "mode":
+        keys["ss_mode_scale"] = record.get("mode_scale")
+    return keys
 
 
 def modelspec_metadata(

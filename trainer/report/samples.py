@@ -199,7 +199,15 @@ def make_sampler(noise_scheduler_config: Any, ddim: type) -> Any:
     so in a 20-line FutureWarning at every construction and switches it off. Passing
     ``clip_sample=False`` as an argument (arguments win over the config) gives the same images
     without the warning.
+
+    With zero terminal SNR (``train.zero_terminal_snr``: the config's
+    ``rescale_betas_zero_snr``), the sampler starts at the last timestep ("trailing"
+    spacing), as Lin et al. (2023) prescribe: it is the one whose input is pure noise.
     """
+    if noise_scheduler_config.get("rescale_betas_zero_snr"):
+        return ddim.from_config(
+            noise_scheduler_config, clip_sample=False, timestep_spacing="trailing"
+        )
     return ddim.from_config(noise_scheduler_config, clip_sample=False)
 
 

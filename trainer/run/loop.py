@@ -48,6 +48,7 @@ from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
 from trainer.run import final, preflight, step
 from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
+from trainer.run.loss import LossOptions, training_noise_scheduler
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
@@ -160,6 +161,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
 
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
     parts = models.load_components(config.model, weight_dtype, checked.architecture)
+    parts.noise_scheduler = training_noise_scheduler(parts.noise_scheduler, train_cfg)
     for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)
     if train_cfg.channels_last:
@@ -296,7 +298,7 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
         loss = step.diffusion_loss(
             state.unet, state.parts.noise_scheduler, latents, cond, rand,
-            config.train.noise_offset, config.train.snr_gamma, batch.get("loss_weight"),
+            LossOptions.of(config.train), batch.get("loss_weight"),
         )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:

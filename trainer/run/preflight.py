@@ -35,6 +35,7 @@ from trainer.models import family as model_arch
 from trainer.models import source as model_source
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
+from trainer.run.loss import zero_snr_problems
 from trainer.run.plan import Plan, plan_run
 from trainer.run.resume import (
     DATA_KEY,
@@ -133,6 +134,7 @@ def check(
         found, checked.architecture = model_problems(config)
         problems += found
     problems += model_source.vae_problems(config.model)
+    problems += zero_snr_problems(config)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
