@@ -138,9 +138,13 @@ def jump_sides(
 
 
 def write_csv(
-    path: str | Path, rows: Sequence[Sequence[float]], steps: Sequence[int] | None = None
+    path: str | Path,
+    rows: Sequence[Sequence[float]],
+    steps: Sequence[int] | None = None,
+    names: Sequence[str] = (),
 ) -> None:
-    """Write rows as CSV with the header ``step,lr_0,lr_1,...``.
+    """Write rows as CSV with the header ``step,lr_0,lr_1,...`` (``step,lr_<name>,...`` with
+    a name per param group).
 
     ``step`` N is the N-th optimizer update, the numbering of the trainer's ``metrics.jsonl``
     and ``checkpoints/step-NNNNNN``: ``steps[i]`` for row ``i`` when given (a
@@ -149,7 +153,8 @@ def write_csv(
     """
     width = len(rows[0]) if rows else 0
     numbers = range(1, len(rows) + 1) if steps is None else steps
-    lines = [",".join(["step", *(f"lr_{i}" for i in range(width))])]
+    columns = list(names) if names else [str(i) for i in range(width)]
+    lines = [",".join(["step", *(f"lr_{c}" for c in columns)])]
     lines += [
         ",".join([str(n), *(repr(float(x)) for x in row)])
         for n, row in zip(numbers, rows, strict=True)
@@ -267,7 +272,10 @@ def write_png(
 
 
 def format_table(
-    rows: Sequence[Sequence[float]], max_rows: int = 12, steps: Sequence[int] | None = None
+    rows: Sequence[Sequence[float]],
+    max_rows: int = 12,
+    steps: Sequence[int] | None = None,
+    names: Sequence[str] = (),
 ) -> str:
     """A short text table of a few representative updates.
 
@@ -285,7 +293,8 @@ def format_table(
         picks.add(round(k * last / (slots + 1)))
     shown = sorted(picks)[:max_rows] if len(picks) > max_rows else sorted(picks)
     width = len(rows[0])
-    header = f"{'step':>8}" + "".join(f"{f'lr_{i}':>14}" for i in range(width))
+    columns = list(names) if names else [str(i) for i in range(width)]
+    header = f"{'step':>8}" + "".join(f" {f'lr_{c}':>13}" for c in columns)
     lines = [header]
     for i in shown:
         lines.append(f"{numbers[i]:>8}" + "".join(f"{x:>14.6g}" for x in rows[i]))

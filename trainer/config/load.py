@@ -27,6 +27,7 @@ import tomllib
 
 from schedulers import config as schedule_config
 from trainer.config import adapter_formats, deprecated, subsets
+from trainer.config.lr_groups import block_weight_problems
 from trainer.config.schema import (
     MAX_UPDATES,
     CheckpointConfig,
@@ -173,6 +174,8 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
             f"lora.train_text_encoder_2: model.arch = {config.model.arch!r} has one text "
             "encoder; the second exists only in SDXL"
         )
+    if config.model.arch != "auto":  # else checked with the model's family, in preflight
+        p += block_weight_problems(lora, config.model.arch)
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     p += optimizer_checks(config, [] if warnings is None else warnings)

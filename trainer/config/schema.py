@@ -19,6 +19,7 @@ from typing import Any, Literal
 import schedulers
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config.lr_groups import LrGroup, lr_groups
 from trainer.config.subsets import SubsetConfig
 from trainer.optimizers import OptimizerSpec
 from typedtables import doc
@@ -76,6 +77,8 @@ TYPE_KEYS = {
     "conv_tucker": ("loha", "lokr"),
     "factor": ("lokr",),
     "decompose_both": ("lokr",),
+    # LoRA+ scales the B matrices (lora_B); LoHa and LoKr have none.
+    "plus_ratio": ("lora", "dora"),
 }
 
 
@@ -138,10 +141,36 @@ class LoraConfig:
     save_dtype: Literal["", "fp16", "bf16", "fp32"] = doc(
         "Deprecated: use output.save_dtype (still read for one release; when set, it wins)", ""
     )
+    plus_ratio: float = doc(
+        "lora/dora: LoRA+ (kohya's loraplus_lr_ratio): the B matrices train at this multiple "
+        "of their group's LR (16 is the paper's); 0 = off",
+        0.0,
+    )
+    down_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of each UNet down block, kohya's IN00..IN11 (SDXL: input_blocks "
+        "0..8); missing ones are 1, 0 freezes a block; empty = all 1",
+        [],
+    )
+    mid_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of the UNet mid block (SDXL: its 3 parts, middle_block 0..2)", []
+    )
+    up_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of each UNet up block, kohya's OUT00..OUT11 (SDXL: output_blocks 0..8)",
+        [],
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
         p = []
+        if self.plus_ratio < 0:
+            p.append(f"{where}.plus_ratio: {self.plus_ratio} must be >= 0 (0 = off)")
+        for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+            values = getattr(self, key)
+            if any(v < 0 for v in values) or len(values) > 12:
+                p.append(
+                    f"{where}.{key}: {list(values)}: at most 12 multipliers, each >= 0 "
+                    "(0 freezes the block)"
+                )
         if self.rank < 1:
             p.append(f"{where}.rank: {self.rank} must be >= 1")
         if self.alpha <= 0:
@@ -549,18 +578,19 @@ class RunConfig:
     output: OutputConfig = doc("[output] table", OutputConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
 
+    def lr_groups(self) -> list[LrGroup]:
+        """The optimizer's param groups, named, in order: the UNet's, then each trained text
+        encoder's (SDXL: the first, then the second), each split by block multiplier and LoRA+
+        (``trainer/config/lr_groups.py``)."""
+        return lr_groups(self)
+
     def base_lrs(self) -> list[float]:
-        """One base LR per optimizer param group, in order: the UNet, then each trained text
-        encoder (SDXL: the first, then the second)."""
-        train = self.train
-        lrs = [train.learning_rate]
-        if self.lora.train_text_encoder:
-            lrs.append(train.text_encoder_lr or train.learning_rate)
-        if self.lora.train_text_encoder_2:
-            # One text-encoder LR for both unless the second is given its own (as kohya's
-            # single --text_encoder_lr value applies to both).
-            lrs.append(train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate)
-        return lrs
+        """One base LR per optimizer param group, in :meth:`lr_groups` order."""
+        return [group.base_lr for group in self.lr_groups()]
+
+    def lr_group_names(self) -> list[str]:
+        """The name of each optimizer param group, in :meth:`lr_groups` order."""
+        return [group.name for group in self.lr_groups()]
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain TOML/JSON data: tables as dicts, tuples as lists."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from trainer.config.lr_groups import BLOCK_KEYS
 from trainer.models.architectures import get as get_architecture
 
 RECORD_FORMAT = 2
@@ -221,6 +222,11 @@ def training_record(
         "prediction_type": facts.prediction_type,
         "adapter_type": lora.type,
         "adapter_args": adapter_args(lora),
+        "plus_ratio": lora.plus_ratio,
+        "block_lr_weights": {
+            k: list(getattr(lora, k)) for k in BLOCK_KEYS.values() if getattr(lora, k)
+        },
+        "lr_groups": dict(zip(config.lr_group_names(), config.base_lrs(), strict=True)),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "dropout": lora.dropout,
@@ -338,12 +344,27 @@ def adapter_args(lora: Any) -> dict[str, Any]:
     return {k: getattr(lora, k) for k, types in TYPE_KEYS.items() if lora.type in types}
 
 
-def network_args(adapter: str, args: Mapping[str, Any]) -> dict[str, str] | None:
-    """kohya's ``ss_network_args`` of a LyCORIS network: LyCORIS' own argument names, every
-    value a string (kohya parses them from ``key=value`` words); None for plain LoRA."""
+def lr_args(record: Mapping[str, Any]) -> dict[str, str]:
+    """kohya's network args of LoRA+ and the block LR weights (``loraplus_lr_ratio``,
+    ``down_lr_weight``...), as kohya's command line takes them: strings, lists comma-joined."""
+    out = {}
+    if record.get("plus_ratio"):
+        out["loraplus_lr_ratio"] = str(record["plus_ratio"])
+    for key, values in (record.get("block_lr_weights") or {}).items():
+        out[key] = ",".join(str(float(v)) for v in values)
+    return out
+
+
+def network_args(
+    adapter: str, args: Mapping[str, Any], record: Mapping[str, Any] | None = None
+) -> dict[str, str] | None:
+    """kohya's ``ss_network_args``: a LyCORIS network's arguments under LyCORIS' own names,
+    and LoRA+ and block LR weights under kohya's; every value a string (kohya parses them from
+    ``key=value`` words). None for plain LoRA without either."""
+    extra = lr_args(record or {})
     if adapter not in LYCORIS_ALGO:
-        return None
-    out = {"algo": LYCORIS_ALGO[adapter]}
+        return extra or None
+    out = {"algo": LYCORIS_ALGO[adapter], **extra}
     if adapter == "dora":
         out |= {"dora_wd": "True", "wd_on_output": str(args.get("dora_axis") == "output")}
     else:
@@ -403,7 +424,7 @@ def kohya_metadata(
         "ss_network_module": LYCORIS_NETWORK_MODULE
         if adapter in LYCORIS_ALGO
         else KOHYA_NETWORK_MODULE,
-        "ss_network_args": network_args(adapter, args),
+        "ss_network_args": network_args(adapter, args, record),
         "ss_network_dim": record.get("rank"),
         "ss_network_alpha": record.get("alpha"),
         "ss_network_dropout": record.get("dropout"),

@@ -39,6 +39,7 @@ from trainer.data.feed import build_feed
 from trainer.data.order import seed_for
 from trainer.files import write_text
 from trainer.lora import adapters as lora
+from trainer.lora import blocks
 from trainer.models import conditioning
 from trainer.models import load as models
 from trainer.models.dtypes import DTYPES
@@ -205,9 +206,13 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         parts.vae.to("cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
-    # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
+    # Param groups in config.lr_groups() order: the UNet's, then the trained text encoders',
+    # split by block LR multiplier and LoRA+ (trainer/config/lr_groups.py).
     trained = [parts.unet, *trained_texts.values()]
-    optimizer = optimizers.create(config.optimizer, trained, config.base_lrs())
+    sdxl = parts.architecture == "sdxl"
+    models_by_name = {"unet": parts.unet, **trained_texts}
+    groups = blocks.param_groups(config.lr_groups(), config.lora, models_by_name, sdxl)
+    optimizer = optimizers.create_groups(config.optimizer, groups)
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
     prepared_texts = dict(zip(trained_texts, prepared[1:], strict=True))
     state = RunState(
@@ -359,6 +364,7 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         "step": update,
         "loss": loss_total / (plan.accumulation * accelerator.num_processes),
         "lr": [group["lr"] for group in state.optimizer.param_groups],
+        "lr_groups": state.config.lr_group_names(),
         "epoch": (micro - 1) // plan.micro_batches_per_epoch,
         "samples": micro * config.train.batch_size * accelerator.num_processes,
     }

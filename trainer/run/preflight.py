@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config.load import ConfigError, RunConfig, build, read_toml
+from trainer.config.lr_groups import block_weight_problems
 from trainer.data.dataset import DataError, Example, Prepared
 from trainer.lora import targets
 from trainer.lora.files import WEIGHTS_NAME
@@ -174,6 +175,8 @@ def model_problems(config: RunConfig) -> tuple[list[str], str]:
                 f"model.pretrained = {config.model.pretrained!r}: an SDXL folder needs "
                 f"{' and '.join(missing)} beside text_encoder/ and tokenizer/"
             )
+    if config.model.arch == "auto":  # an explicit arch was checked with the config
+        problems += block_weight_problems(lora, architecture)
     if problems:
         return problems, architecture
     te_targets = lora.text_encoder_target_modules

@@ -200,14 +200,19 @@ def _colours(results: Sequence[RunResult]) -> dict[str, str]:
 
 
 def lr_figure(results: Sequence[RunResult]) -> bytes:
-    """Every run's applied LR per update (param group 0 solid, the text encoder's dashed),
-    drawn by the same builder as ``sdlora lr-plot``."""
-    pairs = []
+    """Every run's applied LR per update (param group 0 solid, the others dashed, named as
+    ``metrics.jsonl`` names them), drawn by the same builder as ``sdlora lr-plot``."""
+    pairs, named = [], set()
     for r in results:
         logged = [m for m in r.metrics if m.get("lr")]
         steps = [m["step"] for m in logged]
         pairs.append((r.run.point.label, preview.Curve(steps, [m["lr"] for m in logged])))
-    fig = preview.lr_figure(pairs, "Applied LR per update", ("", "text encoder"), size=(9, 5))
+        named.add(tuple(logged[0].get("lr_groups", ())) if logged else ())
+    # The groups by name (the first: the run's label alone) when every run has the same ones;
+    # runs logged before groups were named, or with other groups, by number.
+    (groups,) = named if len(named) == 1 else [()]
+    names = ["", *groups[1:]] if groups else ["", "text encoder"]
+    fig = preview.lr_figure(pairs, "Applied LR per update", names, size=(9, 5))
     return _png(fig)
 
 
