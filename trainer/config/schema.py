@@ -450,6 +450,55 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """[ema]: an exponential moving average of the LoRA weights (trainer/run/ema.py)."""
+
+    enabled: bool = doc("Keep an EMA of the trained LoRA weights", False)
+    decay: float = doc(
+        "Decay per average update, in [0, 1): the average moves (1 − decay) of the way to the "
+        "current weights (0.999 ≈ the last 1000 updates)",
+        0.999,
+    )
+    warmup: Literal["ratio", "power", "off"] = doc(
+        "Ramp of the decay over the k-th average update (0 at the first, so the average starts "
+        "at the weights then): 'ratio' = min(decay, (1 + k)/(10 + k)), diffusers' EMAModel and "
+        "OneTrainer's; 'power' = min(decay, 1 − (1 + k/inv_gamma)^−power), diffusers' "
+        "use_ema_warmup; 'off' = decay from the start, averaging from the initial weights",
+        "ratio",
+    )
+    inv_gamma: float = doc("warmup = 'power': the k scale of the ramp", 1.0)
+    power: float = doc(
+        "warmup = 'power': the ramp's exponent (3/4 reaches 0.999 at about 10,000 average "
+        "updates; diffusers' 2/3 at about 31,000)",
+        0.75,
+    )
+    every_n_steps: int = doc("Average every N optimizer updates", 1)
+    use_for_outputs: bool = doc(
+        "Validation, samples and the final LoRA files use the average (the checkpoints hold "
+        "both); false = the trained weights",
+        True,
+    )
+
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        if not 0 <= self.decay < 1:
+            p.append(f"{where}.decay: {self.decay} must be in [0, 1)")
+        if self.every_n_steps < 1:
+            p.append(f"{where}.every_n_steps: {self.every_n_steps} must be >= 1")
+        if self.inv_gamma <= 0 or self.power <= 0:
+            p.append(f"{where}.inv_gamma / {where}.power: must be > 0")
+        defaults = EmaConfig.__dataclass_fields__
+        for key in ("inv_gamma", "power"):
+            if self.warmup != "power" and getattr(self, key) != defaults[key].default:
+                p.append(
+                    f"{where}.{key}: applies only to {where}.warmup = 'power', not "
+                    f"{self.warmup!r}; remove it (or set {where}.warmup)"
+                )
+        return p
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """[validation]: a held-out set scored with a fixed-seed loss, and fixed-seed samples."""
 
@@ -573,6 +622,7 @@ class RunConfig:
     lr_scheduler: Schedule = doc(
         "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
     )
+    ema: EmaConfig = doc("[ema] table", EmaConfig())
     validation: ValidationConfig = doc("[validation] table", ValidationConfig())
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     output: OutputConfig = doc("[output] table", OutputConfig())

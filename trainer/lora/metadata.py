@@ -227,6 +227,9 @@ def training_record(
             k: list(getattr(lora, k)) for k in BLOCK_KEYS.values() if getattr(lora, k)
         },
         "lr_groups": dict(zip(config.lr_group_names(), config.base_lrs(), strict=True)),
+        # Which weights the file holds: the trained ones, or their EMA (trainer/run/ema.py).
+        "weights": "ema" if config.ema.enabled and config.ema.use_for_outputs else "trained",
+        "ema": ema_record(config.ema),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "dropout": lora.dropout,
@@ -290,6 +293,17 @@ def training_record(
         "finished_at": finished_at if finished_at is not None else _now(),
     }
     return strip_paths(record)
+
+
+def ema_record(ema: Any) -> dict[str, Any] | None:
+    """The ``[ema]`` settings the weights were averaged with (None without an EMA)."""
+    if not ema.enabled:
+        return None
+    keys = ("decay", "warmup", "every_n_steps", "use_for_outputs")
+    record = {k: getattr(ema, k) for k in keys}
+    if ema.warmup == "power":
+        record |= {"inv_gamma": ema.inv_gamma, "power": ema.power}
+    return record
 
 
 def subset_records(data: Any, facts: RunFacts) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ done) holding:
     trainer_state.json                 global step, epoch, position, samples seen, seeds, hashes
     optimizer.pt                       optimizer state, read back with weights_only=True
     scaler.json                        fp16 GradScaler state (only under fp16)
+    ema_lora_weights.safetensors       the EMA of the LoRA weights, same format (with [ema])
     config.toml                        the resolved config of the run that wrote it
 
 It is written by :func:`trainer.files.write_folder_atomic`: into ``step-NNNNNN.tmp/``, every
@@ -49,6 +50,7 @@ from trainer.errors import UserError
 from trainer.lora import metadata as meta
 from trainer.lora.files import WEIGHTS_NAME
 from trainer.optimizers import checkpoint_state, eval_mode, load_checkpoint_state
+from trainer.run.ema import EMA_WEIGHTS
 from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
 
 if TYPE_CHECKING:
@@ -367,6 +369,10 @@ def _write_checkpoint(run: RunState) -> Path:
 
         def write(tmp: Path) -> None:
             lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
+            if run.ema is not None:  # the average, as a LoRA file of its own
+                with run.ema.applied():
+                    weights = {**trainer_state, "weights": "ema"}
+                    lora.save(tmp, unet, text_encoders, "fp32", weights, name=EMA_WEIGHTS)
             files.write_json(tmp / LR_SCHEDULER_STATE, lr_state)
             save_tensors_state(tmp / OPTIMIZER_STATE, checkpoint_state(run.optimizer))
             if accelerator.scaler is not None:
@@ -399,6 +405,22 @@ def run_facts(run: RunState) -> meta.RunFacts:
     )
 
 
+def restore_ema(run: RunState, folder: Path, update: int) -> None:
+    """The checkpoint's EMA, loaded through the model (its file is a LoRA file); a checkpoint
+    saved without one (EMA turned on at resume) starts the average at its weights."""
+    from trainer.lora import adapters as lora  # see _write_checkpoint
+
+    assert run.ema is not None
+    run.ema.resume_at(update)
+    path = folder / EMA_WEIGHTS
+    if not path.is_file():
+        run.ema.take_from_model()
+        return
+    with run.ema.applied():
+        lora.load_into(path, run.unwrapped(run.unet), run.trained_text_encoders())
+        run.ema.take_from_model()
+
+
 def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     from trainer.lora import adapters as lora  # see _write_checkpoint
@@ -406,6 +428,8 @@ def restore_checkpoint(run: RunState, folder: Path) -> int:
     state = read_json(folder, TRAINER_STATE)
     lora.load_into(folder / WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
     load_checkpoint_state(run.optimizer, load_tensors_state(folder / OPTIMIZER_STATE))
+    if run.ema is not None:
+        restore_ema(run, folder, int(state["global_step"]))
     scaler = run.accelerator.scaler
     if scaler is not None and (folder / SCALER_STATE).is_file():
         scaler.load_state_dict(read_json(folder, SCALER_STATE))

@@ -47,7 +47,7 @@ from trainer.models.vae import posterior
 from trainer.report import samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
-from trainer.run import final, preflight, step
+from trainer.run import ema, final, preflight, step
 from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.loss import LossOptions, training_noise_scheduler
 from trainer.run.preflight import Checked
@@ -213,6 +213,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     models_by_name = {"unet": parts.unet, **trained_texts}
     groups = blocks.param_groups(config.lr_groups(), config.lora, models_by_name, sdxl)
     optimizer = optimizers.create_groups(config.optimizer, groups)
+    average = ema.from_config(config.ema, models_by_name)  # after blocks froze theirs
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
     prepared_texts = dict(zip(trained_texts, prepared[1:], strict=True))
     state = RunState(
@@ -229,6 +230,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
         weight_dtype=weight_dtype,
         resumed_from=checked.resume_from,
         architecture=checked.architecture,
+        ema=average,
     )
 
     # ---- resume: weights, optimizer, scaler; the data position follows from the update
@@ -356,6 +358,8 @@ def encode_latents(
 def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool) -> bool:
     """Record the update just done, validate and checkpoint when due; return True to stop."""
     config, accelerator, plan, update = state.config, state.accelerator, state.plan, state.update
+    if state.ema is not None:
+        state.ema.after_update(update)
     # One collective per update: the mean loss, and whether any process was signalled, so
     # all processes stop (and save) at the same update.
     stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
@@ -388,13 +392,15 @@ def validate(state: RunState, record: dict) -> None:
     accelerator, val = state.accelerator, state.config.validation
     unet = state.unwrapped(state.unet)
     encoder = [state.unwrapped(e) for e in state.encoders]
+    # The weights the outputs hold: the EMA with ema.use_for_outputs, else the trained ones.
+    outputs = ema.for_outputs
     if state.validator is not None:
-        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), outputs(state.ema), accelerator.autocast():
             record["val_loss"] = state.validator.loss(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
     if val.prompts and accelerator.is_main_process:
-        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), outputs(state.ema), accelerator.autocast():
             samples.sample_point(state, unet, encoder)
 
 
@@ -421,6 +427,8 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
     # may follow (calling it before wait_for_everyone crashed every multi-process run).
     accelerator.end_training()
     optimizers.to_eval(state.optimizer)  # the returned models hold the weights that were saved
+    if state.ema is not None and state.config.ema.use_for_outputs:
+        state.ema.copy_to_model()  # ... and with ema.use_for_outputs, those are the EMA's
     return TrainResult(
         state.output_dir,
         state.update,
