@@ -265,12 +265,27 @@ class DataConfig:
     prior_loss_weight: float = doc(
         "Loss weight of regularisation images (subsets with is_reg = true), as kohya's", 1.0
     )
+    alpha_mask: bool = doc(
+        "With train.masked_loss: an image without a mask file is masked by its alpha channel "
+        "(kohya's alpha_mask); opaque = trained",
+        False,
+    )
+    mask_suffix: str = doc(
+        "With train.masked_loss: an image's mask file is <stem><suffix>.<ext> beside it "
+        "(cat.png → cat_mask.png), white = trained; such files are no training images",
+        "_mask",
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone (``path`` against the subsets: ``subset_problems``)."""
         p = resolution_problems(where, self.resolution) + caption_problems(where, self)
         if self.prior_loss_weight < 0:
             p.append(f"{where}.prior_loss_weight: {self.prior_loss_weight} must be >= 0")
+        if not self.mask_suffix or any(c in self.mask_suffix for c in "/\\."):
+            p.append(
+                f"{where}.mask_suffix: {self.mask_suffix!r} must be a non-empty file-name "
+                "ending without dots or slashes, e.g. '_mask'"
+            )
         if self.num_workers < 0:
             p.append(f"{where}.num_workers: must be >= 0")
         if self.bucket_step < 8 or self.bucket_step % 8:
@@ -384,6 +399,11 @@ class TrainConfig:
     debiased_estimation: bool = doc(
         "Weight each example's loss by 1/√SNR (v-prediction: 1/(SNR+1)), kohya's "
         "debiased_estimation_loss",
+        False,
+    )
+    masked_loss: bool = doc(
+        "Weight the loss by each image's mask (a mask file beside it, or its alpha channel "
+        "with data.alpha_mask), in latent space; images without one train unmasked",
         False,
     )
     zero_terminal_snr: bool = doc(

@@ -31,6 +31,7 @@ INHERITED = (
     "caption_dropout",
     "shuffle_tags",
     "keep_tokens",
+    "alpha_mask",
 )
 
 
@@ -57,6 +58,7 @@ class SubsetConfig:
     caption_dropout: float = doc("As data.caption_dropout", 0.0)
     shuffle_tags: bool = doc("As data.shuffle_tags", False)
     keep_tokens: int = doc("As data.keep_tokens", 0)
+    alpha_mask: bool = doc("As data.alpha_mask: mask this subset's images by their alpha", False)
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""

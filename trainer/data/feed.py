@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.load import RunConfig
-from trainer.data import cache, holdout, subsets
+from trainer.data import cache, holdout, masks, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
 
@@ -77,14 +77,20 @@ def _fill_latent_cache(
     vae_id = cache.module_fingerprint(vae)
     digests = {p: cache.file_digest(p) for p in dict.fromkeys(e.path for e in prepared.examples)}
     flipped = [s.random_flip for s in subsets.effective_subsets(config.data)]
+    examples = prepared.examples
+    mask_ids = {e.mask: mask_id(e.mask, e.path) for e in examples if e.mask is not None}
     keys = {
-        (i, flip): cache.latent_key(digests[e.path], vae_id, e.size, "center", flip)
-        for i, e in enumerate(prepared.examples)
+        (i, flip): cache.latent_key(
+            digests[e.path], vae_id, e.size, "center", flip, mask_ids.get(e.mask, "")
+        )
+        for i, e in enumerate(examples)
         for flip in ((False, True) if flipped[e.subset] else (False,))
     }
-    examples = prepared.examples
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
-    jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
+    jobs = {
+        key: (key, examples[i].path, examples[i].size, flip, examples[i].mask)
+        for (i, flip), key in keys.items()
+    }
     jobs = list(jobs.values())
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
@@ -93,7 +99,20 @@ def _fill_latent_cache(
         )
         log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
     accelerator.wait_for_everyone()
-    return lambda index, flip: store.get_entry(keys[(index, flip)])
+
+    def loss_mask(index: int, flip: bool) -> torch.Tensor:
+        example = examples[index]
+        if example.mask is None:
+            return masks.unmasked(example.size)
+        return store.get_mask(keys[(index, flip)])
+
+    return (lambda index, flip: store.get_entry(keys[(index, flip)])), loss_mask
+
+
+def mask_id(mask: Path, image: Path) -> str:
+    """What names a loss mask in the latent cache key: its file's digest, or ``alpha`` for the
+    image's own alpha channel (the image's digest is in the key already)."""
+    return "alpha" if mask == image else cache.file_digest(mask)
 
 
 def checked_examples(
@@ -101,12 +120,13 @@ def checked_examples(
 ) -> tuple[data.Prepared, list[data.Example]]:
     """Training examples (checked, bucketed, regularisation images mixed in) and the held-out
     validation examples (held out from the training images, never the regularisation ones)."""
-    records = subsets.find(config.data)
+    suffix = config.data.mask_suffix if config.train.masked_loss else ""
+    records = subsets.find(config.data, suffix)
     reg = [r for r in records if subsets.is_reg(config.data, r)]
     records = [r for r in records if not subsets.is_reg(config.data, r)]
     val, held_subsets = config.validation, subsets.effective_subsets(config.data)
     if val.path:
-        held_out = data.find_records(config.data, val.path, where="validation.path")
+        held_out = data.find_records(config.data, val.path, "validation.path", suffix)
         held_subsets = None  # a folder of its own, read with [data]'s settings
     else:
         try:
@@ -114,7 +134,8 @@ def checked_examples(
         except ValueError as err:
             raise data.DataError(str(err)) from err
     found = subsets.effective_subsets(config.data)
-    prepared = data.prepare(records + reg, config.data, show_progress, decode, found)
+    masked = config.train.masked_loss
+    prepared = data.prepare(records + reg, config.data, show_progress, decode, found, masked)
     prepared = subsets.mix_regularisation(prepared)
     if not held_out:
         return prepared, []
@@ -161,7 +182,8 @@ def build_feed(
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":
-        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        filled = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        dataset.latents, dataset.cached_masks = filled
     use_text_cache = text_cache_enabled(config) and not text_encoder_trained
     if use_text_cache:
         store = cache.TextCache()

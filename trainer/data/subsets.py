@@ -24,13 +24,14 @@ from trainer.data import buckets
 from trainer.data import dataset as data
 
 
-def find(config: DataConfig) -> list[data.Record]:
+def find(config: DataConfig, mask_suffix: str = "") -> list[data.Record]:
     """Every record of every subset, each listed once per use in an epoch, tagged with its
-    subset's index; regularisation images listed once per ``repeats`` (mixed in later)."""
+    subset's index; regularisation images listed once per ``repeats`` (mixed in later).
+    ``mask_suffix`` (with masked loss): mask files are no records."""
     records: list[data.Record] = []
     for index, subset in enumerate(effective_subsets(config)):
         where = f"data.subsets[{index}].path" if config.subsets else "data.path"
-        found = data.find_records(subset, where=where)
+        found = data.find_records(subset, where=where, mask_suffix=mask_suffix)
         tagged = [data.Record(r.path, r.caption, r.problem, index) for r in found]
         records += tagged * subset.repeats
     return records

@@ -276,6 +276,8 @@ def training_record(
         "mode_scale": train.mode_scale,
         "debiased_estimation": train.debiased_estimation,
         "zero_terminal_snr": train.zero_terminal_snr,
+        "masked_loss": train.masked_loss,
+        "alpha_mask": data.alpha_mask,
         "num_reg_images": facts.num_reg_images,
         "reg_dataset_dirs": facts.reg_dataset_dirs,
         "prior_loss_weight": data.prior_loss_weight,
@@ -322,6 +324,7 @@ def subset_records(data: Any, facts: RunFacts) -> list[dict[str, Any]]:
             "shuffle_caption": s.shuffle_tags,
             "keep_tokens": s.keep_tokens,
             "caption_dropout_rate": s.caption_dropout,
+            "alpha_mask": s.alpha_mask,
         }
         for i, s in enumerate(data.subsets)
     ]
@@ -507,6 +510,7 @@ def loss_keys(record: Mapping[str, Any]) -> dict[str, Any]:
         "ss_huber_schedule": record.get("huber_schedule"),
         "ss_huber_c": record.get("huber_c"),
         "ss_debiased_estimation": record.get("debiased_estimation"),
+        "ss_masked_loss": record.get("masked_loss"),
         "ss_zero_terminal_snr": record.get("zero_terminal_snr"),
         "ss_weighting_scheme": "none" if sampling == "uniform" else sampling,
     }

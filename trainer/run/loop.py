@@ -305,7 +305,7 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
         loss = step.diffusion_loss(
             state.unet, state.parts.noise_scheduler, latents, cond, rand,
-            LossOptions.of(config.train), batch.get("loss_weight"),
+            LossOptions.of(config.train), batch.get("loss_weight"), batch.get("mask"),
         )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:

@@ -60,11 +60,6 @@ class LossOptions:
         """The options ``[train]`` sets."""
         return cls(**{k: getattr(train, k) for k in cls.__dataclass_fields__})
 
-    @property
-    def plain(self) -> bool:
-        """The plain MSE over the batch, every example weighed the same."""
-        return self.loss == "mse" and not self.snr_gamma and not self.debiased_estimation
-
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at each timestep, in fp32."""
@@ -145,6 +140,22 @@ def example_weights(
     return weights
 
 
+def masked_mean(per_element: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each example's mean loss over its latent, the elements weighted by ``mask`` (broadcast
+    over channels): ``Σ m·l / Σ m``, so an all-ones mask is exactly the plain mean and a
+    half mask the mean over that half. An example masked out entirely contributes 0."""
+    dims = tuple(range(1, per_element.ndim))
+    if mask is None:
+        return per_element.mean(dim=dims)
+    mask = mask.to(per_element.device, per_element.dtype)
+    if mask.shape[-2:] != per_element.shape[-2:]:  # e.g. a latent a VAE made of another size
+        mask = F.interpolate(mask, size=per_element.shape[-2:], mode="area")
+    mask = mask.expand_as(per_element)
+    kept = mask.mean(dim=dims)
+    weighted = (per_element * mask).mean(dim=dims)
+    return torch.where(kept > 0, weighted / kept.clamp_min(torch.finfo(kept.dtype).tiny), 0.0)
+
+
 def batch_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -152,8 +163,10 @@ def batch_loss(
     noise_scheduler: Any,
     options: LossOptions,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch's loss: each example's mean over its latent, weighted, then the batch mean.
+    """The batch's loss: each example's mean over its latent (over the masked part of it),
+    weighted, then the batch mean.
 
     Args:
         prediction: The UNet's output.
@@ -162,12 +175,12 @@ def batch_loss(
         noise_scheduler: The training noise scheduler (its ᾱ and prediction type).
         options: The loss options.
         weights: Each example's own loss weight (None: 1).
+        mask: Each example's loss mask at the latent's size, (B, 1, h, w) in [0, 1]
+            (``trainer/data/masks.py``); None: unmasked.
     """
-    if options.plain and weights is None:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     c = huber_thresholds(timesteps, noise_scheduler, options) if options.loss != "mse" else None
     per_element = elementwise(prediction, target, options, c)
-    per_example = per_element.mean(dim=tuple(range(1, per_element.ndim)))
+    per_example = masked_mean(per_element, mask)
     schedule_weights = example_weights(timesteps, noise_scheduler, options)
     if schedule_weights is not None:
         per_example = per_example * schedule_weights

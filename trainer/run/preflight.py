@@ -210,6 +210,13 @@ def _data_and_plan(
             f"fewer than one batch ({batch}) and are never trained on; lower train.batch_size, "
             "or widen data.bucket_max_crop / data.bucket_step so they share a bucket"
         )
+    if config.train.masked_loss and not any(e.mask for e in checked.prepared.examples):
+        checked.warnings.append(
+            "train.masked_loss: no image has a mask (no <stem>"
+            f"{config.data.mask_suffix}.png beside it"
+            + ("" if config.data.alpha_mask else ", and data.alpha_mask is off")
+            + "), so every image trains unmasked"
+        )
     return []
 
 

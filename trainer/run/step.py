@@ -105,6 +105,7 @@ def diffusion_loss(
     rand: ExampleRandom,
     options: LossOptions = PLAIN,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The latent-diffusion loss of one batch (``trainer/run/loss.py``: its options and how it
     is reduced).
@@ -118,10 +119,11 @@ def diffusion_loss(
         options: Noise offset, timestep sampling, the loss and its weights.
         weights: Each example's loss weight (a subset's ``loss_weight``, the prior loss
             weight of a regularisation image); None weighs every example 1.
+        mask: Each example's loss mask at the latent's size (``train.masked_loss``).
     """
     noise = sample_noise(latents, rand, options.noise_offset)
     timesteps = sample_timesteps(rand, noise_scheduler.config.num_train_timesteps, options)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
-    return batch_loss(prediction, target, timesteps, noise_scheduler, options, weights)
+    return batch_loss(prediction, target, timesteps, noise_scheduler, options, weights, mask)
