@@ -270,3 +270,18 @@ def test_a_run_with_the_loss_options_resumes_bitwise_and_records_them(make_confi
     }
     assert header["ss_mode_scale"] == "1.29"
     assert header["ss_debiased_estimation"] == header["ss_zero_terminal_snr"] == "True"
+
+
+def test_samples_of_a_zero_terminal_snr_run_start_at_the_pure_noise_timestep():
+    from diffusers import DDIMScheduler
+
+    from trainer.report.samples import make_sampler
+
+    train = config.TrainConfig(zero_terminal_snr=True)
+    rescaled = losses.training_noise_scheduler(scheduler("v_prediction"), train)
+    ddim = make_sampler(rescaled.config, DDIMScheduler)
+    ddim.set_timesteps(4)
+    assert ddim.config.rescale_betas_zero_snr and ddim.timesteps[0] == 999
+    plain = make_sampler(scheduler().config, DDIMScheduler)
+    plain.set_timesteps(4)
+    assert plain.timesteps[0] < 999  # "leading" spacing, as before

@@ -317,8 +317,8 @@ def prepare(
         examples.append(Example(record.path, record.caption, size, index, is_reg))
     if masked:
         alpha = [s.alpha_mask for s in subsets] if subsets else [config.alpha_mask]
-        sizes = {p: (i.width, i.height) for p, i in infos.items() if not isinstance(i, str)}
-        examples, bad = masks.attach(examples, config.mask_suffix, alpha, sizes)
+        upright = {p: (i.width, i.height) for p, i in infos.items() if not isinstance(i, str)}
+        examples, bad = masks.attach(examples, config.mask_suffix, alpha, upright)
         problems += bad
     problems = list(dict.fromkeys(problems))  # a repeated image is reported once
     notes = list(dict.fromkeys(notes))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from trainer.config.load import RunConfig
+from trainer.config.subsets import SubsetConfig
 from trainer.data import cache, holdout, masks, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
@@ -81,17 +83,17 @@ def _fill_latent_cache(
     mask_ids = {e.mask: mask_id(e.mask, e.path) for e in examples if e.mask is not None}
     keys = {
         (i, flip): cache.latent_key(
-            digests[e.path], vae_id, e.size, "center", flip, mask_ids.get(e.mask, "")
+            digests[e.path], vae_id, e.size, "center", flip, mask_ids[e.mask] if e.mask else ""
         )
         for i, e in enumerate(examples)
         for flip in ((False, True) if flipped[e.subset] else (False,))
     }
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
-    jobs = {
+    by_key = {
         key: (key, examples[i].path, examples[i].size, flip, examples[i].mask)
         for (i, flip), key in keys.items()
     }
-    jobs = list(jobs.values())
+    jobs = list(by_key.values())
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(
@@ -124,7 +126,8 @@ def checked_examples(
     records = subsets.find(config.data, suffix)
     reg = [r for r in records if subsets.is_reg(config.data, r)]
     records = [r for r in records if not subsets.is_reg(config.data, r)]
-    val, held_subsets = config.validation, subsets.effective_subsets(config.data)
+    val = config.validation
+    held_subsets: Sequence[SubsetConfig] | None = subsets.effective_subsets(config.data)
     if val.path:
         held_out = data.find_records(config.data, val.path, "validation.path", suffix)
         held_subsets = None  # a folder of its own, read with [data]'s settings

@@ -204,11 +204,9 @@ def make_sampler(noise_scheduler_config: Any, ddim: type) -> Any:
     ``rescale_betas_zero_snr``), the sampler starts at the last timestep ("trailing"
     spacing), as Lin et al. (2023) prescribe: it is the one whose input is pure noise.
     """
-    if noise_scheduler_config.get("rescale_betas_zero_snr"):
-        return ddim.from_config(
-            noise_scheduler_config, clip_sample=False, timestep_spacing="trailing"
-        )
-    return ddim.from_config(noise_scheduler_config, clip_sample=False)
+    zero_snr = noise_scheduler_config.get("rescale_betas_zero_snr")
+    spacing = {"timestep_spacing": "trailing"} if zero_snr else {}
+    return ddim.from_config(noise_scheduler_config, clip_sample=False, **spacing)
 
 
 @torch.no_grad()

@@ -416,8 +416,10 @@ def restore_ema(run: RunState, folder: Path, update: int) -> None:
     if not path.is_file():
         run.ema.take_from_model()
         return
+    unet = run.unwrapped(run.unet)
+    assert unet is not None
     with run.ema.applied():
-        lora.load_into(path, run.unwrapped(run.unet), run.trained_text_encoders())
+        lora.load_into(path, unet, run.trained_text_encoders())
         run.ema.take_from_model()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate import Accelerator
@@ -210,7 +211,7 @@ def setup(config: RunConfig, accelerator: Accelerator, checked: Checked) -> RunS
     # split by block LR multiplier and LoRA+ (trainer/config/lr_groups.py).
     trained = [parts.unet, *trained_texts.values()]
     sdxl = parts.architecture == "sdxl"
-    models_by_name = {"unet": parts.unet, **trained_texts}
+    models_by_name = cast("dict[str, torch.nn.Module]", {"unet": parts.unet, **trained_texts})
     groups = blocks.param_groups(config.lr_groups(), config.lora, models_by_name, sdxl)
     optimizer = optimizers.create_groups(config.optimizer, groups)
     average = ema.from_config(config.ema, models_by_name)  # after blocks froze theirs
