@@ -152,3 +152,15 @@ def test_outputs_hold_the_average_and_say_so(ema_run, trained_outputs_run):
         {k: v for k, v in r.items() if k not in drop} for r in without_clock(theirs)
     ]
     assert ours[2]["val_loss"] != theirs[2]["val_loss"]
+
+
+def test_a_checkpoints_average_and_trained_weights_export_as_what_they_are(ema_run, tmp_path):
+    from trainer.commands.export import export
+
+    folder = ckpt.step_dir(ema_run, 4)
+    for name, weights in ((ema.EMA_WEIGHTS, "ema"), (WEIGHTS_NAME, "trained")):
+        out = tmp_path / weights
+        export(folder / name, "diffusers", out, dtype="fp32")
+        assert training_metadata(out / WEIGHTS_NAME)["weights"] == weights
+        got, source = load_file(out / WEIGHTS_NAME), load_file(folder / name)
+        assert all(torch.equal(got[k], source[k]) for k in source)

@@ -318,7 +318,7 @@ def prepare(
     if masked:
         alpha = [s.alpha_mask for s in subsets] if subsets else [config.alpha_mask]
         upright = {p: (i.width, i.height) for p, i in infos.items() if not isinstance(i, str)}
-        examples, bad = masks.attach(examples, config.mask_suffix, alpha, upright)
+        examples, bad = masks.attach(examples, config.mask_suffix, alpha, upright, decode)
         problems += bad
     problems = list(dict.fromkeys(problems))  # a repeated image is reported once
     notes = list(dict.fromkeys(notes))

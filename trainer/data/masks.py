@@ -69,15 +69,22 @@ def _open(mask: Path, image: Path) -> Image.Image:
     return upright.convert("L")
 
 
-def mask_problem(mask: Path, image: Path, size: tuple[int, int]) -> str:
-    """Why a mask file cannot be used with an image of upright ``size`` ("" when it can)."""
+def mask_problem(mask: Path, image: Path, size: tuple[int, int], decode: bool = True) -> str:
+    """Why a mask file cannot be used with an image of upright ``size`` ("" when it can).
+
+    ``decode=False`` reads only the header (as ``images.inspect`` does for previews), so a
+    preview skips the same images as the run, but for a truncated mask file."""
     try:
-        grey = _open(mask, image)
+        if decode:
+            found = _open(mask, image).size
+        else:
+            info = images.inspect(mask, decode=False)
+            found = (info.width, info.height)
     except (OSError, ValueError, SyntaxError) as err:
         return f"{mask}: the mask of {image.name} cannot be read ({err})"
-    if grey.size != size:
+    if found != size:
         return (
-            f"{mask}: the mask is {grey.size[0]}×{grey.size[1]}, its image {image.name} "
+            f"{mask}: the mask is {found[0]}×{found[1]}, its image {image.name} "
             f"{size[0]}×{size[1]}; a mask must have its image's size"
         )
     return ""
@@ -115,6 +122,7 @@ def attach(
     suffix: str,
     alpha_by_subset: Sequence[bool],
     sizes: Mapping[Path, tuple[int, int]],
+    decode: bool = True,
 ) -> tuple[list[Any], list[str]]:
     """The examples with their masks found (``mask``: a mask file, the image itself for its
     alpha channel, or None), and every unusable mask file, whose examples are left out.
@@ -124,6 +132,7 @@ def attach(
         suffix: ``data.mask_suffix``.
         alpha_by_subset: Each subset's ``alpha_mask``.
         sizes: Each image's upright (width, height).
+        decode: False checks mask files by their headers only (previews).
     """
     found: dict[tuple[Path, int], Path | None] = {}
     problems: dict[Path, str] = {}
@@ -133,7 +142,7 @@ def attach(
         if key not in found:
             mask = mask_file(example.path, suffix)
             if mask is not None and mask not in problems:
-                problems[mask] = mask_problem(mask, example.path, sizes[example.path])
+                problems[mask] = mask_problem(mask, example.path, sizes[example.path], decode)
             elif mask is None and alpha_by_subset[example.subset] and has_alpha(example.path):
                 mask = example.path
             found[key] = mask
