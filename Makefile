@@ -13,7 +13,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 FIND_LINKS := $(strip $(shell python3 -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p" | head -n 1))
 PIP_TORCH := $(if $(FIND_LINKS),,--extra-index-url $(TORCH_CPU_INDEX))
 
-.PHONY: install quickstart test test-fast test-latest test-floors lock lint format bench clean
+.PHONY: install quickstart test test-fast test-latest test-floors lock lint format bench gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -54,7 +54,9 @@ lint: $(VENV)/.installed
 
 # Regenerate both locks from pyproject.toml with the newest releases its ranges allow, then run
 # `make test` and commit (README: Development).
-UV_LOCK := $(VENV)/bin/uv pip compile pyproject.toml --all-extras --upgrade --quiet \
+# LOCK_UPGRADE= (empty) keeps every locked version that still fits and only adds what is new.
+LOCK_UPGRADE ?= --upgrade
+UV_LOCK := $(VENV)/bin/uv pip compile pyproject.toml --all-extras $(LOCK_UPGRADE) --quiet \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 # uv comes with the dev extra; a checkout whose lock is missing or broken gets it on its own.
 $(VENV)/bin/uv:
@@ -84,6 +86,13 @@ bench: $(VENV)/.installed
 	if [ -n "$(DIFFUSERS_SCRIPT)" ]; then \
 		$(PY) scripts/bench_vs_diffusers.py --diffusers-script $(DIFFUSERS_SCRIPT) --json bench_vs_diffusers.json; \
 	fi
+
+# The wheels scripts/gpu_check.sh installs on a GPU machine that reaches no registry (docs/gpu.md):
+# the lock's versions of what that machine's image lacks, for Python 3.12 manylinux x86-64,
+# into the ignored .whl/. DIFFUSERS_SCRIPT=path/to/train_text_to_image_lora.py carries the
+# diffusers script too. Needs only python3 with pip, and PyPI.
+gpu-wheels:
+	python3 scripts/gpu_wheels.py $(if $(DIFFUSERS_SCRIPT),--diffusers-script $(DIFFUSERS_SCRIPT))
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from schedulers.base import Schedule
 
@@ -58,6 +58,7 @@ class Curve:
     rows: Sequence[Sequence[float]]
     total: int = 0  # updates in the run (0: not known, e.g. LRs read from a run's log)
     stride: int = 1  # updates between regular samples: 1 when every update is here
+    names: Sequence[str] = ()  # its own name per param group, before draw_curves' group_names
 
     @property
     def note(self) -> str:
@@ -188,7 +189,7 @@ def draw_curves(ax: Axes, curves: Labelled, group_names: Sequence[str] = ()) -> 
             :class:`Curve` of some updates, drawn at its steps; or (label, curve) pairs.
         group_names: A name per param group, e.g. ("UNet", "text encoder"); curves are
             labelled "label (group)", or "label" for an empty name. Without names, groups
-            beyond the first are numbered.
+            beyond the first are numbered. A :class:`Curve` with ``names`` uses its own.
     """
     pairs = list(curves.items()) if isinstance(curves, Mapping) else list(curves)
     labels = dict.fromkeys(label for label, _ in pairs)
@@ -198,9 +199,10 @@ def draw_curves(ax: Axes, curves: Labelled, group_names: Sequence[str] = ()) -> 
     for label, curve in pairs:
         updates, rows = _steps_and_rows(curve)
         width = len(rows[0]) if rows else 0
+        names = curve.names if isinstance(curve, Curve) and curve.names else group_names
         for group in range(width):
-            if group < len(group_names):
-                name = f"{label} ({group_names[group]})" if group_names[group] else label
+            if group < len(names):
+                name = f"{label} ({names[group]})" if names[group] else label
             else:
                 name = label if width == 1 else f"{label} (group {group})"
             values = [row[group] for row in rows]
@@ -245,7 +247,11 @@ def lr_figure(
     return fig
 
 
-def new_figure(size: tuple[float, float], dpi: int = 100, layout: str = "constrained") -> Figure:
+def new_figure(
+    size: tuple[float, float],
+    dpi: int = 100,
+    layout: Literal["constrained", "compressed", "tight"] = "constrained",
+) -> Figure:
     """An empty figure on an off-screen Agg canvas.
 
     The object API with the Agg canvas draws off-screen without touching pyplot's global

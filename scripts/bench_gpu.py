@@ -19,6 +19,13 @@ from outside their loops:
 - MFU: FLOPs per image (``FlopCounterMode``: UNet forward and backward, plus the VAE encode and
   text encoder when they run each step) × images/s ÷ the device's measured bf16 matmul peak.
 
+Runs come in pairs (ours, then the diffusers script at the same settings), and the report is
+written again after every run, so a sitting cut short (``--budget-s``, or a kill) still leaves
+every finished run and comparison on disk; runs that would start after ``--budget-s`` are
+listed as not run. ``--variants`` names runs one by one instead of a product of lists;
+``--peak`` and ``--calibration`` reuse a peak or a whole calibration measured earlier in the
+same sitting (scripts/gpu_check.sh does both).
+
 Usage (GPU):
     python scripts/bench_gpu.py --preset sd15-shape --diffusers-script PATH \\
         --precisions fp16 bf16 --attention sdpa xformers --json bench_gpu.json \\
@@ -36,8 +43,8 @@ STARTED = time.perf_counter()  # before the heavy imports: start-up counts from 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -50,62 +57,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 RESULT = "BENCH_RESULT "  # prefix of the one stdout line a child process answers with
 
+from bench_matrix import matrix  # noqa: E402
 from bench_report import compare, markdown, targets  # noqa: E402
 
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One training run of the matrix."""
-
-    trainer: str  # "ours" or "diffusers"
-    batch: int
-    latents: str  # "cached" or "uncached" (the diffusers script always encodes)
-    precision: str  # "no", "fp16" or "bf16"
-    attention: str  # "sdpa" or "xformers"
-    checkpointing: bool
-    compile: bool = False
-    channels_last: bool = False
-
-    def name(self) -> str:
-        flags = [f"b{self.batch}", self.latents, self.precision, self.attention]
-        flags += ["gc"] * self.checkpointing + ["compile"] * self.compile
-        flags += ["cl"] * self.channels_last
-        return "-".join([self.trainer, *flags])
-
-
-def matrix(args: argparse.Namespace) -> list[Variant]:
-    """Our runs (every combination asked for), then the peer's (no cache, compile or
-    channels_last: the diffusers script offers none of them)."""
-    on = {"on": True, "off": False}
-    ours = [
-        Variant("ours", b, lat, p, att, on[gc], on[comp], on[cl])
-        for b, lat, p, att, gc, comp, cl in itertools.product(
-            args.batch_sizes,
-            args.latents,
-            args.precisions,
-            args.attention,
-            args.checkpointing,
-            args.compile,
-            args.channels_last,
-        )
-    ]
-    peer = []
-    if args.diffusers_script:
-        peer = [
-            Variant("diffusers", b, "uncached", p, att, on[gc])
-            for b, p, att, gc in itertools.product(
-                args.batch_sizes, args.precisions, args.attention, args.checkpointing
-            )
-        ]
-    return ours + peer
-
+from trainer import files  # noqa: E402
 
 # ---------------------------------------------------------------- child processes
 
 
 def launch(spec: dict, log: Path, timeout: float) -> dict[str, Any]:
     """Run ``spec`` in a fresh process; its result, or ``{"error": ...}`` when it failed."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    # The repository first, then what the caller had (carried wheels, e.g. /tmp/site).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
     env.pop("WORLD_SIZE", None)  # one process: our loop refuses a world it did not set up
     if spec["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -119,7 +83,12 @@ def launch(spec: dict, log: Path, timeout: float) -> dict[str, Any]:
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as err:
-        log.write_text(f"{err.stdout or ''}\n{err.stderr or ''}")
+        # What it printed before the kill (bytes in some Python versions, even with text=True).
+        said = [
+            x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+            for x in (err.output, err.stderr)
+        ]
+        log.write_text("\n".join(said))
         return {"error": f"timed out after {timeout:.0f} s (log: {log})"}
     wall = time.perf_counter() - start
     log.write_text(done.stdout + "\n" + done.stderr)
@@ -135,29 +104,71 @@ def launch(spec: dict, log: Path, timeout: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- the parent
 
 
-def prepare_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """The model folder (built once per preset, or ``--model``) and the imagefolder dataset."""
+def prepare_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
+    """The model folder (built once per preset, or ``--model``), the imagefolder dataset, and
+    where the model was built (``--model``: "given")."""
     from make_tiny_dataset import make_tiny_dataset
-    from make_tiny_sd import make_sd
 
+    built = "given"
     if args.model:
         model = Path(args.model)
     else:
         model = work / f"model-{args.arch}-{args.preset}"
-        if not (model / "model_index.json").is_file():
+        marker = work / f"{model.name}.built_on"  # written last: a cut-short build is redone
+        if not marker.is_file():
             print(f"building the {args.preset} model in {model} ...", flush=True)
-            make_sd(model, args.arch, args.preset)
+            shutil.rmtree(model, ignore_errors=True)
+            spec = {"kind": "build", "device": args.device, "model": str(model)}
+            spec.update(arch=args.arch, preset=args.preset, seed=0)
+            if args.device == "cpu":  # no CUDA context to keep out of this process
+                from bench_runs import build
+
+                done = build(spec)
+            else:
+                done = launch(spec, work / "logs" / "build.log", args.timeout)
+            if "error" in done:
+                raise SystemExit(f"building the model failed: {done['error']}")
+            marker.write_text(done["built_on"])
+        built = marker.read_text().strip()
     data = work / f"data-{args.resolution}px-{args.images}"
     if not (data / "metadata.jsonl").is_file():
         make_tiny_dataset(data, args.images, args.resolution, layout="imagefolder")
-    return model, data
+    return model, data, built
+
+
+def calibration(args: argparse.Namespace, common: dict, work: Path) -> dict[str, Any]:
+    """Device facts, peak and FLOPs per image: from ``--calibration`` when that report was
+    measured on the same model, resolution and rank, else measured now (the peak taken from
+    ``--peak`` when given)."""
+    if args.calibration:
+        earlier = json.loads(args.calibration.read_text())
+        wanted = {k: common[k] for k in ("resolution", "rank")} | {"model_path": common["model"]}
+        if all(earlier["meta"].get(k) == v for k, v in wanted.items()):
+            facts = {k: earlier["meta"][k] for k in FACTS if k in earlier["meta"]}
+            print(f"calibration from {args.calibration}", flush=True)
+            return {"facts": facts, "peak": earlier["peak"], "flops": earlier["flops_per_image"]}
+        print(f"{args.calibration} was measured on another model; calibrating", flush=True)
+    spec = {**common, "kind": "calibrate"}
+    if args.peak:
+        spec["peak"] = json.loads(args.peak.read_text())
+    cal = launch(spec, work / "logs" / "calibrate.log", args.timeout)
+    if "error" in cal:
+        raise SystemExit(f"calibration failed: {cal['error']}")
+    return {"facts": cal["facts"], "peak": cal["peak"], "flops": cal["flops_per_image"]}
+
+
+# What calibration reads off the device and the libraries (bench_runs.calibrate).
+FACTS = (
+    "device", "cpu_count", "torch", "cuda", "diffusers", "transformers", "python", "xformers",
+    "xformers_extension_loaded",
+)  # fmt: skip
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    """Calibrate, run the matrix, and assemble the report."""
+    """Calibrate, run the matrix, and assemble the report (written after every run)."""
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_gpu_"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    model, data = prepare_inputs(args, work)
+    model, data, built = prepare_inputs(args, work)
     common = {
         "device": args.device,
         "model": str(model),
@@ -176,11 +187,38 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "peak_size": args.peak_size,
         "peak_seconds": args.peak_seconds,
     }
-    cal = launch({**common, "kind": "calibrate"}, work / "logs" / "calibrate.log", args.timeout)
-    if "error" in cal:
-        raise SystemExit(f"calibration failed: {cal['error']}")
-    runs = []
+    cal = calibration(args, common, work)
+    described = f"{args.arch} {args.preset} (make_tiny_sd.py, random weights, seed 0, "
+    described += f"built on {built})"
+    meta = {
+        **cal["facts"],
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": _git_commit(),
+        "model": args.model or described,
+        "model_path": str(model),
+        "arch": args.arch,
+        **{k: common[k] for k in ("resolution", "accum", "rank", "warmup", "updates", "tf32")},
+        "compile_warmup": args.compile_warmup_updates,
+        "images": args.images,
+        "num_workers": args.num_workers,
+    }
+    report: dict[str, Any] = {
+        "meta": meta,
+        "peak": cal["peak"],
+        "flops_per_image": cal["flops"],
+        "runs": [],
+        "not_run": [],
+    }
+    save(args, report)
+    longest = 0.0  # the longest run so far: a run is not started with less time left
     for variant in matrix(args):
+        left = math.inf if args.budget_s is None else args.budget_s - _elapsed()
+        if left < max(longest, 1.0):
+            report["not_run"].append(variant.name())
+            print(f"{variant.name():60} not run: out of --budget-s", flush=True)
+            save(args, report)
+            continue
         out = work / "runs" / variant.name()
         spec = {**common, "kind": "train", "variant": dataclasses.asdict(variant), "out": str(out)}
         if variant.compile:
@@ -191,37 +229,45 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(spec["compile_cache"], ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)  # an output_dir holding checkpoints is refused
         print(f"{variant.name():60} ...", end=" ", flush=True)
-        measured = launch(spec, work / "logs" / f"{variant.name()}.log", args.timeout)
+        measured = launch(spec, _new_log(work, variant.name()), min(args.timeout, left))
+        longest = max(longest, measured.get("process_wall_s", 0.0))
         row = {**dataclasses.asdict(variant), "warmup_updates": spec["warmup"], **measured}
-        runs.append(finish_row(row, cal, args))
+        report["runs"].append(finish_row(row, cal, args))
         print(row.get("error") or f"{row['images_per_s']:.2f} images/s", flush=True)
-    meta = {
-        **cal["facts"],
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": _git_commit(),
-        "model": args.model or f"{args.arch} {args.preset} (make_tiny_sd.py, random weights)",
-        **{k: common[k] for k in ("resolution", "accum", "rank", "warmup", "updates", "tf32")},
-        "compile_warmup": args.compile_warmup_updates,
-        "images": args.images,
-        "num_workers": args.num_workers,
-    }
-    report = {
-        "meta": meta,
-        "peak": cal["peak"],
-        "flops_per_image": cal["flops_per_image"],
-        "runs": runs,
-    }
-    report["comparisons"] = compare(runs)
-    report["targets"] = targets(report)
+        save(args, report)
     return report
+
+
+def _elapsed() -> float:
+    """Seconds since this process started (``--budget-s`` counts from there)."""
+    return time.perf_counter() - STARTED
+
+
+def _new_log(work: Path, name: str) -> Path:
+    """``logs/NAME.log``, or ``NAME.2.log``, ... when an earlier run of this name left one."""
+    log, n = work / "logs" / f"{name}.log", 1
+    while log.exists():
+        n += 1
+        log = work / "logs" / f"{name}.{n}.log"
+    return log
+
+
+def save(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Derive the comparisons and targets, and write ``--json`` and ``--markdown`` atomically
+    (a kill between two runs leaves the last complete report)."""
+    report["comparisons"] = compare(report["runs"])
+    report["targets"] = targets(report)
+    if args.json:
+        files.write_json(args.json, report)
+    if args.markdown:
+        files.write_text(args.markdown, markdown(report))
 
 
 def finish_row(row: dict, cal: dict, args: argparse.Namespace) -> dict:
     """Add images/s, the FLOPs the row's work costs per image, and MFU."""
     if "error" in row:
         return row
-    flops = cal["flops_per_image"]
+    flops = cal["flops"]
     per_image = flops["unet_train"]
     if row["latents"] == "uncached":  # the VAE and the text encoder run every step
         per_image += flops["vae_encode"] + flops["text_encode"]
@@ -285,6 +331,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--peak-seconds", type=float, default=2.0)
     p.add_argument("--timeout", type=float, default=1200, help="seconds per run")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no run after this many seconds (nor one the longest run so far would "
+        "take past it); those are listed as not run",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="exactly these runs, named as the report names them (ours-b16-cached-fp16-sdpa-gc), "
+        "instead of the product of the lists above",
+    )
+    p.add_argument("--peak", type=Path, help="a peak measured earlier (bench_probe.py --json)")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="reuse the facts, peak and FLOPs of this earlier report when it was measured on "
+        "the same model, resolution and rank",
+    )
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--markdown", type=Path, help="write the tables here")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -297,6 +363,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.peak_size = 8192 if args.device == "cuda" else 1024
     if args.diffusers_script and not args.diffusers_script.is_file():
         p.error(f"--diffusers-script {args.diffusers_script}: no such file")
+    if args.diffusers_script and args.arch != "sd15":
+        p.error(
+            "--diffusers-script: train_text_to_image_lora.py trains SD 1.x models only; "
+            f"leave it out with --arch {args.arch}"
+        )
+    for path in (args.peak, args.calibration):
+        if path and not path.is_file():
+            p.error(f"{path}: no such file")
+    if args.variants:
+        from bench_matrix import parse_variant
+
+        for name in args.variants:
+            try:
+                variant = parse_variant(name)
+            except ValueError as err:
+                p.error(f"--variants: {err}")
+            if variant.trainer == "diffusers" and not args.diffusers_script:
+                p.error(f"--variants {name}: a diffusers run needs --diffusers-script")
     return args
 
 
@@ -307,13 +391,8 @@ def main(argv: list[str] | None = None) -> None:
 
         print(RESULT + json.dumps(child(json.loads(args._child), STARTED)), flush=True)
         return
-    report = run_all(args)
-    text = markdown(report)
-    print("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(text)
+    report = run_all(args)  # writes --json and --markdown after every run
+    print("\n" + markdown(report))
     if any("error" in row for row in report["runs"]):
         sys.exit(1)  # the report is written; the exit status says some runs failed
 

@@ -7,7 +7,8 @@ training process before the run starts and sees it only through public hooks:
   ``GradScaler.update`` (it runs once per update, also on an update the scaler skipped for an
   overflow, when the optimizer step does not run);
 - VAE and CLIP text-encoder time before the first update (the cache fill, when latents are
-  cached), by wrapping ``AutoencoderKL.encode`` and ``CLIPTextModel.forward``;
+  cached), by wrapping ``AutoencoderKL.encode``, ``CLIPTextModel.forward`` and (SDXL's second
+  encoder) ``CLIPTextModelWithProjection.forward``;
 - whether xformers ran, by counting ``xformers.ops.memory_efficient_attention`` calls;
 - peak memory: ``torch.cuda.max_memory_allocated``, reset when warm-up ends, or peak RSS on CPU.
 
@@ -87,10 +88,12 @@ class Probe:
         self._wrap(scaler, "__init__", self._after_scaler_init)
         self._wrap(scaler, "update", self._after_scaler_update)
         from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         self._wrap(AutoencoderKL, "encode", self._timed_before_first_update)
         self._wrap(CLIPTextModel, "forward", self._timed_before_first_update)
+        # SDXL's second text encoder: its cache fill counts too.
+        self._wrap(CLIPTextModelWithProjection, "forward", self._timed_before_first_update)
         if count_xformers:
             import xformers.ops
 
@@ -239,8 +242,10 @@ def count_flops(
 
     Model FLOPs, the MFU convention: the UNet forward and backward with LoRA adapters on
     ``targets`` (weight gradients only where parameters train), the VAE encode and the text
-    encoder forward. Recomputation by gradient checkpointing is not counted. Attention runs
-    through SDPA's math path here, so the counter sees its matmuls on every device.
+    encoder forward (SDXL: both text encoders, and the UNet gets its added conditioning, the
+    pooled text embedding and six time ids). Recomputation by gradient checkpointing is not
+    counted. Attention runs through SDPA's math path here, so the counter sees its matmuls on
+    every device.
 
     Returns:
         ``unet_forward``, ``unet_backward``, ``unet_train`` (their sum), ``vae_encode``,
@@ -250,7 +255,6 @@ def count_flops(
     from peft import LoraConfig
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextModel
 
     weights = DTYPES[dtype]
     autocast = torch.autocast(device.split(":")[0], dtype=weights, enabled=weights != torch.float32)
@@ -262,20 +266,21 @@ def count_flops(
         if param.requires_grad:
             param.data = param.data.float()
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=weights).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(
-        model_dir, subfolder="text_encoder", torch_dtype=weights
-    ).to(device)
+    encoders = _text_encoders(model_dir, weights, device)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     side = resolution // factor
-    tokens = text_encoder.config.max_position_embeddings
+    tokens = encoders[0].config.max_position_embeddings
     gen = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, unet.config.in_channels, side, side, generator=gen, device=device)
     hidden = torch.randn(1, tokens, unet.config.cross_attention_dim, generator=gen, device=device)
     timestep = torch.tensor([500], device=device)
+    added = _added_conditioning(unet.config, resolution, weights, gen, device)
     counted: dict[str, float] = {}
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as fwd, autocast:
-            prediction = unet(latents.to(weights), timestep, hidden.to(weights)).sample
+            prediction = unet(
+                latents.to(weights), timestep, hidden.to(weights), added_cond_kwargs=added
+            ).sample
         with FlopCounterMode(display=False) as bwd:
             torch.nn.functional.mse_loss(prediction.float(), latents).backward()
         counted["unet_forward"] = fwd.get_total_flops()
@@ -286,11 +291,40 @@ def count_flops(
             with FlopCounterMode(display=False) as enc:
                 vae.encode(pixels)
             with FlopCounterMode(display=False) as txt:
-                text_encoder(ids)
+                for encoder in encoders:
+                    encoder(ids)
         counted["vae_encode"] = enc.get_total_flops()
         counted["text_encode"] = txt.get_total_flops()
     counted["unet_train"] = counted["unet_forward"] + counted["unet_backward"]
     return {k: float(v) for k, v in counted.items()}
+
+
+def _text_encoders(model_dir: str, weights: torch.dtype, device: str) -> list:
+    """The model's text encoders: SD's one ``CLIPTextModel``, SDXL's two."""
+    from pathlib import Path
+
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    kinds = [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)]
+    return [
+        # transformers' decorated from_pretrained confuses mypy about its first argument
+        kind.from_pretrained(model_dir, subfolder=name, torch_dtype=weights).to(device)  # type: ignore[arg-type]
+        for name, kind in kinds
+        if (Path(model_dir) / name / "config.json").is_file()
+    ]
+
+
+def _added_conditioning(config, resolution: int, weights, gen, device: str) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` for one example (None for a UNet without ``text_time``):
+    a pooled text embedding and the six size/crop ids, kept fp32 as the trainer keeps them."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    time_dims = 6 * config["addition_time_embed_dim"]
+    pooled = config["projection_class_embeddings_input_dim"] - time_dims
+    text_embeds = torch.randn(1, pooled, generator=gen, device=device).to(weights)
+    size = float(resolution)
+    time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device)
+    return {"text_embeds": text_embeds, "time_ids": time_ids}
 
 
 def finite_positive(value: Any) -> bool:
@@ -301,3 +335,31 @@ def finite_positive(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python scripts/bench_probe.py --device cuda --json peak.json``: the matmul peak alone,
+    as ``bench_gpu.py --peak peak.json`` reads it (scripts/gpu_check.sh's peak step)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="The device's matmul peak (FLOP/s).")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--size", type=int, default=8192, help="matrix side (8192 fills an H100)")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--json", type=Path, help="write the result here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    peak = measure_peak(args.device, args.size, args.dtype, args.seconds)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak["device"] = name
+    print(f"{name}: {args.dtype} matmul {args.size}³ at {peak['flop_per_s'] / 1e12:.1f} TFLOP/s")
+    if args.json:
+        args.json.write_text(json.dumps(peak, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,6 +44,44 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def against_plain(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of our runs with an option on (xformers, gradient checkpointing, compile,
+    channels_last) against our plain run (SDPA, every option off) at the same batch, latents
+    and precision; ratios are the option's ÷ plain."""
+    plain = {
+        (r["batch"], r["latents"], r["precision"]): r
+        for r in runs
+        if _ok(r, "ours") and not _options(r)
+    }
+    out = []
+    for run in runs:
+        base = plain.get((run["batch"], run["latents"], run["precision"]))
+        if not _ok(run, "ours") or not _options(run) or base is None:
+            continue
+        out.append(
+            {
+                **{k: run[k] for k in ("batch", "latents", "precision")},
+                "options": _options(run),
+                "images_per_s": run["images_per_s"],
+                "plain_images_per_s": base["images_per_s"],
+                "images_per_s_ratio": run["images_per_s"] / base["images_per_s"],
+                "peak_mem_mb": run["peak_mem_mb"],
+                "plain_peak_mem_mb": base["peak_mem_mb"],
+                "peak_mem_ratio": run["peak_mem_mb"] / base["peak_mem_mb"],
+                "startup_s": run["startup_s"],
+                "plain_startup_s": base["startup_s"],
+            }
+        )
+    return out
+
+
+def _options(run: dict[str, Any]) -> str:
+    """The run's options that are on, as the run names spell them ("" for a plain run)."""
+    on = ["xformers"] * (run["attention"] == "xformers") + ["gc"] * run["checkpointing"]
+    on += ["compile"] * run["compile"] + ["cl"] * run["channels_last"]
+    return "+".join(on)
+
+
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's three targets, read off the cached-latent runs (None: nothing to read)."""
     cached = [r for r in report["runs"] if _ok(r, "ours") and r["latents"] == "cached"]
@@ -100,7 +138,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- command: `{meta['command']}`",
         "",
         "| trainer | batch | latents | precision | attention | grad ckpt | compile | "
-        "channels_last | updates/s | images/s | MFU | peak mem (GB) | steady peak (GB) | "
+        "channels_last | s/update | images/s | MFU | peak mem (GB) | steady peak (GB) | "
         "start-up (s) | cache fill (s) |",
         "|" + "---|" * 15,
     ]
@@ -115,12 +153,14 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         attention_note = " (fell back to SDPA)" if r.get("xformers_used") is False else ""
         lines.append(
-            f"{head} {r['updates_per_s']:.3f} | {r['images_per_s']:.2f}{attention_note} | "
+            f"{head} {r['s_per_update']:.4f} | {r['images_per_s']:.2f}{attention_note} | "
             f"{r['mfu']:.1%} | {_gb(r['peak_mem_mb'])} | {_gb(r['peak_mem_steady_mb'])} | "
             f"{r['startup_s']:.1f} | {_num(r['cache_fill_s'], '.1f')} |"
         )
     kinds = {r.get("mem_kind") for r in report["runs"] if "error" not in r}
     lines += ["", f"Memory is {', '.join(sorted(k for k in kinds if k)) or '—'}."]
+    if report.get("not_run"):
+        lines += ["", f"Not run (time budget spent): {', '.join(report['not_run'])}."]
     if report["comparisons"]:
         lines += [
             "",
@@ -140,6 +180,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_gb(c['ours_peak_mem_mb'])} | {_gb(c['diffusers_peak_mem_mb'])} | "
                 f"×{c['peak_mem_ratio']:.2f} |"
             )
+    lines += _plain_lines(against_plain(report["runs"]))
+    if meta.get("arch", "sd15") != "sd15":
+        return "\n".join(lines) + "\n"  # the targets are the issue's, for SD-1.5 shapes
     t = targets(report)
     lines += [
         "",
@@ -153,3 +196,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"{SIMPLETUNER_H100_S_PER_UPDATE})",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _plain_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of :func:`against_plain`, or nothing when no run had an option on."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Options against our plain run (SDPA, no checkpointing, compile or channels_last; "
+        "ratios: option ÷ plain):",
+        "",
+        "| batch | latents | precision | options | images/s | plain images/s | ratio | "
+        "peak (GB) | plain peak (GB) | ratio | start-up (s) | plain start-up (s) |",
+        "|" + "---|" * 12,
+    ]
+    for c in rows:
+        lines.append(
+            f"| {c['batch']} | {c['latents']} | {c['precision']} | {c['options']} | "
+            f"{c['images_per_s']:.2f} | {c['plain_images_per_s']:.2f} | "
+            f"×{c['images_per_s_ratio']:.2f} | {_gb(c['peak_mem_mb'])} | "
+            f"{_gb(c['plain_peak_mem_mb'])} | ×{c['peak_mem_ratio']:.2f} | "
+            f"{c['startup_s']:.1f} | {c['plain_startup_s']:.1f} |"
+        )
+    return lines

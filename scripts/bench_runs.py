@@ -95,6 +95,8 @@ def child(spec: dict, started: float) -> dict[str, Any]:
         raise RuntimeError(f"--device {device}: CUDA is not available in this process")
     if spec["kind"] == "calibrate":
         return calibrate(spec)
+    if spec["kind"] == "build":
+        return build(spec)
     updates = spec["warmup"] + spec["updates"]
     variant = spec["variant"]
     probe = bench_probe.Probe(device, spec["warmup"], started)
@@ -130,12 +132,40 @@ def calibrate(spec: dict) -> dict[str, Any]:
         facts["xformers_extension_loaded"] = bool(getattr(xformers, "_has_cpp_library", False))
     except ImportError:
         facts["xformers"] = None
-    peak = bench_probe.measure_peak(device, spec["peak_size"], "bf16", spec["peak_seconds"])
+    # A peak measured earlier in the same sitting (bench_gpu.py --peak) is not measured again.
+    peak = spec.get("peak") or bench_probe.measure_peak(
+        device, spec["peak_size"], "bf16", spec["peak_seconds"]
+    )
     counting_dtype = "bf16" if device != "cpu" else "no"
     flops = bench_probe.count_flops(
         spec["model"], spec["resolution"], spec["rank"], spec["targets"], device, counting_dtype
     )
     return {"facts": facts, "peak": peak, "flops_per_image": flops}
+
+
+def build(spec: dict) -> dict[str, Any]:
+    """Write the preset's random model (``make_tiny_sd.make_sd``, seeded) to ``spec["model"]``.
+
+    On CUDA the weights are initialised on the GPU (``torch.device`` as the default device),
+    which takes seconds where the CPU takes minutes for SDXL's 3.5 G parameters; the same
+    seed then gives other (equally random) weights than a CPU build. A GPU build that fails
+    falls back to the CPU.
+    """
+    import torch
+    from make_tiny_sd import make_sd
+
+    where = spec["device"]
+    try:
+        with torch.device(where):
+            make_sd(spec["model"], spec["arch"], spec["preset"], seed=spec["seed"])
+    except Exception as err:  # any failure: the CPU build is the reference
+        if where == "cpu":
+            raise
+        print(f"building on {where} failed ({err!r}); building on the CPU", file=sys.stderr)
+        where = "cpu"
+        make_sd(spec["model"], spec["arch"], spec["preset"], seed=spec["seed"])
+    size = sum(f.stat().st_size for f in Path(spec["model"]).rglob("*") if f.is_file())
+    return {"built_on": where, "bytes": size}
 
 
 def _cpu_name() -> str:

@@ -141,7 +141,8 @@ def test_markdown_has_one_row_per_run_and_the_comparison(bench):
 def _analytic_unet_forward(model_dir: Path, resolution: int, rank: int) -> float:
     """Multiply-add count of one UNet forward from module shapes, independent of
     FlopCounterMode: 2·MACs for every conv and linear layer (LoRA's included), plus the two
-    attention matmuls (QKᵀ and AV) of every attention module."""
+    attention matmuls (QKᵀ and AV) of every attention module. An SDXL UNet gets its added
+    conditioning (pooled embedding and six time ids), whose embedding layers count too."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import Attention
     from peft import LoraConfig
@@ -176,11 +177,17 @@ def _analytic_unet_forward(model_dir: Path, resolution: int, rank: int) -> float
         elif isinstance(module, Attention):
             module.register_forward_hook(attention, with_kwargs=True)
     side = resolution // 8
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim
+        pooled -= 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.ones(1, 6)}
     with torch.no_grad():
         unet(
             torch.randn(1, 4, side, side),
             torch.tensor([10]),
             torch.randn(1, 77, unet.config.cross_attention_dim),
+            added_cond_kwargs=added,
         )
     return total
 
@@ -194,6 +201,31 @@ def test_flop_count_agrees_with_an_independent_count(tiny_model):
     assert 0.5 * expected < counted["unet_backward"] < 2 * expected
     assert counted["unet_train"] == counted["unet_forward"] + counted["unet_backward"]
     assert counted["vae_encode"] > 0 and counted["text_encode"] > 0
+
+
+def test_sdxl_flop_count_agrees_with_an_independent_count(tiny_sdxl):
+    """SDXL: the UNet gets its added conditioning (it fails without), and the text encoders'
+    FLOPs are both encoders' (each counted alone here as the reference)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    counted = count_flops(str(tiny_sdxl), 64, 4, ["to_q", "to_k"])
+    assert counted["unet_forward"] == pytest.approx(
+        _analytic_unet_forward(tiny_sdxl, 64, 4), rel=1e-9
+    )
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    each = []
+    for name, kind in (
+        ("text_encoder", CLIPTextModel),
+        ("text_encoder_2", CLIPTextModelWithProjection),
+    ):
+        encoder = kind.from_pretrained(tiny_sdxl, subfolder=name)
+        # The math kernel, as count_flops uses: the counter then sees attention's matmuls.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as flops:
+            encoder(ids)
+        each.append(flops.get_total_flops())
+    assert min(each) > 0 and counted["text_encode"] == sum(each)
 
 
 def test_probe_counts_updates_and_skips_under_a_grad_scaler():

@@ -65,7 +65,7 @@ def test_cached_entry_equals_a_fresh_encode(vae, tiny_data, tmp_path):
     store = cache.LatentCache(None)
     key, path, size, _ = jobs_for(tiny_data, vae)[0]
     cache.fill_latents(store, vae, [(key, path, size, False)], torch.float32, False)
-    pixels = images.to_tensor(path, size, True, False, None)[None]
+    pixels = images.load_example(path, size, True, False, None)[0][None]
     with torch.no_grad():
         mean, std = posterior(vae, pixels)
     cached_mean, cached_std = store.get(key)

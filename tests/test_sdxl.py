@@ -146,7 +146,8 @@ def test_lora_loads_in_the_sdxl_pipeline_and_reproduces_our_prediction(uncached,
     ]
     ids = conditioning.tokenize(tokenizers, [PROMPT])
     batch = {"input_ids": ids[0], "input_ids_2": ids[1]}
-    batch["time_ids"] = conditioning.time_ids(ORIGINAL, CROP, TARGET)[None]
+    # SDXL's six ids: original (h, w), crop top-left (top, left), target (h, w).
+    batch["time_ids"] = torch.tensor([[*ORIGINAL, *CROP, *TARGET]], dtype=torch.float32)
     with torch.no_grad():
         cond = conditioning.condition(batch, [result.text_encoder, result.text_encoder_2])
         ours = result.unet(*noisy_input(), **cond.unet_kwargs()).sample

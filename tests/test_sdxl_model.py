@@ -293,7 +293,7 @@ def test_validation_loss_is_scored_with_the_pipelines_sdxl_conditioning(tiny_sdx
             time_ids = pipe._get_add_time_ids(
                 (64, 64), (0, 0), (64, 64), hidden.dtype, pipe.text_encoder_2.config.projection_dim
             )
-            pixels = images.to_tensor(example.path, (64, 64), True, False, None)[None]
+            pixels = images.load_example(example.path, (64, 64), True, False, None)[0][None]
             mean, std = posterior(pipe.vae, pixels)
             rand = step.ExampleRandom([seed_for(0, "val", str(example.path))])
             latents = step.sample_latents(mean, std, rand)

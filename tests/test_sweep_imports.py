@@ -65,11 +65,14 @@ TRAIN = """
 import sys, types
 from trainer.commands import cli
 from trainer.config import load as config
-from trainer.run import loop
+from trainer.run import loop, preflight
 
-# The command as it runs, without a model: its config and its training loop stubbed.
+# The command as it runs, without a model: its config, preflight and training loop stubbed.
 config.load = lambda path, overrides: types.SimpleNamespace()
-loop.run = lambda cfg, overwrite: types.SimpleNamespace(is_main_process=False, interrupted=False)
+preflight.check = lambda cfg, processes, overwrite, is_main: None
+loop.run = lambda cfg, overwrite, checked: types.SimpleNamespace(
+    is_main_process=False, interrupted=False
+)
 code = cli.main(["train", "--config", "unused.toml"])
 sweep = [m for m in sys.modules if m == "trainer.sweep" or m.startswith("trainer.sweep.")]
 print(code, sorted(sweep))

@@ -7,6 +7,7 @@
     sdlora inspect FILE [--against MODEL] [--modules] [--json]
     sdlora sample --lora FILE --model MODEL --prompt TEXT [--scales 0,0.5,1] [--out grid.png]
     sdlora sweep FILE [--storage URL] [--out DIR] [--launch "FLAGS"] [--report-only]
+    sdlora serve [--host 127.0.0.1] [--port 8000] [--access-log]
     sdlora config-help
     sdlora --version
 
@@ -159,10 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="queue again the trials that failed (after fixing what made them fail)",
     )
+    _add_serve(sub)
     schedules = sub.add_parser("schedules", help="list LR schedules, or describe one")
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="answer LR schedules over HTTP (POST /lr_schedule), with Prometheus /metrics "
+        "(pip install 'sdlora[serve]'; docs/serve.md)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every "
+        "interface, as in a container)",
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="TCP port (default 8000; 0: any free one, printed)"
+    )
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request (/metrics counts them anyway)"
+    )
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -257,7 +279,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     ) -> tuple[argparse.Namespace, list[str]]:
         return parse(None if args is None else _join_negative_scales(args), namespace)
 
-    sample.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    sample.parse_known_args = parse_known_args
     sample.add_argument("--lora", required=True, help="the LoRA file (any format diffusers reads)")
     sample.add_argument(
         "--model",
@@ -529,6 +551,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed, problems)
 
 
+# The serve extra's packages, by import name: one missing is named with the extra to install.
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the LR schedules over HTTP until SIGINT or SIGTERM."""
+    try:
+        from trainer.commands import serve
+    except ImportError as err:
+        package = (err.name or "").split(".")[0]
+        if package not in SERVE_PACKAGES:
+            raise
+        raise ConfigError(
+            [f"sdlora serve needs the {package} package; install it: pip install 'sdlora[serve]'"],
+            "sdlora serve",
+        ) from err
+    return serve.serve(args.host, args.port, args.access_log)
+
+
 def cmd_schedules(args: argparse.Namespace) -> int:
     """List the registered schedules, or describe one with its fields."""
     import schedulers
@@ -562,6 +603,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "sample": cmd_sample,
     "sweep": cmd_sweep,
+    "serve": cmd_serve,
     "config-help": cmd_config_help,
 }
 # The commands that load models: the installed libraries are checked against sdlora's ranges

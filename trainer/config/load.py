@@ -26,7 +26,7 @@ from typing import Any
 import tomllib
 
 from schedulers import config as schedule_config
-from trainer.config import adapter_formats, deprecated, subsets
+from trainer.config import adapter_formats, deprecated, sd3, subsets
 from trainer.config.lr_groups import block_weight_problems
 from trainer.config.schema import (
     MAX_UPDATES,
@@ -106,7 +106,7 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
         elif key == "data":
             values[key] = build_data(data.get(key, {}), problems)
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
             unknown = deprecated.unknown_train_key if key == "train" else None
             values[key] = build_table(tp, data.get(key, {}), key, problems, unknown=unknown)
@@ -178,6 +178,7 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
         )
     if config.model.arch != "auto":  # else checked with the model's family, in preflight
         p += block_weight_problems(lora, config.model.arch)
+    p += sd3.family_problems(config, config.model.arch)  # again in preflight for "auto"
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     p += optimizer_checks(config, [] if warnings is None else warnings)
@@ -390,7 +391,7 @@ def describe() -> str:
                 "",
                 describe_table(SubsetConfig, "[data.subsets]"),
             ]
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:
             lines.append(

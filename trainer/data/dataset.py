@@ -294,8 +294,11 @@ def prepare(
     examples, problems, notes = [], [], []
     for record in records:
         info = infos.get(record.path, record.problem)
-        if record.problem or isinstance(info, str):
-            problems.append(record.problem or info)
+        if record.problem:
+            problems.append(record.problem)
+            continue
+        if isinstance(info, str):
+            problems.append(info)
             continue
         index = record.subset if subsets else 0
         grid = grids[resolutions[index]]

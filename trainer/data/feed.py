@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from trainer.config.subsets import SubsetConfig
 from trainer.data import cache, holdout, masks, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 SKIPPED_NAME = "skipped_images.txt"
@@ -70,7 +74,7 @@ def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
 
 
 def _fill_latent_cache(
-    config: RunConfig, prepared: data.Prepared, vae: torch.nn.Module, accelerator, mode: str
+    config: RunConfig, prepared: data.Prepared, vae: AutoencoderKL, accelerator, mode: str
 ):
     folder = None
     if mode == "disk":

@@ -3,9 +3,11 @@
 ``metrics.jsonl`` holds one JSON object per optimizer update, written by the main process:
 ``{"step": N, "loss": ..., "lr": [lr of each param group], "lr_groups": [name of each],
 "epoch": ..., "samples": ..., "time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``,
-plus ``"val_loss"`` on the updates where the validation set was scored. The groups are
-``RunConfig.lr_groups()``: ``unet``, ``text_encoder``, their block-multiplier groups
-(``unet_x0.5``) and LoRA+ groups (``unet_plus``); tensorboard and wandb get each as
+plus ``"val_loss"`` and ``"val_loss_by_timestep"`` (``{"125": ..., "375": ...}``: the loss at
+each fixed timestep) on the updates where the validation set was scored, and the image scores
+of ``validation.scores`` (``"clip_t"``, ``"clip_i"``, ``"dino"``) where the samples were scored.
+The groups are ``RunConfig.lr_groups()``: ``unet``, ``text_encoder``, their block-multiplier
+groups (``unet_x0.5``) and LoRA+ groups (``unet_plus``); tensorboard and wandb get each as
 ``train/lr/<name>``.
 ``step`` N is the N-th optimizer update (1-based), and ``lr`` is the LR that update applied,
 the same numbering as ``checkpoints/step-NNNNNN`` and ``sdlora lr-plot --csv``.
@@ -44,10 +46,11 @@ from tqdm.auto import tqdm
 
 from trainer.config.load import RunConfig, flatten
 from trainer.files import write_text
-from trainer.report import progress
+from trainer.report import image_scores, progress
 from trainer.step_folders import CHECKPOINTS
 
 if TYPE_CHECKING:
+    from trainer.report.prometheus import TrainingMetrics
     from trainer.run.plan import Plan
 
 METRICS_NAME = "metrics.jsonl"
@@ -143,6 +146,7 @@ def start_trackers(accelerator, config: RunConfig, first_step: int) -> None:
     # Listing the metrics makes TensorBoard's HPARAMS tab show each run's latest values.
     val = config.validation
     metrics = {"train/loss": 0.0, **({"val/loss": 0.0} if val.fraction or val.path else {})}
+    metrics.update({f"val/{k}": 0.0 for k in val.scores})
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     for summary in hparams_summaries(hparams, metrics):
         writer.file_writer.add_summary(summary)
@@ -189,6 +193,7 @@ class Tracker:
         plan: Plan,
         initial: int,
         resumed_from: Path | None = None,
+        metrics: TrainingMetrics | None = None,
     ) -> None:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
@@ -212,6 +217,10 @@ class Tracker:
         self.base_elapsed = 0.0
         for record in history(output_dir, initial, resumed_from) if self.main else []:
             self._remember(record)
+        # The Prometheus gauges (logging.prometheus_port): what the line shows, as numbers.
+        self.prometheus = metrics if self.main else None
+        if self.prometheus is not None:
+            self.prometheus.started(initial, self.total)
         self.bar = tqdm(
             total=self.total,
             initial=initial,
@@ -235,7 +244,7 @@ class Tracker:
         becomes one metrics.jsonl line, goes to the tracker, and is what the line shows."""
         self.done += 1
         self.training_s = self.clock.training_s
-        if self.main:
+        if self.metrics is not None:  # the main process (it alone writes metrics and the line)
             record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
             record["elapsed"] = round(self.base_elapsed + self.clock.wall_s, 3)
             self.metrics.write(json.dumps(record) + "\n")
@@ -244,12 +253,18 @@ class Tracker:
             if "val_loss" in record:
                 self.val = (record["val_loss"], record["step"])
             # Set before bar.update, which draws: the line shows this update, never the last.
-            self.bar.bar_format, line = self._fit(self._values(record, ema))
+            shown = self._values(record, ema)
+            self.bar.bar_format, line = self._fit(shown)
             self.bar.set_postfix_str(line, refresh=False)
+            if self.prometheus is not None:
+                self.prometheus.publish(record["step"], shown)
             if self.enabled_tracker:
                 values = {"train/loss": record["loss"]}
                 if "val_loss" in record:
                     values["val/loss"] = record["val_loss"]
+                for t, loss in record.get("val_loss_by_timestep", {}).items():
+                    values[f"val/loss_t{int(t):04d}"] = loss
+                values.update({f"val/{k}": record[k] for k in image_scores.SCORES if k in record})
                 names = group_names(record)
                 values.update(
                     {f"train/lr/{n}": lr for n, lr in zip(names, record["lr"], strict=True)}

@@ -200,9 +200,12 @@ def zero_snr_problems(config: Any) -> list[str]:
         return []
     path = Path(config.model.pretrained).expanduser() / "scheduler" / "scheduler_config.json"
     try:
-        kind = json.loads(path.read_text()).get("prediction_type", "epsilon")
+        scheduler = json.loads(path.read_text())
+        kind = scheduler.get("prediction_type", "epsilon")
     except (OSError, ValueError, AttributeError):
         return []  # not a local diffusers folder: checked once the model is loaded
+    if str(scheduler.get("_class_name", "")).startswith("FlowMatch"):
+        return []  # SD3: refused as a family rule (trainer/config/sd3.py)
     return [] if kind == "v_prediction" else [zero_snr_refusal(kind, str(path))]
 
 

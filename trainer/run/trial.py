@@ -34,6 +34,12 @@ PIDS_ENV = "SDLORA_SWEEP_RUN_PIDS"
 log = logging.getLogger("sdlora")
 
 
+def in_sweep() -> bool:
+    """Whether a sweep worker started this run: its trials may run side by side on one
+    machine (so each takes its own metrics port, ``trainer/report/prometheus.py``)."""
+    return bool(os.environ.get(LOCK_ENV))
+
+
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
