@@ -262,3 +262,44 @@ def test_group_keys_cannot_change_on_resume(group_run, tiny_config, tmp_path):
     changed = [*GROUP_RUN, "lora.plus_ratio=0.0", start, "checkpoint.allow_change=['lora']"]
     with pytest.raises(config.ConfigError, match="decide the optimizer's param groups"):
         loop.run(tiny_config(tmp_path / "changed", *changed))
+
+
+def test_the_sweeps_lr_curves_name_each_runs_own_groups(monkeypatch):
+    """A LoRA+ axis gives its runs other groups: each run's curves carry that run's names (the
+    first group is the configuration's label alone), with the LRs its metrics.jsonl holds."""
+    from types import SimpleNamespace
+
+    from schedulers import preview
+    from trainer.sweep import figures
+
+    drawn = []
+
+    def spy(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    real = preview.lr_figure
+    monkeypatch.setattr(figures.preview, "lr_figure", spy)
+
+    def result(label, groups, lrs):
+        metrics = [{"step": s, "lr": row, "lr_groups": groups} for s, row in enumerate(lrs, 1)]
+        return SimpleNamespace(
+            metrics=metrics, run=SimpleNamespace(point=SimpleNamespace(label=label))
+        )
+
+    off = [[1e-3], [5e-4]]
+    on = [[1e-3, 4e-3], [5e-4, 2e-3]]
+    figures.lr_figure(
+        [result("plus_ratio=0", ["unet"], off), result("plus_ratio=4", ["unet", "unet_plus"], on)]
+    )
+    lines = drawn[0].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [
+        "plus_ratio=0",
+        "plus_ratio=4",
+        "plus_ratio=4 (unet_plus)",
+    ]
+    assert [list(line.get_ydata()) for line in lines] == [
+        [1e-3, 5e-4],
+        [1e-3, 5e-4],
+        [4e-3, 2e-3],
+    ]
