@@ -228,3 +228,29 @@ def test_the_kohya_file_records_the_reg_images_as_kohya_does(subset_run):
     assert [s["image_dir"] for s in dataset["subsets"]] == ["3_sks", "class"]
     assert [s["is_reg"] for s in dataset["subsets"]] == [False, True]
     assert training_metadata(kohya_file)["prior_loss_weight"] == 0.5
+
+
+@pytest.mark.slow
+def test_a_subset_run_killed_mid_epoch_resumes_to_the_same_bits(
+    tiny_model, tiny_config, subset_folders, tmp_path
+):
+    """SIGKILL once the mid-epoch checkpoint of update 3 exists (4 updates an epoch), then
+    `--resume latest`: the same LoRA and metrics as the run that was never killed."""
+    import signal
+    import sys
+
+    from test_interrupt import assert_same_run, run_to_end, start_and_signal
+
+    flags = (*SUBSET_RUN, "train.max_steps=12", *subset_flags(*subset_folders))
+    reference = tmp_path / "reference"
+    loop.run(tiny_config(reference, *flags))
+    out = tmp_path / "killed"
+    where = [f'model.pretrained="{tiny_model}"', f'output_dir="{out}"', 'logging.tracker="none"']
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.toml"]
+    cmd += [x for s in (*where, *flags) for x in ("--set", s)]
+    code, _ = start_and_signal(cmd, out, signal.SIGKILL, after_checkpoint=3)
+    if code == 0:
+        pytest.skip("the run finished before the kill landed (machine too fast)")
+    assert code == -signal.SIGKILL and not (out / WEIGHTS_NAME).exists()
+    run_to_end([*cmd, "--resume", "latest"])
+    assert_same_run(out, reference)
