@@ -141,8 +141,10 @@ def test_a_mask_of_another_size_is_a_bad_file(tmp_path):
     (path.parent / "box.txt").write_text("a box")
     Image.new("L", (50, 32), 255).save(path.parent / "box_mask.png")
     config = DataConfig(path=str(path.parent), resolution=64)
-    with pytest.raises(data.DataError, match=r"box_mask\.png: the mask is 50×32, its image"):
-        data.prepare(data.find_records(config, mask_suffix="_mask"), config, False, masked=True)
+    records = data.find_records(config, mask_suffix="_mask")
+    for decode in (True, False):  # a preview (lr-plot, a sweep's count) reads the header only
+        with pytest.raises(data.DataError, match=r"box_mask\.png: the mask is 50×32, its image"):
+            data.prepare(records, config, False, decode, masked=True)
 
 
 # ---------------------------------------------------------------- runs
