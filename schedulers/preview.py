@@ -58,6 +58,7 @@ class Curve:
     rows: Sequence[Sequence[float]]
     total: int = 0  # updates in the run (0: not known, e.g. LRs read from a run's log)
     stride: int = 1  # updates between regular samples: 1 when every update is here
+    names: Sequence[str] = ()  # its own name per param group, before draw_curves' group_names
 
     @property
     def note(self) -> str:
@@ -138,9 +139,13 @@ def jump_sides(
 
 
 def write_csv(
-    path: str | Path, rows: Sequence[Sequence[float]], steps: Sequence[int] | None = None
+    path: str | Path,
+    rows: Sequence[Sequence[float]],
+    steps: Sequence[int] | None = None,
+    names: Sequence[str] = (),
 ) -> None:
-    """Write rows as CSV with the header ``step,lr_0,lr_1,...``.
+    """Write rows as CSV with the header ``step,lr_0,lr_1,...`` (``step,lr_<name>,...`` with
+    a name per param group).
 
     ``step`` N is the N-th optimizer update, the numbering of the trainer's ``metrics.jsonl``
     and ``checkpoints/step-NNNNNN``: ``steps[i]`` for row ``i`` when given (a
@@ -149,7 +154,8 @@ def write_csv(
     """
     width = len(rows[0]) if rows else 0
     numbers = range(1, len(rows) + 1) if steps is None else steps
-    lines = [",".join(["step", *(f"lr_{i}" for i in range(width))])]
+    columns = list(names) if names else [str(i) for i in range(width)]
+    lines = [",".join(["step", *(f"lr_{c}" for c in columns)])]
     lines += [
         ",".join([str(n), *(repr(float(x)) for x in row)])
         for n, row in zip(numbers, rows, strict=True)
@@ -183,7 +189,7 @@ def draw_curves(ax: Axes, curves: Labelled, group_names: Sequence[str] = ()) -> 
             :class:`Curve` of some updates, drawn at its steps; or (label, curve) pairs.
         group_names: A name per param group, e.g. ("UNet", "text encoder"); curves are
             labelled "label (group)", or "label" for an empty name. Without names, groups
-            beyond the first are numbered.
+            beyond the first are numbered. A :class:`Curve` with ``names`` uses its own.
     """
     pairs = list(curves.items()) if isinstance(curves, Mapping) else list(curves)
     labels = dict.fromkeys(label for label, _ in pairs)
@@ -193,9 +199,10 @@ def draw_curves(ax: Axes, curves: Labelled, group_names: Sequence[str] = ()) -> 
     for label, curve in pairs:
         updates, rows = _steps_and_rows(curve)
         width = len(rows[0]) if rows else 0
+        names = curve.names if isinstance(curve, Curve) and curve.names else group_names
         for group in range(width):
-            if group < len(group_names):
-                name = f"{label} ({group_names[group]})" if group_names[group] else label
+            if group < len(names):
+                name = f"{label} ({names[group]})" if names[group] else label
             else:
                 name = label if width == 1 else f"{label} (group {group})"
             values = [row[group] for row in rows]
@@ -271,7 +278,10 @@ def write_png(
 
 
 def format_table(
-    rows: Sequence[Sequence[float]], max_rows: int = 12, steps: Sequence[int] | None = None
+    rows: Sequence[Sequence[float]],
+    max_rows: int = 12,
+    steps: Sequence[int] | None = None,
+    names: Sequence[str] = (),
 ) -> str:
     """A short text table of a few representative updates.
 
@@ -289,7 +299,8 @@ def format_table(
         picks.add(round(k * last / (slots + 1)))
     shown = sorted(picks)[:max_rows] if len(picks) > max_rows else sorted(picks)
     width = len(rows[0])
-    header = f"{'step':>8}" + "".join(f"{f'lr_{i}':>14}" for i in range(width))
+    columns = list(names) if names else [str(i) for i in range(width)]
+    header = f"{'step':>8}" + "".join(f" {f'lr_{c}':>13}" for c in columns)
     lines = [header]
     for i in shown:
         lines.append(f"{numbers[i]:>8}" + "".join(f"{x:>14.6g}" for x in rows[i]))

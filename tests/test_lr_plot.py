@@ -21,8 +21,13 @@ def csv_rows(path) -> list[list[float]]:
     with open(path) as f:
         reader = csv.reader(f)
         header = next(reader)
-        assert header[0] == "step" and header[1:] == [f"lr_{i}" for i in range(len(header) - 1)]
+        assert header[0] == "step" and all(h.startswith("lr_") for h in header[1:])
         return [[float(x) for x in row[1:]] for row in reader]
+
+
+def csv_names(path) -> list[str]:
+    with open(path) as f:
+        return [h.removeprefix("lr_") for h in next(csv.reader(f))[1:]]
 
 
 def csv_steps(path) -> list[int]:
@@ -63,8 +68,17 @@ def spy_on_png(monkeypatch) -> list:
             "lr_scheduler.warmup_steps=1",
             "lr_scheduler.num_cycles=2",
         ),
+        # LoRA+ and block multipliers: five named groups, one frozen block, a floor
+        (
+            "train.max_steps=5",
+            "lora.plus_ratio=4.0",
+            "lora.down_lr_weight=[1, 0.5, 0.5, 0, 2]",
+            "lora.up_lr_weight=[0.5]",
+            "lora.train_text_encoder=true",
+            'lr_scheduler={name = "cosine", warmup_steps = 1, min_lr_ratio = 0.1}',
+        ),
     ],
-    ids=["max_steps-two-groups", "epochs-accumulation"],
+    ids=["max_steps-two-groups", "epochs-accumulation", "lora-plus-and-blocks"],
 )
 def test_csv_and_png_are_exactly_what_training_applies(
     make_config, tmp_path, settings, monkeypatch
@@ -77,6 +91,7 @@ def test_csv_and_png_are_exactly_what_training_applies(
     metrics = read_metrics(result.output_dir)
     applied = [r["lr"] for r in metrics]
     assert csv_rows(csv_path) == applied
+    assert csv_names(csv_path) == metrics[0]["lr_groups"] == cfg.lr_group_names()
     assert len(applied) == result.updates
     # The plot: one line per param group, at the steps the CSV and metrics.jsonl number.
     (fig,) = figures
@@ -97,17 +112,17 @@ def test_png_labels_every_param_group_of_every_schedule(make_config, tmp_path, m
     (fig,) = figures
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == [
-        "cosine (UNet)",
-        "cosine (text encoder)",
-        "linear (UNet)",
-        "linear (text encoder)",
+        "cosine (unet)",
+        "cosine (text_encoder)",
+        "linear (unet)",
+        "linear (text_encoder)",
     ]
     rows = csv_rows(csv_path)
     for group in (0, 1):
         assert list(lines[group].get_ydata()) == [r[group] for r in rows]
     assert max(lines[1].get_ydata()) == pytest.approx(3e-4)  # the text encoder's own LR
     assert max(lines[3].get_ydata()) == pytest.approx(3e-4)  # in the compared schedule too
-    assert "0.0003 (text encoder)" in fig.axes[0].get_title()
+    assert "0.0003 (text_encoder)" in fig.axes[0].get_title()
 
 
 def test_processes_shorten_an_epoch_based_run(make_config):

@@ -24,6 +24,7 @@ from trainer.config.load import ConfigError
 from trainer.config.sd3 import FlowMatchingConfig
 from trainer.models.conditioning import Conditioning
 from trainer.run import flow_matching, step
+from trainer.run.loss import LossOptions
 
 SEEDS = [11, 12, 13]
 
@@ -94,8 +95,9 @@ def reference_loss(transformer, scheduler, mean, std, cond, config: FlowMatching
 def ours(transformer, scheduler, mean, std, cond, config, noise_offset=0.0):
     rand = step.ExampleRandom(SEEDS)
     latents = step.sample_latents(mean, std, rand)  # as loop.encode_latents does
+    options = LossOptions(noise_offset=noise_offset)
     return flow_matching.flow_matching_loss(
-        transformer, scheduler, latents, cond, rand, config, noise_offset
+        transformer, scheduler, latents, cond, rand, config, options
     )
 
 
@@ -218,3 +220,32 @@ def test_a_position_of_one_reads_the_last_entry_of_the_table(scheduler):
     mode = FlowMatchingConfig(timestep_density="mode")
     u = 1 - torch.zeros(1) - mode.mode_scale * (torch.cos(torch.zeros(1)) ** 2 - 1)
     assert u.item() == 1.0
+
+
+def test_huber_masks_and_example_weights_apply_to_flow_matching(transformer, scheduler):
+    """SD3 takes ``[train]``'s Huber loss (constant c), the loss mask and the examples' own
+    weights (subsets, reg images): against the pseudo-Huber formula in float64 numpy on the
+    velocity target, over the kept half of each latent, weighted, with cosmap's σ weights."""
+    import numpy as np
+
+    mean, std, cond = batch(transformer)
+    config = FlowMatchingConfig(loss_weighting="cosmap")
+    options = LossOptions(loss="huber", huber_c=0.5, huber_schedule="constant")
+    mask = torch.zeros(len(SEEDS), 1, 8, 8)
+    mask[..., :4] = 1.0  # the left half of every latent
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    rand = step.ExampleRandom(SEEDS)
+    latents = step.sample_latents(mean, std, rand)
+    loss = flow_matching.flow_matching_loss(
+        Recorder(), scheduler, latents, cond, rand, config, options, weights, mask
+    )
+    _, (x0, noise, timesteps) = reference_loss(transformer, scheduler, mean, std, cond, config)
+    sigmas = np.array(
+        [scheduler.sigmas[(scheduler.timesteps == t).nonzero().item()].item() for t in timesteps]
+    )
+    cosmap = 2 / (np.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    d = (noise - x0).double().numpy()[..., :4]  # a zero prediction against ε − x₀, kept half
+    c = 0.5
+    huber = 2 * c * (np.sqrt(d**2 + c**2) - c)
+    per_example = huber.reshape(len(SEEDS), -1).mean(1) * cosmap * weights.double().numpy()
+    assert loss.item() == pytest.approx(per_example.mean(), rel=1e-5)

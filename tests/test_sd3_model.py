@@ -149,6 +149,11 @@ def no_model_load(monkeypatch):
     [
         (["train.snr_gamma=5.0"], "train.snr_gamma"),
         (['model.prediction_type="v_prediction"'], "model.prediction_type"),
+        (["train.zero_terminal_snr=true"], "train.zero_terminal_snr"),
+        (["train.debiased_estimation=true"], "train.debiased_estimation"),
+        (['train.timestep_sampling="logit_normal"'], "train.timestep_sampling"),
+        (['train.loss="huber"'], "train.huber_schedule"),
+        (["lora.mid_lr_weight=[0.5]"], "lora.mid_lr_weight"),
     ],
 )
 @pytest.mark.parametrize("arch", ["sd3", "auto"])
@@ -165,7 +170,8 @@ def test_eps_and_v_settings_on_sd3_are_config_errors_before_any_load(
         config = sd3_config(tmp_path / "out", *settings)
         with pytest.raises(ConfigError) as err:
             preflight.check(config, 1)
-    assert any(p.startswith(key) and "SD3" in p for p in err.value.problems)
+    assert [p.split(" ")[0].rstrip(":") for p in err.value.problems] == [key]
+    assert "SD3" in err.value.problems[0]
 
 
 def test_sd3_keys_on_another_family_are_config_errors(tiny_config, tmp_path, no_model_load):

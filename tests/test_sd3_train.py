@@ -158,3 +158,31 @@ def test_every_adapter_type_trains_on_sd3_and_is_drawn_from_its_file(
     if adapter != "dora":
         assert np.array_equal(base, off)
     assert np.abs(on - base).max() > 4
+
+
+def test_sd3_trains_with_the_features_that_apply_to_it(sd3_config, tiny_sd3, tmp_path):
+    """LoRA+, the EMA, Huber with an exponential c and masked loss all train SD3 (the DDPM-only
+    options are config errors: tests/test_sd3_model.py); the groups are named as on SD 1.x."""
+    from helpers import training_metadata
+
+    from trainer.run import loop
+
+    out = tmp_path / "features"
+    cfg = sd3_config(
+        out,
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "lora.plus_ratio=4.0",
+        "ema.enabled=true",
+        'train.loss="huber"',
+        'train.huber_schedule="exponential"',
+        "train.masked_loss=true",
+        "data.alpha_mask=true",
+    )
+    loop.run(cfg)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["lr_groups"] == ["unet", "unet_plus"]
+    assert records[0]["lr"][1] == pytest.approx(4 * records[0]["lr"][0], rel=1e-12)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert training_metadata(out / WEIGHTS_NAME)["weights"] == "ema"

@@ -7,6 +7,7 @@ from diffusers.training_utils import compute_snr
 
 from trainer.models.conditioning import Conditioning
 from trainer.run import step
+from trainer.run.loss import LossOptions
 
 
 @pytest.fixture
@@ -95,8 +96,9 @@ def test_diffusion_loss_is_reproducible_from_the_seeds(tiny_model):
         rand = step.ExampleRandom([seed, seed + 1])
         with torch.no_grad():
             return step.diffusion_loss(
-                unet, noise_scheduler, latents, Conditioning(hidden), rand, snr_gamma=gamma
-            )
+                unet, noise_scheduler, latents, Conditioning(hidden), rand,
+                LossOptions(snr_gamma=gamma),
+            )  # fmt: skip
 
     assert torch.equal(loss(7), loss(7))
     assert not torch.equal(loss(7), loss(9))

@@ -68,7 +68,7 @@ def test_resuming_from_an_earlier_checkpoint_leaves_one_value_per_step(
     assert_one_run(out)
     resumed, records = events(out), read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for tag in ("train/loss", "train/lr_group0"):
+    for tag in ("train/loss", "train/lr/unet"):
         assert steps_of(resumed, tag) == [1, 2, 3, 4, 5, 6], f"{tag}: one value per step"
     assert [e.value for e in resumed.Scalars("train/loss")] == pytest.approx(
         [r["loss"] for r in records], rel=1e-6
@@ -101,6 +101,6 @@ def test_prodigy_effective_step_size_reaches_tensorboard(make_config, tmp_path):
     )
     loop.run(cfg)
     board = events(out)
-    logged = [e.value for e in board.Scalars("train/effective_lr_group0")]
+    logged = [e.value for e in board.Scalars("train/effective_lr/unet")]
     expected = [r["effective_lr"][0] for r in read_metrics(out)]
     assert logged == pytest.approx(expected, rel=1e-6)  # tensorboard stores float32

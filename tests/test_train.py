@@ -232,6 +232,6 @@ def test_tensorboard_gets_the_loss_and_every_param_groups_lr(make_config, tmp_pa
     loop.run(cfg)
     events = out / "logs" / cfg.logging.project  # the run: scalars, hparams, images
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert {"train/loss", "train/lr_group0", "train/lr_group1"} <= set(scalars)
-    lrs = [e.value for e in EventAccumulator(str(events)).Reload().Scalars("train/lr_group1")]
+    assert {"train/loss", "train/lr/unet", "train/lr/text_encoder"} <= set(scalars)
+    lrs = [e.value for e in EventAccumulator(str(events)).Reload().Scalars("train/lr/text_encoder")]
     assert lrs == pytest.approx([r["lr"][1] for r in read_metrics(out)], rel=1e-6)

@@ -17,7 +17,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 _MISSING = dataclasses.MISSING
@@ -77,7 +77,14 @@ def toml_value(value: Any) -> str:
         return text
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, e.g. one of an array of tables
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+def _toml_key(key: str) -> str:
+    """A key as TOML writes it: bare when it can be, quoted otherwise."""
+    return key if key and all(c.isalnum() or c in "_-" for c in key) else json.dumps(key)
 
 
 def check_value(value: Any, tp: Any) -> tuple[Any, str | None]:

@@ -130,7 +130,10 @@ def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) ->
             num_processes=int(trainer_state.get("num_processes", 1)),
             prediction_type=_prediction_type(config),
         )
-    return meta.training_record(config, arch.name, facts, finished_at)
+    record = meta.training_record(config, arch.name, facts, finished_at)
+    # A checkpoint holds the trained weights and (with [ema]) their average, each its own file,
+    # whose header says which: not what the run's outputs would hold.
+    return {**record, "weights": old.get("weights", "trained")}
 
 
 def _default_name(folder: Path) -> tuple[str, str | None]:

@@ -1,5 +1,8 @@
 """``sdlora lr-plot``: see the LR of every param group at every update before training.
 
+The groups are the run's (``RunConfig.lr_groups``: the UNet's, the text encoders', their
+block-multiplier and LoRA+ groups), named as ``metrics.jsonl`` names them.
+
 The run length comes from the same ``plan_run`` that training uses (dataset size, batch,
 accumulation, epochs or max_steps, processes), and the LRs from the same ``Schedule.lrs``
 call the loop makes, so the CSV is exactly what training will apply. A run longer than
@@ -19,9 +22,6 @@ import schedulers
 from schedulers import preview
 from trainer.config.load import ConfigError, RunConfig
 from trainer.run.plan import plan_run
-
-# What each optimizer param group trains, in the order of ``RunConfig.base_lrs``.
-GROUP_NAMES = ("UNet", "text encoder")
 
 
 def total_updates(config: RunConfig, processes: int, examples: int | None = None) -> int:
@@ -93,8 +93,9 @@ def run(
     if problems:
         raise ConfigError(problems, "config (with the derived run length)")
     curve = preview.sample_curve(config.lr_scheduler, total, lrs)
+    names = config.lr_group_names()
     if csv_path:
-        preview.write_csv(csv_path, curve.rows, curve.steps)
+        preview.write_csv(csv_path, curve.rows, curve.steps, names)
     if png_path:
         # Every param group of every curve, so the text encoder's LR is seen, not just the UNet's.
         curves = {config.lr_scheduler.name: curve}
@@ -104,7 +105,6 @@ def run(
             if problems:
                 raise ConfigError(problems, f"--compare {spec}")
             curves[label] = preview.sample_curve(other, total, lrs)
-        names = GROUP_NAMES[: len(lrs)]
         bases = ", ".join(f"{lr:g} ({name})" for lr, name in zip(lrs, names, strict=True))
         drawn = f" (1 in {curve.stride:,} drawn)" if curve.stride > 1 else ""
         title = f"{total} optimizer updates{drawn}, base LR {bases}"
@@ -112,8 +112,8 @@ def run(
         preview.write_png(png_path, curves, title, names)
     header = (
         f"{config.lr_scheduler.name}: {total} optimizer updates on {processes} process(es), "
-        f"base LRs {lrs}"
+        f"base LRs {dict(zip(names, lrs, strict=True))}"
     )
     if curve.note:
         header += f"\nshown, written and drawn: {curve.note}; training sets the LR at every update"
-    return header + "\n" + preview.format_table(curve.rows, steps=curve.steps)
+    return header + "\n" + preview.format_table(curve.rows, steps=curve.steps, names=names)

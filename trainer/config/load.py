@@ -26,11 +26,13 @@ from typing import Any
 import tomllib
 
 from schedulers import config as schedule_config
-from trainer.config import adapter_formats, deprecated, sd3
+from trainer.config import adapter_formats, deprecated, sd3, subsets
+from trainer.config.lr_groups import block_weight_problems
 from trainer.config.schema import (
     MAX_UPDATES,
     CheckpointConfig,
     DataConfig,
+    EmaConfig,
     LoggingConfig,
     LoraConfig,
     ModelConfig,
@@ -39,6 +41,7 @@ from trainer.config.schema import (
     ValidationConfig,
     tables_hash,
 )
+from trainer.config.subsets import SubsetConfig
 from trainer.optimizers import BaseLR
 from trainer.optimizers import config as optimizer_config
 from typedtables import (
@@ -55,6 +58,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "EmaConfig",
     "LoggingConfig",
     "LoraConfig",
     "ModelConfig",
@@ -100,6 +104,8 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = schedule_config.build(table, key, problems)
         elif key == "optimizer":
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
+        elif key == "data":
+            values[key] = build_data(data.get(key, {}), problems)
         elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
             unknown = deprecated.unknown_train_key if key == "train" else None
@@ -119,6 +125,15 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     return config
 
 
+def build_data(table: Any, problems: list[str]) -> DataConfig:
+    """``[data]`` with its ``[[data.subsets]]``, each subset completed from ``[data]``."""
+    data = build_table(DataConfig, table, "data", problems, skip=("subsets",))
+    if isinstance(table, Mapping) and "subsets" in table:
+        data = subsets.with_subsets(data, subsets.build_subsets(data, table["subsets"], problems))
+    problems += subsets.subset_problems(data)
+    return data
+
+
 def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[str]:
     """The rules that involve more than one table (each table checks its own keys).
 
@@ -134,7 +149,8 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
     if not config.output_dir.strip():
         p.append("output_dir: required; the folder the run writes into")
     text_trained = lora.train_text_encoder or lora.train_text_encoder_2
-    if data.cache_text == "on" and (data.shuffle_tags or text_trained):
+    shuffled = any(s.shuffle_tags for s in subsets.effective_subsets(data))
+    if data.cache_text == "on" and (shuffled or text_trained):
         why = "a text encoder is trained" if text_trained else "tags are shuffled"
         p.append(
             f"data.cache_text: 'on' while {why} would serve stale outputs; use 'auto' or 'off'"
@@ -149,11 +165,19 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
             "train.text_encoder_2_lr: set, but lora.train_text_encoder_2 is false; "
             "enable it or drop the key"
         )
+    if train.zero_terminal_snr and config.model.prediction_type == "epsilon":
+        p.append(
+            "train.zero_terminal_snr: needs v-prediction (at zero SNR the last timestep's input "
+            "is pure noise and ε says nothing about the image); set model.prediction_type = "
+            '"v_prediction", or turn zero_terminal_snr off'
+        )
     if lora.train_text_encoder_2 and config.model.arch in ("sd1", "sd2"):
         p.append(
             f"lora.train_text_encoder_2: model.arch = {config.model.arch!r} has one text "
             "encoder; the second exists only in SDXL"
         )
+    if config.model.arch != "auto":  # else checked with the model's family, in preflight
+        p += block_weight_problems(lora, config.model.arch)
     p += sd3.family_problems(config, config.model.arch)  # again in preflight for "auto"
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
@@ -360,6 +384,13 @@ def describe() -> str:
             ]
         elif f.name == "optimizer":
             lines += ["", describe_optimizers()]
+        elif f.name == "data":
+            lines += [
+                "",
+                describe_table(tp, f.name),
+                "",
+                describe_table(SubsetConfig, "[data.subsets]"),
+            ]
         elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:

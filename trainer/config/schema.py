@@ -19,7 +19,9 @@ from typing import Any, Literal
 import schedulers
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config.lr_groups import LrGroup, lr_groups
 from trainer.config.sd3 import T5_MAX_TOKENS, FlowMatchingConfig
+from trainer.config.subsets import SubsetConfig
 from trainer.optimizers import OptimizerSpec
 from typedtables import doc
 
@@ -90,6 +92,8 @@ TYPE_KEYS = {
     "conv_tucker": ("loha", "lokr"),
     "factor": ("lokr",),
     "decompose_both": ("lokr",),
+    # LoRA+ scales the B matrices (lora_B); LoHa and LoKr have none.
+    "plus_ratio": ("lora", "dora"),
 }
 
 
@@ -152,10 +156,36 @@ class LoraConfig:
     save_dtype: Literal["", "fp16", "bf16", "fp32"] = doc(
         "Deprecated: use output.save_dtype (still read for one release; when set, it wins)", ""
     )
+    plus_ratio: float = doc(
+        "lora/dora: LoRA+ (kohya's loraplus_lr_ratio): the B matrices train at this multiple "
+        "of their group's LR (16 is the paper's); 0 = off",
+        0.0,
+    )
+    down_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of each UNet down block, kohya's IN00..IN11 (SDXL: input_blocks "
+        "0..8); missing ones are 1, 0 freezes a block; empty = all 1",
+        [],
+    )
+    mid_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of the UNet mid block (SDXL: its 3 parts, middle_block 0..2)", []
+    )
+    up_lr_weight: tuple[float, ...] = doc(
+        "LR multiplier of each UNet up block, kohya's OUT00..OUT11 (SDXL: output_blocks 0..8)",
+        [],
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
         p = []
+        if self.plus_ratio < 0:
+            p.append(f"{where}.plus_ratio: {self.plus_ratio} must be >= 0 (0 = off)")
+        for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+            values = getattr(self, key)
+            if any(v < 0 for v in values) or len(values) > 12:
+                p.append(
+                    f"{where}.{key}: {list(values)}: at most 12 multipliers, each >= 0 "
+                    "(0 freezes the block)"
+                )
         if self.rank < 1:
             p.append(f"{where}.rank: {self.rank} must be >= 1")
         if self.alpha <= 0:
@@ -194,7 +224,9 @@ class LoraConfig:
 class DataConfig:
     """[data]: the images and captions."""
 
-    path: str = doc("Dataset folder (required)", "")
+    path: str = doc(
+        "Dataset folder (required, unless the folders are given as [[data.subsets]])", ""
+    )
     layout: Literal["auto", "kohya", "imagefolder"] = doc(
         "'kohya' = captions in .txt files beside images; 'imagefolder' = metadata.jsonl/.csv; "
         "'auto' picks imagefolder when a metadata file exists",
@@ -239,20 +271,36 @@ class DataConfig:
     num_workers: int = doc("DataLoader worker processes; 0 loads in the main process", 0)
     persistent_workers: bool = doc("Keep DataLoader workers alive between epochs", True)
 
+    subsets: tuple[SubsetConfig, ...] = doc(
+        "Several folders, each a [[data.subsets]] table with its own path, repeats, captions, "
+        "resolution, is_reg and loss_weight (keys it leaves out come from [data]); empty = "
+        "data.path is the one folder",
+        [],
+    )
+    prior_loss_weight: float = doc(
+        "Loss weight of regularisation images (subsets with is_reg = true), as kohya's", 1.0
+    )
+    alpha_mask: bool = doc(
+        "With train.masked_loss: an image without a mask file is masked by its alpha channel "
+        "(kohya's alpha_mask); opaque = trained",
+        False,
+    )
+    mask_suffix: str = doc(
+        "With train.masked_loss: an image's mask file is <stem><suffix>.<ext> beside it "
+        "(cat.png → cat_mask.png), white = trained; such files are no training images",
+        "_mask",
+    )
+
     def problems(self, where: str) -> list[str]:
-        """Checks of this table alone."""
-        p = []
-        if not self.path.strip():
-            p.append(f"{where}.path: required; the folder holding your images and captions")
-        if self.resolution < 8 or self.resolution % 8:
-            p.append(f"{where}.resolution: {self.resolution} must be a positive multiple of 8")
-        elif self.resolution > MAX_RESOLUTION:
+        """Checks of this table alone (``path`` against the subsets: ``subset_problems``)."""
+        p = resolution_problems(where, self.resolution) + caption_problems(where, self)
+        if self.prior_loss_weight < 0:
+            p.append(f"{where}.prior_loss_weight: {self.prior_loss_weight} must be >= 0")
+        if not self.mask_suffix or any(c in self.mask_suffix for c in "/\\."):
             p.append(
-                f"{where}.resolution: {self.resolution} px is beyond any SD model "
-                f"(at most {MAX_RESOLUTION}); SD 1.x trains at 512, SDXL at 1024"
+                f"{where}.mask_suffix: {self.mask_suffix!r} must be a non-empty file-name "
+                "ending without dots or slashes, e.g. '_mask'"
             )
-        if not 0 <= self.caption_dropout <= 1:
-            p.append(f"{where}.caption_dropout: {self.caption_dropout} must be in [0, 1]")
         if self.num_workers < 0:
             p.append(f"{where}.num_workers: must be >= 0")
         if self.bucket_step < 8 or self.bucket_step % 8:
@@ -261,19 +309,39 @@ class DataConfig:
             p.append(f"{where}.bucket_max_crop: {self.bucket_max_crop} must be in [0, 1)")
         if self.max_upscale < 1:
             p.append(f"{where}.max_upscale: {self.max_upscale} must be >= 1 (1 = never upscale)")
-        if self.keep_tokens < 0:
-            p.append(f"{where}.keep_tokens: must be >= 0")
-        if not self.caption_extension.startswith("."):
-            p.append(
-                f"{where}.caption_extension: {self.caption_extension!r} must start with a dot, "
-                "e.g. '.txt'"
-            )
         if self.cache_latents in ("memory", "disk") and not self.center_crop:
             p.append(
                 f"{where}.cache_latents: {self.cache_latents!r} with {where}.center_crop = false "
                 "would train every epoch on the first random crop; use 'auto' or 'off'"
             )
         return p
+
+
+def resolution_problems(where: str, resolution: int) -> list[str]:
+    """``resolution`` of ``[data]`` or of a subset."""
+    if resolution < 8 or resolution % 8:
+        return [f"{where}.resolution: {resolution} must be a positive multiple of 8"]
+    if resolution > MAX_RESOLUTION:
+        return [
+            f"{where}.resolution: {resolution} px is beyond any SD model "
+            f"(at most {MAX_RESOLUTION}); SD 1.x trains at 512, SDXL at 1024"
+        ]
+    return []
+
+
+def caption_problems(where: str, table: Any) -> list[str]:
+    """The caption keys shared by ``[data]`` and its subsets."""
+    p = []
+    if not 0 <= table.caption_dropout <= 1:
+        p.append(f"{where}.caption_dropout: {table.caption_dropout} must be in [0, 1]")
+    if table.keep_tokens < 0:
+        p.append(f"{where}.keep_tokens: must be >= 0")
+    if not table.caption_extension.startswith("."):
+        p.append(
+            f"{where}.caption_extension: {table.caption_extension!r} must start with a dot, "
+            "e.g. '.txt'"
+        )
+    return p
 
 
 @dataclass(frozen=True)
@@ -319,6 +387,45 @@ class TrainConfig:
     )
     noise_offset: float = doc("Noise offset (adds per-channel constant noise); 0 disables", 0.0)
     snr_gamma: float = doc("Min-SNR-γ loss weighting (5.0 is the paper's); 0 disables", 0.0)
+    loss: Literal["mse", "huber", "smooth_l1"] = doc(
+        "Loss per latent element: 'mse'; 'huber' or 'smooth_l1', kohya's pseudo-Huber forms "
+        "2c(√(d²+c²) − c) and 2(√(d²+c²) − c), robust to outliers (kohya's loss_type)",
+        "mse",
+    )
+    huber_c: float = doc(
+        "huber/smooth_l1: the threshold c, in (0, 1]; the schedules move it with the timestep",
+        0.1,
+    )
+    huber_schedule: Literal["snr", "exponential", "constant"] = doc(
+        "huber/smooth_l1: c over timesteps: 'snr' ((1 − c)/(1 + σ_t)² + c, kohya's default), "
+        "'exponential' (c^(t/T)) or 'constant'",
+        "snr",
+    )
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = doc(
+        "How training timesteps are drawn: 'uniform', 'logit_normal' (sigmoid of a normal: "
+        "more mid-range timesteps) or 'mode' (the SD3 paper's mode-centred density)",
+        "uniform",
+    )
+    logit_mean: float = doc("logit_normal: mean of the normal before the sigmoid", 0.0)
+    logit_std: float = doc("logit_normal: standard deviation of that normal", 1.0)
+    mode_scale: float = doc(
+        "mode: how strongly timesteps gather mid-range, in [-1, 1.75] (0 = uniform)", 1.29
+    )
+    debiased_estimation: bool = doc(
+        "Weight each example's loss by 1/√SNR (v-prediction: 1/(SNR+1)), kohya's "
+        "debiased_estimation_loss",
+        False,
+    )
+    masked_loss: bool = doc(
+        "Weight the loss by each image's mask (a mask file beside it, or its alpha channel "
+        "with data.alpha_mask), in latent space; images without one train unmasked",
+        False,
+    )
+    zero_terminal_snr: bool = doc(
+        "Rescale the noise schedule's betas to zero SNR at the last timestep (Lin et al., "
+        "2023); needs v-prediction (model.prediction_type)",
+        False,
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
@@ -346,6 +453,83 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 p.append(f"{where}.{key}: {getattr(self, key)} must be >= 0")
+        return p + self.loss_problems(where)
+
+    def loss_problems(self, where: str) -> list[str]:
+        """The loss and timestep keys: ranges, and keys set for an option that does not read
+        them (compared by value, as ``LoraConfig.type_key_problems`` does)."""
+        p = []
+        if not 0 < self.huber_c <= 1:
+            p.append(f"{where}.huber_c: {self.huber_c} must be in (0, 1]")
+        if self.logit_std <= 0:
+            p.append(f"{where}.logit_std: {self.logit_std} must be > 0")
+        if not -1 <= self.mode_scale <= 1.75:
+            p.append(f"{where}.mode_scale: {self.mode_scale} must be in [-1, 1.75]")
+        defaults = TrainConfig.__dataclass_fields__
+        users = {
+            "huber_c": ("loss", ("huber", "smooth_l1")),
+            "huber_schedule": ("loss", ("huber", "smooth_l1")),
+            "logit_mean": ("timestep_sampling", ("logit_normal",)),
+            "logit_std": ("timestep_sampling", ("logit_normal",)),
+            "mode_scale": ("timestep_sampling", ("mode",)),
+        }
+        for key, (owner, values) in users.items():
+            if getattr(self, owner) in values or getattr(self, key) == defaults[key].default:
+                continue
+            wanted = " or ".join(repr(v) for v in values)
+            p.append(
+                f"{where}.{key}: applies only to {where}.{owner} = {wanted}, not "
+                f"{getattr(self, owner)!r}; remove it (or set {where}.{owner})"
+            )
+        return p
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """[ema]: an exponential moving average of the LoRA weights (trainer/run/ema.py)."""
+
+    enabled: bool = doc("Keep an EMA of the trained LoRA weights", False)
+    decay: float = doc(
+        "Decay per average update, in [0, 1): the average moves (1 − decay) of the way to the "
+        "current weights (0.999 ≈ the last 1000 updates)",
+        0.999,
+    )
+    warmup: Literal["ratio", "power", "off"] = doc(
+        "Ramp of the decay over the k-th average update (0 at the first, so the average starts "
+        "at the weights then): 'ratio' = min(decay, (1 + k)/(10 + k)), diffusers' EMAModel and "
+        "OneTrainer's; 'power' = min(decay, 1 − (1 + k/inv_gamma)^−power), diffusers' "
+        "use_ema_warmup; 'off' = decay from the start, averaging from the initial weights",
+        "ratio",
+    )
+    inv_gamma: float = doc("warmup = 'power': the k scale of the ramp", 1.0)
+    power: float = doc(
+        "warmup = 'power': the ramp's exponent (3/4 reaches 0.999 at about 10,000 average "
+        "updates; diffusers' 2/3 at about 31,000)",
+        0.75,
+    )
+    every_n_steps: int = doc("Average every N optimizer updates", 1)
+    use_for_outputs: bool = doc(
+        "Validation, samples and the final LoRA files use the average (the checkpoints hold "
+        "both); false = the trained weights",
+        True,
+    )
+
+    def problems(self, where: str) -> list[str]:
+        """Checks of this table alone."""
+        p = []
+        if not 0 <= self.decay < 1:
+            p.append(f"{where}.decay: {self.decay} must be in [0, 1)")
+        if self.every_n_steps < 1:
+            p.append(f"{where}.every_n_steps: {self.every_n_steps} must be >= 1")
+        if self.inv_gamma <= 0 or self.power <= 0:
+            p.append(f"{where}.inv_gamma / {where}.power: must be > 0")
+        defaults = EmaConfig.__dataclass_fields__
+        for key in ("inv_gamma", "power"):
+            if self.warmup != "power" and getattr(self, key) != defaults[key].default:
+                p.append(
+                    f"{where}.{key}: applies only to {where}.warmup = 'power', not "
+                    f"{self.warmup!r}; remove it (or set {where}.warmup)"
+                )
         return p
 
 
@@ -538,6 +722,7 @@ class RunConfig:
     lr_scheduler: Schedule = doc(
         "[lr_scheduler] table: `name` plus that schedule's fields", schedulers.get("constant")()
     )
+    ema: EmaConfig = doc("[ema] table", EmaConfig())
     validation: ValidationConfig = doc("[validation] table", ValidationConfig())
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     output: OutputConfig = doc("[output] table", OutputConfig())
@@ -546,18 +731,19 @@ class RunConfig:
         "[flow_matching] table: SD3's objective (docs/sd3.md)", FlowMatchingConfig()
     )
 
+    def lr_groups(self) -> list[LrGroup]:
+        """The optimizer's param groups, named, in order: the UNet's, then each trained text
+        encoder's (SDXL: the first, then the second), each split by block multiplier and LoRA+
+        (``trainer/config/lr_groups.py``)."""
+        return lr_groups(self)
+
     def base_lrs(self) -> list[float]:
-        """One base LR per optimizer param group, in order: the UNet, then each trained text
-        encoder (SDXL: the first, then the second)."""
-        train = self.train
-        lrs = [train.learning_rate]
-        if self.lora.train_text_encoder:
-            lrs.append(train.text_encoder_lr or train.learning_rate)
-        if self.lora.train_text_encoder_2:
-            # One text-encoder LR for both unless the second is given its own (as kohya's
-            # single --text_encoder_lr value applies to both).
-            lrs.append(train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate)
-        return lrs
+        """One base LR per optimizer param group, in :meth:`lr_groups` order."""
+        return [group.base_lr for group in self.lr_groups()]
+
+    def lr_group_names(self) -> list[str]:
+        """The name of each optimizer param group, in :meth:`lr_groups` order."""
+        return [group.name for group in self.lr_groups()]
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain TOML/JSON data: tables as dicts, tuples as lists."""

@@ -105,6 +105,43 @@ def family_problems(config: Any, architecture: str) -> list[str]:
             f"model.prediction_type: {model.prediction_type!r}, but SD3 predicts the flow "
             "ε − x₀ (flow matching), neither ε nor v; remove the key"
         )
+    return p + _ddpm_only_problems(config)
+
+
+def _ddpm_only_problems(config: Any) -> list[str]:
+    """``[train]`` and ``[lora]`` keys that only the DDPM (ε/v) objective or a UNet has; SD3
+    trains masks, subset weights, Huber with a constant or exponential c, LoRA+ and EMA."""
+    train, lora, p = config.train, config.lora, []
+    no_snr = "SD3 (flow matching) has no DDPM signal-to-noise ratio"
+    if train.zero_terminal_snr:
+        p.append(
+            "train.zero_terminal_snr: rescales a DDPM schedule's betas; SD3's flow-matching "
+            "schedule already reaches pure noise at σ = 1; remove the key"
+        )
+    if train.debiased_estimation:
+        p.append(
+            f"train.debiased_estimation: weights the loss by 1/√SNR, and {no_snr}; remove it, "
+            "or weight by σ with flow_matching.loss_weighting ('sigma_sqrt' or 'cosmap')"
+        )
+    if train.timestep_sampling != "uniform":
+        p.append(
+            f"train.timestep_sampling = {train.timestep_sampling!r}: SD3 draws its σ by "
+            "flow_matching.timestep_density (logit_normal or mode, with flow_matching."
+            "logit_mean/logit_std/mode_scale); remove train.timestep_sampling"
+        )
+    if train.loss != "mse" and train.huber_schedule == "snr":
+        p.append(
+            f"train.huber_schedule = 'snr' (the default, with train.loss = {train.loss!r}): "
+            f"{no_snr}, as kohya's SD3 script refuses it too; set train.huber_schedule = "
+            "'constant' or 'exponential'"
+        )
+    blocks = [k for k in ("down_lr_weight", "mid_lr_weight", "up_lr_weight") if getattr(lora, k)]
+    if blocks:
+        p.append(
+            f"lora.{blocks[0]}: per-block LR multipliers name a UNet's down, mid and up "
+            "blocks, and SD3's transformer has none; remove "
+            + ", ".join(f"lora.{k}" for k in blocks)
+        )
     return p
 
 

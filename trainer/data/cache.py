@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from trainer.data import images
+from trainer.data import images, masks
 from trainer.files import write_atomic
 from trainer.models import conditioning
 from trainer.models.vae import posterior
@@ -57,9 +57,13 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def latent_key(digest: str, vae_id: str, size: tuple[int, int], crop: str, flip: bool) -> str:
-    """The cache key of one (image, VAE, size, crop, flip) combination."""
-    return f"{digest}-{vae_id}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}"
+def latent_key(
+    digest: str, vae_id: str, size: tuple[int, int], crop: str, flip: bool, mask: str = ""
+) -> str:
+    """The cache key of one (image, VAE, size, crop, flip) combination; ``mask`` names the
+    loss mask cached with it (its file's digest, or ``alpha``), so a changed mask misses."""
+    key = f"{digest}-{vae_id}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}"
+    return f"{key}-mask{mask}" if mask else key
 
 
 # The tensors of an entry; a disk entry written before time ids were cached lacks one and is
@@ -74,6 +78,7 @@ class LatentCache:
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder  # None: memory only
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.memory_masks: dict[str, torch.Tensor] = {}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -82,20 +87,29 @@ class LatentCache:
             raise RuntimeError("a memory-only latent cache has no files")
         return self.folder / f"{key}.safetensors"
 
-    def has(self, key: str) -> bool:
-        """True when the entry is cached (in memory, or complete on disk)."""
+    def has(self, key: str, masked: bool = False) -> bool:
+        """True when the entry is cached (in memory, or complete on disk), with its loss mask
+        when ``masked``."""
         if key in self.memory:
-            return True
+            return not masked or key in self.memory_masks
         if self.folder is None or not self._file(key).is_file():
             return False
+        needed = {*_ENTRY, "mask"} if masked else set(_ENTRY)
         try:
             with safe_open(str(self._file(key)), framework="pt") as f:
-                return set(_ENTRY) <= set(f.keys())
+                return needed <= set(f.keys())
         except (OSError, ValueError):  # a damaged entry is encoded again
             return False
 
-    def put(self, key: str, mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor) -> None:
-        """Store one entry (CPU; mean and std fp32)."""
+    def put(
+        self,
+        key: str,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        time_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Store one entry (CPU; mean and std fp32), with its loss mask when given."""
         mean, std = (
             mean.detach().float().cpu().contiguous(),
             std.detach().float().cpu().contiguous(),
@@ -103,8 +117,12 @@ class LatentCache:
         time_ids = time_ids.detach().float().cpu().contiguous()
         if self.folder is None:
             self.memory[key] = (mean, std, time_ids)
+            if mask is not None:
+                self.memory_masks[key] = mask.detach().float().cpu().contiguous()
             return
         entry = dict(zip(_ENTRY, (mean, std, time_ids), strict=True))
+        if mask is not None:
+            entry["mask"] = mask.detach().float().cpu().contiguous()
         # A killed fill never leaves a half-written entry; no fsync, an entry can be made again.
         write_atomic(self._file(key), lambda tmp: save_file(entry, str(tmp)), durable=False)
 
@@ -115,23 +133,36 @@ class LatentCache:
         tensors = load_file(str(self._file(key)))
         return tensors["mean"], tensors["std"], tensors["time_ids"]
 
+    def get_mask(self, key: str) -> torch.Tensor:
+        """The loss mask of an entry, at the latent's size."""
+        if self.folder is None:
+            return self.memory_masks[key]
+        with safe_open(str(self._file(key)), framework="pt") as f:
+            return f.get_tensor("mask")
+
     def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (mean, std) of an entry."""
         return self.get_entry(key)[:2]
 
 
+# One latent cache job: (key, image, size, flip[, loss mask or None]).
+Job = tuple[str, Path, tuple[int, int], bool] | tuple[str, Path, tuple[int, int], bool, Path | None]
+
+
 def fill_latents(
     cache: LatentCache,
     vae: AutoencoderKL,
-    jobs: Sequence[tuple[str, Path, tuple[int, int], bool]],
+    jobs: Sequence[Job],
     dtype: torch.dtype,
     show_progress: bool = True,
 ) -> int:
-    """Encode every job ``(key, path, size, flip)`` not yet cached; return how many were encoded.
+    """Encode every job ``(key, path, size, flip, mask)`` not yet cached; return how many were
+    encoded. A job's loss mask goes through its crop and flip and is cached with it.
 
     Jobs are grouped by size (one VAE call needs one shape) and encoded in fixed chunks.
     """
-    missing = [job for job in jobs if not cache.has(job[0])]
+    full = [(*job, None)[:5] for job in jobs]  # a job without a mask: no mask
+    missing = [job for job in full if not cache.has(job[0], masked=job[4] is not None)]
     by_size: dict[tuple[int, int], list] = {}
     for job in missing:
         by_size.setdefault(job[2], []).append(job)
@@ -141,13 +172,15 @@ def fill_latents(
         for start in range(0, len(group), CHUNK):
             chunk = group[start : start + CHUNK]
             loaded = [
-                images.load_example(path, size, True, flip, None) for _, path, _, flip in chunk
+                images.load_example(path, size, True, flip, None) for _, path, _, flip, _ in chunk
             ]
             pixels = torch.stack([p for p, _ in loaded])
             with torch.no_grad():
                 mean, std = posterior(vae, pixels.to(device, dtype))
-            for i, (key, *_) in enumerate(chunk):
-                cache.put(key, mean[i], std[i], torch.tensor(loaded[i][1].time_ids()))
+            for i, (key, path, _, _, mask) in enumerate(chunk):
+                geometry = loaded[i][1]
+                loss_mask = None if mask is None else masks.latent_mask(mask, path, geometry)
+                cache.put(key, mean[i], std[i], torch.tensor(geometry.time_ids()), loss_mask)
             bar.update(len(chunk))
     bar.close()
     return len(missing)

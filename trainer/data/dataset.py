@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.config.load import DataConfig
-from trainer.data import buckets, images
+from trainer.config.subsets import SubsetConfig, effective_subsets
+from trainer.data import buckets, images, masks
 from trainer.errors import UserError
 from trainer.models import conditioning
 
@@ -53,6 +54,7 @@ class Record:
     path: Path
     caption: str
     problem: str = ""
+    subset: int = 0  # index into the run's subsets (trainer/config/subsets.py)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Example:
     path: Path
     caption: str
     size: tuple[int, int]
+    subset: int = 0  # index into the run's subsets
+    is_reg: bool = False  # a regularisation image
+    # The loss mask (train.masked_loss, trainer/data/masks.py): a mask file, or the image's own
+    # path for its alpha channel; None = unmasked.
+    mask: Path | None = None
 
 
 @dataclass
@@ -127,12 +134,15 @@ def _broken_link(path: Path) -> str:
     return f"{path}: a symbolic link to something that is not a file"
 
 
-def _images_in(folder: Path, caption_extension: str) -> list[Record]:
+def _images_in(folder: Path, caption_extension: str, mask_suffix: str = "") -> list[Record]:
     """A record per image-named entry of ``folder``, broken symbolic links included as bad
-    files (skipping them silently would hide a moved dataset)."""
+    files (skipping them silently would hide a moved dataset), and the mask files of other
+    images (``mask_suffix``, with masked loss) left out."""
     records = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    named = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {p.stem for p in named}
+    for path in named:
+        if masks.is_mask_of_a_sibling(path, mask_suffix, stems):
             continue
         broken = _broken_link(path)
         if broken:
@@ -142,13 +152,13 @@ def _images_in(folder: Path, caption_extension: str) -> list[Record]:
     return records
 
 
-def find_kohya(root: Path, caption_extension: str) -> list[Record]:
+def find_kohya(root: Path, caption_extension: str, mask_suffix: str = "") -> list[Record]:
     """Records of a kohya-style folder, with ``N_name`` subfolders repeated N times.
 
     A subfolder that is (a link to) the root or to a folder already read is read once: a data
     folder linked into itself would otherwise double the dataset without a word.
     """
-    records = _images_in(root, caption_extension)
+    records = _images_in(root, caption_extension, mask_suffix)
     seen = {root.resolve()}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         real = sub.resolve()
@@ -160,7 +170,7 @@ def find_kohya(root: Path, caption_extension: str) -> list[Record]:
         seen.add(real)
         match = _REPEAT_FOLDER.match(sub.name)
         repeats = int(match.group(1)) if match else 1
-        records += _images_in(sub, caption_extension) * repeats
+        records += _images_in(sub, caption_extension, mask_suffix) * repeats
     return records
 
 
@@ -211,11 +221,23 @@ def find_imagefolder(root: Path) -> list[Record]:
     return records
 
 
-def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
-    """All records of the configured dataset (or of ``path``), in a stable order."""
+def find_records(
+    config: DataConfig | SubsetConfig,
+    path: str | None = None,
+    where: str = "data.path",
+    mask_suffix: str = "",
+) -> list[Record]:
+    """All records of one folder (``config.path``, or ``path``), in a stable order.
+
+    Args:
+        config: ``[data]`` or one subset: the folder, its layout and caption extension.
+        path: Another folder read with the same settings (``validation.path``).
+        where: The key that names the folder, for messages.
+        mask_suffix: With masked loss, ``data.mask_suffix``: mask files are no images.
+    """
     root = Path(path or config.path)
     if not root.is_dir():
-        raise DataError(f"data.path = {str(root)!r}: not a folder")
+        raise DataError(f"{where} = {str(root)!r}: not a folder")
     layout = config.layout
     if layout == "auto":
         has_metadata = any((root / n).is_file() for n in ("metadata.jsonl", "metadata.csv"))
@@ -223,11 +245,11 @@ def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
     if layout == "imagefolder":
         records = find_imagefolder(root)
     else:
-        records = find_kohya(root, config.caption_extension)
+        records = find_kohya(root, config.caption_extension, mask_suffix)
     if not records:
         what = "is empty" if not any(root.iterdir()) else "holds no images"
         raise DataError(
-            f"data.path = {str(root)!r}: the folder {what} ({layout} layout; image types: "
+            f"{where} = {str(root)!r}: the folder {what} ({layout} layout; image types: "
             f"{', '.join(IMAGE_EXTENSIONS)})"
         )
     return records
@@ -236,8 +258,9 @@ def find_records(config: DataConfig, path: str | None = None) -> list[Record]:
 # ---------------------------------------------------------------- checking every file once
 
 
-def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
-    res = config.resolution
+def _bucket_grid(config: DataConfig, res: int | None = None) -> list[tuple[int, int]]:
+    """The bucket sizes at ``res`` (default ``data.resolution``) under ``[data]``'s rules."""
+    res = res or config.resolution
     if not config.buckets:
         return [(res, res)]
     step = config.bucket_step
@@ -247,35 +270,27 @@ def _bucket_grid(config: DataConfig) -> list[tuple[int, int]]:
 
 
 def prepare(
-    records: list[Record], config: DataConfig, show_progress: bool = True, decode: bool = True
+    records: list[Record],
+    config: DataConfig,
+    show_progress: bool = True,
+    decode: bool = True,
+    subsets: Sequence[SubsetConfig] | None = None,
+    masked: bool = False,
 ) -> Prepared:
     """Decode every distinct image once, assign buckets, and apply ``data.on_bad_image``.
 
     ``decode=False`` reads only image headers (sizes), for previews such as ``lr-plot``.
+    ``subsets``: the run's subsets, by which each record's resolution and role are read
+    (None: every record at ``data.resolution``, e.g. a separate validation folder).
+    ``masked``: find each image's loss mask (``train.masked_loss``), checking mask files.
 
     Raises:
         DataError: listing every bad file, when the policy is "error" or nothing usable is left.
     """
-    grid = _bucket_grid(config)
+    resolutions = [s.resolution for s in subsets] if subsets else [config.resolution]
+    grids = {res: _bucket_grid(config, res) for res in set(resolutions)}
     unique = list(dict.fromkeys(r.path for r in records if not r.problem))
-    infos: dict[Path, images.ImageInfo | str] = {}
-
-    def check(path: Path) -> tuple[Path, images.ImageInfo | str]:
-        try:
-            return path, images.inspect(path, decode)
-        except images.ImageProblem as err:
-            return path, str(err)
-
-    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes outside the GIL
-        results = pool.map(check, unique)
-        for path, info in tqdm(
-            results,
-            total=len(unique),
-            desc="checking images",
-            unit="img",
-            disable=not show_progress,
-        ):
-            infos[path] = info
+    infos = _inspect_all(unique, decode, show_progress)
     examples, problems, notes = [], [], []
     for record in records:
         info = infos.get(record.path, record.problem)
@@ -285,6 +300,8 @@ def prepare(
         if isinstance(info, str):
             problems.append(info)
             continue
+        index = record.subset if subsets else 0
+        grid = grids[resolutions[index]]
         size = buckets.assign(
             (info.width, info.height), grid, config.max_upscale, config.bucket_max_crop
         )
@@ -299,20 +316,53 @@ def prepare(
             continue
         if info.note:
             notes.append(f"{record.path}: {info.note}")
-        examples.append(Example(record.path, record.caption, size))
+        is_reg = subsets is not None and subsets[index].is_reg
+        examples.append(Example(record.path, record.caption, size, index, is_reg))
+    if masked:
+        alpha = [s.alpha_mask for s in subsets] if subsets else [config.alpha_mask]
+        upright = {p: (i.width, i.height) for p, i in infos.items() if not isinstance(i, str)}
+        examples, bad = masks.attach(examples, config.mask_suffix, alpha, upright, decode)
+        problems += bad
     problems = list(dict.fromkeys(problems))  # a repeated image is reported once
     notes = list(dict.fromkeys(notes))
     if problems and config.on_bad_image == "error":
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(
-            f"{len(problems)} unusable file(s) in {config.path}:\n  {shown}{more}\n"
+            f"{len(problems)} unusable file(s) in {config.path or 'the subsets'}:\n"
+            f"  {shown}{more}\n"
             'fix them, or set data.on_bad_image = "skip" to train without them'
         )
     if not examples:
-        raise DataError(f"data.path = {config.path!r}: no usable images left after checking")
+        where = f"data.path = {config.path!r}" if config.path else "[[data.subsets]]"
+        raise DataError(f"{where}: no usable images left after checking")
     sizes, groups = buckets.group_by_bucket([e.size for e in examples])
     return Prepared(examples, groups, sizes, problems, notes)
+
+
+def _inspect_all(
+    paths: Sequence[Path], decode: bool, show_progress: bool
+) -> dict[Path, images.ImageInfo | str]:
+    """Each image's info, or why it cannot be used, checked in parallel."""
+
+    def check(path: Path) -> tuple[Path, images.ImageInfo | str]:
+        try:
+            return path, images.inspect(path, decode)
+        except images.ImageProblem as err:
+            return path, str(err)
+
+    infos: dict[Path, images.ImageInfo | str] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decodes outside the GIL
+        results = pool.map(check, paths)
+        for path, info in tqdm(
+            results,
+            total=len(paths),
+            desc="checking images",
+            unit="img",
+            disable=not show_progress,
+        ):
+            infos[path] = info
+    return infos
 
 
 # ---------------------------------------------------------------- serving examples
@@ -360,6 +410,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         latents: ``(index, flip) -> (mean, std, time_ids)`` from the latent cache.
         text: ``caption -> {"encoder_hidden_states": ..., ["text_embeds": ...]}``.
         time_ids: Serve SDXL's ``time_ids``.
+        cached_masks: ``(index, flip) -> mask`` from the latent cache, at the latent's size.
+
+    Each example's flip, caption dropout and tag shuffling follow its subset's settings. When
+    any example's loss is weighted (a subset's ``loss_weight``, or ``data.prior_loss_weight``
+    for regularisation images), every item carries its ``loss_weight``; when any example has
+    a loss mask (``train.masked_loss``), every item carries its ``mask`` (ones without one).
     """
 
     def __init__(
@@ -370,25 +426,32 @@ class CaptionedImages(torch.utils.data.Dataset):
         latents: Callable[[int, bool], tuple[torch.Tensor, ...]] | None = None,
         text: Callable[[str], dict[str, torch.Tensor]] | None = None,
         time_ids: bool = False,
+        cached_masks: Callable[[int, bool], torch.Tensor] | None = None,
     ) -> None:
         self.examples = examples
+        self.cached_masks = cached_masks
+        self.masked = any(e.mask is not None for e in examples)
         self.config = config
         self.tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
         self.latents = latents
         self.text = text
         self.time_ids = time_ids
+        self.subsets = effective_subsets(config)
+        self.weights = [loss_weight(config, s) for s in self.subsets]
+        self.weighted = any(self.weights[e.subset] != 1.0 for e in examples)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def draw(self, index: int, draw_seed: int) -> tuple[bool, str, random.Random]:
         """The random choices for one example: flip, caption, and the rng for the crop."""
-        config, rng = self.config, random.Random(draw_seed)
-        flip = config.random_flip and rng.random() < 0.5
-        caption = self.examples[index].caption
-        if config.shuffle_tags:
-            caption = shuffle_tags(caption, config.keep_tokens, rng)
-        if rng.random() < config.caption_dropout:
+        example, rng = self.examples[index], random.Random(draw_seed)
+        subset = self.subsets[example.subset]
+        flip = subset.random_flip and rng.random() < 0.5
+        caption = example.caption
+        if subset.shuffle_tags:
+            caption = shuffle_tags(caption, subset.keep_tokens, rng)
+        if rng.random() < subset.caption_dropout:
             caption = ""
         return flip, caption, rng
 
@@ -397,6 +460,8 @@ class CaptionedImages(torch.utils.data.Dataset):
         flip, caption, rng = self.draw(index, draw_seed)
         # The example's own seed also drives its latent sample, noise and timestep (step.py).
         item = {"seed": torch.tensor(draw_seed)}
+        if self.weighted:
+            item["loss_weight"] = torch.tensor(self.weights[self.examples[index].subset])
         if self.text is not None:
             item.update(self.text(caption))
         else:
@@ -406,15 +471,25 @@ class CaptionedImages(torch.utils.data.Dataset):
                 item["input_ids" if n == 1 else f"input_ids_{n}"] = token_ids[0]
         if self.latents is not None:
             item["latent_mean"], item["latent_std"], time_ids = self.latents(index, flip)
+            if self.masked and self.cached_masks is not None:
+                item["mask"] = self.cached_masks(index, flip)
         else:
             example = self.examples[index]
             item["pixel_values"], geometry = images.load_example(
                 example.path, example.size, self.config.center_crop, flip, rng
             )
             time_ids = torch.tensor(geometry.time_ids(), dtype=torch.float32)
+            if self.masked:  # through the same resize, crop and flip as the pixels
+                item["mask"] = masks.latent_mask(example.mask, example.path, geometry)
         if self.time_ids:
             item["time_ids"] = time_ids
         return item
+
+
+def loss_weight(config: DataConfig, subset: SubsetConfig) -> float:
+    """The loss weight of a subset's examples: its ``loss_weight``, times
+    ``data.prior_loss_weight`` for regularisation images."""
+    return subset.loss_weight * (config.prior_loss_weight if subset.is_reg else 1.0)
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

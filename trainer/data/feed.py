@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.config.load import RunConfig
-from trainer.data import cache, holdout
+from trainer.config.subsets import SubsetConfig
+from trainer.data import cache, holdout, masks, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
 
@@ -51,9 +53,8 @@ def text_cache_enabled(config: RunConfig) -> bool:
     if setting != "auto":
         return setting == "on"
     lora = config.lora
-    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not (
-        config.data.shuffle_tags
-    )
+    shuffled = any(s.shuffle_tags for s in subsets.effective_subsets(config.data))
+    valid = not (lora.train_text_encoder or lora.train_text_encoder_2) and not shuffled
     if not valid:
         log.info("text cache off: a text encoder is trained or tags are shuffled")
     return valid
@@ -81,18 +82,22 @@ def _fill_latent_cache(
     store = cache.LatentCache(folder)
     vae_id = cache.module_fingerprint(vae)
     digests = {p: cache.file_digest(p) for p in dict.fromkeys(e.path for e in prepared.examples)}
-    flips = (False, True) if config.data.random_flip else (False,)
-    keys = {
-        (i, flip): cache.latent_key(digests[e.path], vae_id, e.size, "center", flip)
-        for i, e in enumerate(prepared.examples)
-        for flip in flips
-    }
+    flipped = [s.random_flip for s in subsets.effective_subsets(config.data)]
     examples = prepared.examples
-    # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
-    unique = {
-        key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()
+    mask_ids = {e.mask: mask_id(e.mask, e.path) for e in examples if e.mask is not None}
+    keys = {
+        (i, flip): cache.latent_key(
+            digests[e.path], vae_id, e.size, "center", flip, mask_ids[e.mask] if e.mask else ""
+        )
+        for i, e in enumerate(examples)
+        for flip in ((False, True) if flipped[e.subset] else (False,))
     }
-    jobs = list(unique.values())
+    # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
+    by_key = {
+        key: (key, examples[i].path, examples[i].size, flip, examples[i].mask)
+        for (i, flip), key in keys.items()
+    }
+    jobs = list(by_key.values())
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(
@@ -100,26 +105,48 @@ def _fill_latent_cache(
         )
         log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
     accelerator.wait_for_everyone()
-    return lambda index, flip: store.get_entry(keys[(index, flip)])
+
+    def loss_mask(index: int, flip: bool) -> torch.Tensor:
+        example = examples[index]
+        if example.mask is None:
+            return masks.unmasked(example.size)
+        return store.get_mask(keys[(index, flip)])
+
+    return (lambda index, flip: store.get_entry(keys[(index, flip)])), loss_mask
+
+
+def mask_id(mask: Path, image: Path) -> str:
+    """What names a loss mask in the latent cache key: its file's digest, or ``alpha`` for the
+    image's own alpha channel (the image's digest is in the key already)."""
+    return "alpha" if mask == image else cache.file_digest(mask)
 
 
 def checked_examples(
     config: RunConfig, show_progress: bool = True, decode: bool = True
 ) -> tuple[data.Prepared, list[data.Example]]:
-    """Training examples (checked, bucketed) and the held-out validation examples."""
-    records = data.find_records(config.data)
+    """Training examples (checked, bucketed, regularisation images mixed in) and the held-out
+    validation examples (held out from the training images, never the regularisation ones)."""
+    suffix = config.data.mask_suffix if config.train.masked_loss else ""
+    records = subsets.find(config.data, suffix)
+    reg = [r for r in records if subsets.is_reg(config.data, r)]
+    records = [r for r in records if not subsets.is_reg(config.data, r)]
     val = config.validation
+    held_subsets: Sequence[SubsetConfig] | None = subsets.effective_subsets(config.data)
     if val.path:
-        held_out = data.find_records(config.data, val.path)
+        held_out = data.find_records(config.data, val.path, "validation.path", suffix)
+        held_subsets = None  # a folder of its own, read with [data]'s settings
     else:
         try:
             records, held_out = holdout.split(records, val.fraction, val.seed)
         except ValueError as err:
             raise data.DataError(str(err)) from err
-    prepared = data.prepare(records, config.data, show_progress, decode)
+    found = subsets.effective_subsets(config.data)
+    masked = config.train.masked_loss
+    prepared = data.prepare(records + reg, config.data, show_progress, decode, found, masked)
+    prepared = subsets.mix_regularisation(prepared)
     if not held_out:
         return prepared, []
-    checked = data.prepare(held_out, config.data, show_progress, decode)
+    checked = data.prepare(held_out, config.data, show_progress, decode, held_subsets)
     prepared.skipped += checked.skipped
     prepared.notes += checked.notes
     return prepared, checked.examples
@@ -162,12 +189,13 @@ def build_feed(
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":
-        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        filled = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        dataset.latents, dataset.cached_masks = filled
     use_text_cache = text_cache_enabled(config) and not text_encoder_trained
     if use_text_cache:
         store = cache.TextCache()
         captions = {e.caption for e in prepared.examples}
-        if config.data.caption_dropout > 0:
+        if any(s.caption_dropout > 0 for s in subsets.effective_subsets(config.data)):
             captions.add("")
         store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
         dataset.text = store.get

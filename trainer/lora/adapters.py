@@ -33,6 +33,7 @@ from trainer.config.load import ConfigError, LoraConfig
 from trainer.lora import dora
 from trainer.lora import keys as lora_keys
 from trainer.lora.files import (
+    WEIGHTS_NAME,
     load_tensors,
     read_header,
     save_state,
@@ -184,8 +185,10 @@ def save(
     dtype: str = "fp32",
     training_metadata: Mapping[str, object] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    name: str = WEIGHTS_NAME,
 ) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` and return its path.
+    """Write ``folder/pytorch_lora_weights.safetensors`` (or ``folder/name``) and return its
+    path.
 
     Args:
         folder: Destination folder (created).
@@ -200,7 +203,7 @@ def save(
     """
     state, packed = collect(_components(unet, text_encoder))
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    return save_state(folder, tensors, packed, training_metadata, extra_metadata)
+    return save_state(folder, tensors, packed, training_metadata, extra_metadata, name)
 
 
 def collect(

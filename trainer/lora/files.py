@@ -120,8 +120,10 @@ def save_state(
     adapter_metadata: Mapping[str, object],
     training_metadata: Mapping[str, object] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    name: str = WEIGHTS_NAME,
 ) -> Path:
-    """Write collected LoRA tensors as ``folder/pytorch_lora_weights.safetensors``.
+    """Write collected LoRA tensors as ``folder/pytorch_lora_weights.safetensors`` (or
+    ``folder/name``).
 
     Args:
         folder: Destination folder (created).
@@ -143,4 +145,4 @@ def save_state(
         ),
     }
     tensors = lora_keys.canonical_state(tensors)
-    return save_safetensors(Path(folder) / WEIGHTS_NAME, tensors, header)
+    return save_safetensors(Path(folder) / name, tensors, header)

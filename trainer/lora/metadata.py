@@ -26,7 +26,7 @@ import datetime
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from trainer.config import sd3 as sd3_config
+from trainer.config.lr_groups import BLOCK_KEYS
 from trainer.models.architectures import get as get_architecture
 
 RECORD_FORMAT = 2
@@ -93,6 +94,11 @@ class RunFacts:
         prediction_type: The noise scheduler's, ``epsilon`` or ``v_prediction``
             (``flow_matching`` for SD3).
         started_at: Unix time the run started (None if unknown).
+        num_reg_images: Regularisation examples per epoch, as mixed in (kohya's
+            ``ss_num_reg_images``); the counts above are of training images only.
+        reg_dataset_dirs: ``dataset_dirs`` of the regularisation images
+            (``ss_reg_dataset_dirs``).
+        subset_images: Distinct images per subset, by subset index (for ``ss_datasets``).
         model_variant: SD3's variant (``5-medium``, ``5-large``, ``medium``); empty otherwise.
     """
 
@@ -105,6 +111,9 @@ class RunFacts:
     num_processes: int = 1
     prediction_type: str = "epsilon"
     started_at: float | None = None
+    num_reg_images: int = 0
+    reg_dataset_dirs: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    subset_images: Sequence[int] = ()
     model_variant: str = ""
 
 
@@ -163,7 +172,8 @@ def collect_run_facts(
     started_at: float | None = None,
     model_variant: str = "",
 ) -> RunFacts:
-    """The :class:`RunFacts` of a run, from its examples (objects with ``path`` and ``caption``).
+    """The :class:`RunFacts` of a run, from its examples (objects with ``path`` and ``caption``,
+    and ``is_reg`` and ``subset`` where the run has subsets).
 
     Args:
         examples: The training examples as the loader serves them (repeats listed again).
@@ -175,13 +185,20 @@ def collect_run_facts(
         started_at: Unix time the run started.
         model_variant: SD3's variant.
     """
-    pairs = [(e.path, e.caption) for e in examples]
+    examples = list(examples)
+    pairs = [(e.path, e.caption) for e in examples if not getattr(e, "is_reg", False)]
+    reg = [(e.path, e.caption) for e in examples if getattr(e, "is_reg", False)]
+    distinct = {(e.path, getattr(e, "subset", 0)) for e in examples}
+    per_subset = Counter(subset for _, subset in distinct)
     return RunFacts(
         steps=steps,
         epochs=epochs,
         image_count=len(pairs),
         tag_frequency=tag_frequency(pairs),
         dataset_dirs=dataset_dirs(pairs),
+        num_reg_images=len(reg),
+        reg_dataset_dirs=dataset_dirs(reg),
+        subset_images=[per_subset[i] for i in range(max(per_subset, default=-1) + 1)],
         optimizer=optimizer if isinstance(optimizer, str) else optimizer_name(optimizer),
         num_processes=num_processes,
         prediction_type=prediction_type,
@@ -213,6 +230,14 @@ def training_record(
         "prediction_type": facts.prediction_type,
         "adapter_type": lora.type,
         "adapter_args": adapter_args(lora),
+        "plus_ratio": lora.plus_ratio,
+        "block_lr_weights": {
+            k: list(getattr(lora, k)) for k in BLOCK_KEYS.values() if getattr(lora, k)
+        },
+        "lr_groups": dict(zip(config.lr_group_names(), config.base_lrs(), strict=True)),
+        # Which weights the file holds: the trained ones, or their EMA (trainer/run/ema.py).
+        "weights": "ema" if config.ema.enabled and config.ema.use_for_outputs else "trained",
+        "ema": ema_record(config.ema),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "dropout": lora.dropout,
@@ -250,6 +275,21 @@ def training_record(
         "max_grad_norm": train.max_grad_norm,
         "noise_offset": train.noise_offset,
         "snr_gamma": train.snr_gamma,
+        "loss": train.loss,
+        "huber_c": train.huber_c,
+        "huber_schedule": train.huber_schedule,
+        "timestep_sampling": train.timestep_sampling,
+        "logit_mean": train.logit_mean,
+        "logit_std": train.logit_std,
+        "mode_scale": train.mode_scale,
+        "debiased_estimation": train.debiased_estimation,
+        "zero_terminal_snr": train.zero_terminal_snr,
+        "masked_loss": train.masked_loss,
+        "alpha_mask": data.alpha_mask,
+        "num_reg_images": facts.num_reg_images,
+        "reg_dataset_dirs": facts.reg_dataset_dirs,
+        "prior_loss_weight": data.prior_loss_weight,
+        "subsets": subset_records(data, facts),
         "caption_dropout": data.caption_dropout,
         "random_flip": data.random_flip,
         "center_crop": data.center_crop,
@@ -270,6 +310,63 @@ def training_record(
     return strip_paths(record)
 
 
+def ema_record(ema: Any) -> dict[str, Any] | None:
+    """The ``[ema]`` settings the weights were averaged with (None without an EMA)."""
+    if not ema.enabled:
+        return None
+    keys = ("decay", "warmup", "every_n_steps", "use_for_outputs")
+    record = {k: getattr(ema, k) for k in keys}
+    if ema.warmup == "power":
+        record |= {"inv_gamma": ema.inv_gamma, "power": ema.power}
+    return record
+
+
+def subset_records(data: Any, facts: RunFacts) -> list[dict[str, Any]]:
+    """Each ``[[data.subsets]]`` table as kohya's ``ss_datasets`` describes a subset (its
+    folder's name, never its path); empty for a one-folder ``[data]``."""
+    counts = list(facts.subset_images)
+    return [
+        {
+            "image_dir": Path(s.path.rstrip("/\\")).name,
+            "img_count": counts[i] if i < len(counts) else 0,
+            "num_repeats": s.repeats,
+            "is_reg": s.is_reg,
+            "loss_weight": s.loss_weight,
+            "resolution": s.resolution,
+            "flip_aug": s.random_flip,
+            "shuffle_caption": s.shuffle_tags,
+            "keep_tokens": s.keep_tokens,
+            "caption_dropout_rate": s.caption_dropout,
+            "alpha_mask": s.alpha_mask,
+        }
+        for i, s in enumerate(data.subsets)
+    ]
+
+
+def datasets_entry(record: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """kohya's ``ss_datasets``: one dataset holding the run's subsets (None without them)."""
+    subsets = record.get("subsets")
+    if not subsets:
+        return None
+    return [
+        {
+            "is_dreambooth": True,
+            "batch_size_per_device": record.get("batch_size"),
+            "num_train_images": record.get("image_count"),
+            "num_reg_images": record.get("num_reg_images", 0),
+            "resolution": [record.get("resolution")] * 2,
+            "enable_bucket": record.get("buckets"),
+            "min_bucket_reso": record.get("bucket_min_side"),
+            "max_bucket_reso": record.get("bucket_max_side"),
+            "tag_frequency": record.get("tag_frequency") or {},
+            "subsets": [
+                {k: v for k, v in s.items() if k not in ("loss_weight", "resolution")}
+                for s in subsets
+            ],
+        }
+    ]
+
+
 def adapter_args(lora: Any) -> dict[str, Any]:
     """The ``[lora]`` keys that only the chosen adapter type reads, with their values."""
     from trainer.config.schema import TYPE_KEYS
@@ -277,12 +374,27 @@ def adapter_args(lora: Any) -> dict[str, Any]:
     return {k: getattr(lora, k) for k, types in TYPE_KEYS.items() if lora.type in types}
 
 
-def network_args(adapter: str, args: Mapping[str, Any]) -> dict[str, str] | None:
-    """kohya's ``ss_network_args`` of a LyCORIS network: LyCORIS' own argument names, every
-    value a string (kohya parses them from ``key=value`` words); None for plain LoRA."""
+def lr_args(record: Mapping[str, Any]) -> dict[str, str]:
+    """kohya's network args of LoRA+ and the block LR weights (``loraplus_lr_ratio``,
+    ``down_lr_weight``...), as kohya's command line takes them: strings, lists comma-joined."""
+    out = {}
+    if record.get("plus_ratio"):
+        out["loraplus_lr_ratio"] = str(record["plus_ratio"])
+    for key, values in (record.get("block_lr_weights") or {}).items():
+        out[key] = ",".join(str(float(v)) for v in values)
+    return out
+
+
+def network_args(
+    adapter: str, args: Mapping[str, Any], record: Mapping[str, Any] | None = None
+) -> dict[str, str] | None:
+    """kohya's ``ss_network_args``: a LyCORIS network's arguments under LyCORIS' own names,
+    and LoRA+ and block LR weights under kohya's; every value a string (kohya parses them from
+    ``key=value`` words). None for plain LoRA without either."""
+    extra = lr_args(record or {})
     if adapter not in LYCORIS_ALGO:
-        return None
-    out = {"algo": LYCORIS_ALGO[adapter]}
+        return extra or None
+    out = {"algo": LYCORIS_ALGO[adapter], **extra}
     if adapter == "dora":
         out |= {"dora_wd": "True", "wd_on_output": str(args.get("dora_axis") == "output")}
     else:
@@ -343,7 +455,7 @@ def kohya_metadata(
         "ss_network_module": LYCORIS_NETWORK_MODULE
         if adapter in LYCORIS_ALGO
         else KOHYA_NETWORK_MODULE,
-        "ss_network_args": network_args(adapter, args),
+        "ss_network_args": network_args(adapter, args, record),
         "ss_network_dim": record.get("rank"),
         "ss_network_alpha": record.get("alpha"),
         "ss_network_dropout": record.get("dropout"),
@@ -355,6 +467,10 @@ def kohya_metadata(
         "ss_num_train_images": record.get("image_count") or None,
         "ss_tag_frequency": record.get("tag_frequency") or None,
         "ss_dataset_dirs": record.get("dataset_dirs") or None,
+        "ss_reg_dataset_dirs": record.get("reg_dataset_dirs") or None,
+        "ss_num_reg_images": record.get("num_reg_images"),
+        "ss_prior_loss_weight": record.get("prior_loss_weight"),
+        "ss_datasets": datasets_entry(record),
         "ss_learning_rate": record.get("learning_rate"),
         "ss_unet_lr": record.get("learning_rate"),
         # kohya records one text-encoder LR; for SDXL the first trained encoder's.
@@ -371,6 +487,7 @@ def kohya_metadata(
         "ss_max_grad_norm": record.get("max_grad_norm"),
         "ss_noise_offset": record.get("noise_offset"),
         "ss_min_snr_gamma": record.get("snr_gamma"),
+        **loss_keys(record),
         "ss_caption_dropout_rate": record.get("caption_dropout"),
         "ss_flip_aug": record.get("random_flip"),
         "ss_random_crop": None
@@ -389,6 +506,34 @@ def kohya_metadata(
         **_kohya_flow_matching(record),
     }
     return {k: _kohya_str(v) for k, v in values.items() if v is not None}
+
+
+# kohya's loss_type names: its "l2" is our "mse".
+KOHYA_LOSS_TYPE = {"mse": "l2", "huber": "huber", "smooth_l1": "smooth_l1"}
+
+
+def loss_keys(record: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya's loss and timestep keys (``ss_loss_type``, ``ss_huber_*``,
+    ``ss_debiased_estimation``, ``ss_zero_terminal_snr``, and its SD3 names for the timestep
+    density: ``ss_weighting_scheme``, ``ss_logit_mean``/``_std``, ``ss_mode_scale``), for the
+    facts the record has."""
+    if "loss" not in record:
+        return {}  # a record written before these options existed
+    sampling = record.get("timestep_sampling", "uniform")
+    keys: dict[str, Any] = {
+        "ss_loss_type": KOHYA_LOSS_TYPE.get(record["loss"], record["loss"]),
+        "ss_huber_schedule": record.get("huber_schedule"),
+        "ss_huber_c": record.get("huber_c"),
+        "ss_debiased_estimation": record.get("debiased_estimation"),
+        "ss_masked_loss": record.get("masked_loss"),
+        "ss_zero_terminal_snr": record.get("zero_terminal_snr"),
+        "ss_weighting_scheme": "none" if sampling == "uniform" else sampling,
+    }
+    if sampling == "logit_normal":
+        keys |= {"ss_logit_mean": record.get("logit_mean"), "ss_logit_std": record.get("logit_std")}
+    if sampling == "mode":
+        keys["ss_mode_scale"] = record.get("mode_scale")
+    return keys
 
 
 def _kohya_flow_matching(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,11 +36,13 @@ __all__ = [
     "Findings",
     "OptimizerRegistryError",
     "OptimizerSpec",
+    "ParamGroup",
     "UnknownOptimizerError",
     "available",
     "check_device",
     "checkpoint_state",
     "create",
+    "create_groups",
     "describe",
     "eval_mode",
     "from_table",
@@ -56,6 +58,8 @@ __all__ = [
 # The training helpers import torch: loaded on first use, so config loading stays light.
 _LAZY = {
     "create": "trainer.optimizers.build",
+    "create_groups": "trainer.optimizers.build",
+    "ParamGroup": "trainer.optimizers.build",
     "check_device": "trainer.optimizers.build",
     "step_metrics": "trainer.optimizers.build",
     "eval_mode": "trainer.optimizers.modes",

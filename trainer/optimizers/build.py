@@ -1,15 +1,17 @@
-"""Build the run's optimizer: one param group per trained model, and what the loop logs.
+"""Build the run's optimizer from named param groups, and what the loop logs.
 
-Param groups, in order: the UNet's LoRA parameters, then the text encoder's (when trained).
-Each has its own base LR (``train.learning_rate``, ``train.text_encoder_lr``) and weight decay
-(``optimizer.weight_decay``, ``optimizer.text_encoder_weight_decay``); the LR schedule scales
-every group's LR by the same factor before each update.
+The run's groups (``trainer/config/lr_groups.py``): the UNet's LoRA parameters, then the text
+encoders' (when trained), each split by block LR multiplier and LoRA+. Each has its own base LR
+and the weight decay of its model (``optimizer.weight_decay``,
+``optimizer.text_encoder_weight_decay``); the LR schedule scales every group's LR by the same
+factor before each update. ``create`` builds one group per model, for loops of other kinds.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +27,18 @@ _effective: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[float] | None]
 )
 
 
+@dataclass(frozen=True)
+class ParamGroup:
+    """One param group to build: its name (kept in the group, ``group["name"]``), tensors,
+    base LR, and which trained model it belongs to (0 = the UNet, then the text encoders),
+    which picks its weight decay."""
+
+    name: str
+    params: list[torch.nn.Parameter]
+    lr: float
+    model: int = 0
+
+
 def create(
     spec: OptimizerSpec, models: Sequence[torch.nn.Module], base_lrs: Sequence[float]
 ) -> torch.optim.Optimizer:
@@ -35,16 +49,25 @@ def create(
         models: The trained models: the UNet, then the text encoder(s).
         base_lrs: One base LR per model, in the same order.
     """
-    decays = spec.weight_decays(len(models))
     groups = [
-        {
-            "params": [p for p in model.parameters() if p.requires_grad],
-            "lr": lr,
-            "weight_decay": decay,
-        }
-        for model, lr, decay in zip(models, base_lrs, decays, strict=True)
+        ParamGroup(f"group{i}", [p for p in model.parameters() if p.requires_grad], lr, i)
+        for i, (model, lr) in enumerate(zip(models, base_lrs, strict=True))
     ]
-    optimizer = spec.create(groups)
+    return create_groups(spec, groups)
+
+
+def create_groups(spec: OptimizerSpec, groups: Sequence[ParamGroup]) -> torch.optim.Optimizer:
+    """The optimizer over ``groups``, in order (the LR schedule scales each group's LR).
+
+    A group may hold no tensor (a block multiplier no adapted module has): torch's
+    optimizers step over it as over any other.
+    """
+    decays = spec.weight_decays(max((g.model for g in groups), default=0) + 1)
+    torch_groups = [
+        {"params": g.params, "lr": g.lr, "weight_decay": decays[g.model], "name": g.name}
+        for g in groups
+    ]
+    optimizer = spec.create(torch_groups)
     if type(spec).effective_lrs is not OptimizerSpec.effective_lrs:
 
         def record(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

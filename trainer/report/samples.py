@@ -210,8 +210,14 @@ def make_sampler(noise_scheduler_config: Any, ddim: type[DDIMScheduler]) -> Any:
     so in a 20-line FutureWarning at every construction and switches it off. Passing
     ``clip_sample=False`` as an argument (arguments win over the config) gives the same images
     without the warning.
+
+    With zero terminal SNR (``train.zero_terminal_snr``: the config's
+    ``rescale_betas_zero_snr``), the sampler starts at the last timestep ("trailing"
+    spacing), as Lin et al. (2023) prescribe: it is the one whose input is pure noise.
     """
-    return ddim.from_config(noise_scheduler_config, clip_sample=False)
+    zero_snr = noise_scheduler_config.get("rescale_betas_zero_snr")
+    spacing = {"timestep_spacing": "trailing"} if zero_snr else {}
+    return ddim.from_config(noise_scheduler_config, clip_sample=False, **spacing)
 
 
 @torch.no_grad()

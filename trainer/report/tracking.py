@@ -1,11 +1,14 @@
 """Progress and metrics: the progress line, the tracker (tensorboard/wandb), and metrics.jsonl.
 
 ``metrics.jsonl`` holds one JSON object per optimizer update, written by the main process:
-``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...,
-"time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``, plus ``"val_loss"`` and
-``"val_loss_by_timestep"`` (``{"125": ..., "375": ...}``: the loss at each fixed timestep) on
-the updates where the validation set was scored, and the image scores of ``validation.scores``
-(``"clip_t"``, ``"clip_i"``, ``"dino"``) where the samples were scored.
+``{"step": N, "loss": ..., "lr": [lr of each param group], "lr_groups": [name of each],
+"epoch": ..., "samples": ..., "time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``,
+plus ``"val_loss"`` and ``"val_loss_by_timestep"`` (``{"125": ..., "375": ...}``: the loss at
+each fixed timestep) on the updates where the validation set was scored, and the image scores
+of ``validation.scores`` (``"clip_t"``, ``"clip_i"``, ``"dino"``) where the samples were scored.
+The groups are ``RunConfig.lr_groups()``: ``unet``, ``text_encoder``, their block-multiplier
+groups (``unet_x0.5``) and LoRA+ groups (``unet_plus``); tensorboard and wandb get each as
+``train/lr/<name>``.
 ``step`` N is the N-th optimizer update (1-based), and ``lr`` is the LR that update applied,
 the same numbering as ``checkpoints/step-NNNNNN`` and ``sdlora lr-plot --csv``.
 ``time`` is the local wall-clock time the record was written. ``elapsed`` is the seconds the
@@ -103,6 +106,12 @@ def history(output_dir: Path, update: int, resumed_from: Path | None) -> list[di
         return own
     theirs = [r for r in read_metrics(Path(resumed_from).parent.parent) if r["step"] <= update]
     return theirs if theirs and theirs[-1]["step"] == update else own
+
+
+def group_names(record: Mapping[str, Any]) -> list[str]:
+    """The name of each param group of a metrics record (``group0``... in records written
+    before groups were named)."""
+    return record.get("lr_groups") or [f"group{i}" for i in range(len(record["lr"]))]
 
 
 def flat_hparams(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,13 +265,14 @@ class Tracker:
                 for t, loss in record.get("val_loss_by_timestep", {}).items():
                     values[f"val/loss_t{int(t):04d}"] = loss
                 values.update({f"val/{k}": record[k] for k in image_scores.SCORES if k in record})
-                values.update({f"train/lr_group{i}": lr for i, lr in enumerate(record["lr"])})
-                # The optimizer's own step size where it has one (Prodigy's d·lr).
+                names = group_names(record)
                 values.update(
-                    {
-                        f"train/effective_lr_group{i}": v
-                        for i, v in enumerate(record.get("effective_lr", []))
-                    }
+                    {f"train/lr/{n}": lr for n, lr in zip(names, record["lr"], strict=True)}
+                )
+                # The optimizer's own step size where it has one (Prodigy's d·lr).
+                effective = record.get("effective_lr", [])
+                values.update(
+                    {f"train/effective_lr/{n}": v for n, v in zip(names, effective, strict=False)}
                 )
                 self.accelerator.log(values, step=record["step"])
         self.bar.update(1)

@@ -9,6 +9,7 @@ done) holding:
     trainer_state.json                 global step, epoch, position, samples seen, seeds, hashes
     optimizer.pt                       optimizer state, read back with weights_only=True
     scaler.json                        fp16 GradScaler state (only under fp16)
+    ema_lora_weights.safetensors       the EMA of the LoRA weights, same format (with [ema])
     config.toml                        the resolved config of the run that wrote it
 
 It is written by :func:`trainer.files.write_folder_atomic`: into ``step-NNNNNN.tmp/``, every
@@ -44,10 +45,12 @@ import torch
 from schedulers import schedule_state
 from trainer import files
 from trainer.config.load import tables_hash, to_toml
+from trainer.config.subsets import effective_subsets
 from trainer.errors import UserError
 from trainer.lora import metadata as meta
 from trainer.lora.files import WEIGHTS_NAME
 from trainer.optimizers import checkpoint_state, eval_mode, load_checkpoint_state
+from trainer.run.ema import EMA_WEIGHTS
 from trainer.step_folders import CHECKPOINTS, numbered_folders, parse_step, step_name
 
 if TYPE_CHECKING:
@@ -291,20 +294,28 @@ def load_tensors_state(path: Path) -> dict[str, Any]:
 HASHED_TABLES = ("model", "lora", "data", "train", "optimizer", "lr_scheduler")
 
 
-def data_record(examples: Sequence[Example], data_path: str) -> dict[str, Any]:
+def data_record(examples: Sequence[Example], roots: Sequence[str]) -> dict[str, Any]:
     """What a checkpoint records of its training examples, to tell on resume whether they
-    changed: their count (repeats included) and a hash of each one's path under ``data.path``,
-    caption, training size and file size, in the loader's order."""
+    changed: their count (repeats included) and a hash of each one's path under its subset's
+    folder (``roots``, by subset index: ``data.path`` without subsets), caption, training size
+    and file size, in the loader's order."""
     digest = hashlib.sha256()
     for example in examples:
         try:
             size = os.path.getsize(example.path)
         except OSError:  # gone since it was checked; the hash then differs on resume
             size = None
-        name = os.path.relpath(example.path, data_path)
+        name = os.path.relpath(example.path, roots[example.subset])
+        if example.subset:  # the subset's index too (the one-folder record stays as it was)
+            name = f"{example.subset}:{name}"
         digest.update(json.dumps([name, example.caption, list(example.size), size]).encode())
         digest.update(b"\n")
     return {"examples": len(examples), "sha256": digest.hexdigest()}
+
+
+def subset_roots(data: Any) -> list[str]:
+    """Each subset's folder by subset index, what :func:`data_record` records paths under."""
+    return [s.path for s in effective_subsets(data)]
 
 
 def save_checkpoint(run: RunState) -> Path:
@@ -342,7 +353,7 @@ def _write_checkpoint(run: RunState) -> Path:
             "rng": "every draw is seeded from (seed, counters) by trainer.data.order.seed_for",
             "num_processes": accelerator.num_processes,
             "config_hashes": {t: tables_hash(config, [t]) for t in HASHED_TABLES},
-            "data": data_record(run.feed.prepared.examples, config.data.path),
+            "data": data_record(run.feed.prepared.examples, subset_roots(config.data)),
             # What the final LoRA's metadata needs, so the final files can be written from
             # this checkpoint alone, with no model loaded (trainer/run/final.py).
             "architecture": run.architecture,
@@ -358,6 +369,10 @@ def _write_checkpoint(run: RunState) -> Path:
 
         def write(tmp: Path) -> None:
             lora.save(tmp, unet, text_encoders, dtype="fp32", training_metadata=trainer_state)
+            if run.ema is not None:  # the average, as a LoRA file of its own
+                with run.ema.applied():
+                    weights = {**trainer_state, "weights": "ema"}
+                    lora.save(tmp, unet, text_encoders, "fp32", weights, name=EMA_WEIGHTS)
             files.write_json(tmp / LR_SCHEDULER_STATE, lr_state)
             save_tensors_state(tmp / OPTIMIZER_STATE, checkpoint_state(run.optimizer))
             if accelerator.scaler is not None:
@@ -392,6 +407,24 @@ def run_facts(run: RunState) -> meta.RunFacts:
     )
 
 
+def restore_ema(run: RunState, folder: Path, update: int) -> None:
+    """The checkpoint's EMA, loaded through the model (its file is a LoRA file); a checkpoint
+    saved without one (EMA turned on at resume) starts the average at its weights."""
+    from trainer.lora import adapters as lora  # see _write_checkpoint
+
+    assert run.ema is not None
+    run.ema.resume_at(update)
+    path = folder / EMA_WEIGHTS
+    if not path.is_file():
+        run.ema.take_from_model()
+        return
+    unet = run.unwrapped(run.unet)
+    assert unet is not None
+    with run.ema.applied():
+        lora.load_into(path, unet, run.trained_text_encoders())
+        run.ema.take_from_model()
+
+
 def restore_checkpoint(run: RunState, folder: Path) -> int:
     """Load weights, optimizer and scaler state; return the global update to continue from."""
     from trainer.lora import adapters as lora  # see _write_checkpoint
@@ -399,6 +432,8 @@ def restore_checkpoint(run: RunState, folder: Path) -> int:
     state = read_json(folder, TRAINER_STATE)
     lora.load_into(folder / WEIGHTS_NAME, run.unwrapped(run.unet), run.trained_text_encoders())
     load_checkpoint_state(run.optimizer, load_tensors_state(folder / OPTIMIZER_STATE))
+    if run.ema is not None:
+        restore_ema(run, folder, int(state["global_step"]))
     scaler = run.accelerator.scaler
     if scaler is not None and (folder / SCALER_STATE).is_file():
         scaler.load_state_dict(read_json(folder, SCALER_STATE))

@@ -1,8 +1,9 @@
 """A run's final outputs: written from its last checkpoint, verified by a manifest.
 
 The final files are derived from the final checkpoint's files alone, with no model loaded:
-the LoRA in the formats ``output.format`` asks for (``trainer/lora/outputs.py``: key names, metadata
-and hashes the clients read), cast to ``output.save_dtype``, with the run's facts that the
+the LoRA (its EMA with ``ema.use_for_outputs``) in the formats ``output.format`` asks for
+(``trainer/lora/outputs.py``: key names, metadata and hashes the clients read), cast to
+``output.save_dtype``, with the run's facts that the
 checkpoint recorded; the schedule state; and the resolved config. A normal run and a rerun
 that finishes a run killed between its last checkpoint and its final weights go through this
 one function, so their outputs are the same bit for bit.
@@ -25,6 +26,7 @@ from trainer.lora import metadata as meta
 from trainer.lora import outputs
 from trainer.lora.files import ADAPTER_METADATA_KEY, WEIGHTS_NAME, load_tensors, read_header
 from trainer.run import checkpoint as ckpt
+from trainer.run.ema import EMA_WEIGHTS
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
@@ -43,7 +45,7 @@ def write_outputs(
         launch: Launch facts that shape the run (``{"num_processes": N}``), for the manifest.
     """
     state = ckpt.read_json(checkpoint, ckpt.TRAINER_STATE)
-    source = read_header(checkpoint / WEIGHTS_NAME)
+    source = read_header(checkpoint / weights_file(checkpoint, config))
     adapters = json.loads(source.metadata.get(ADAPTER_METADATA_KEY, "{}"))
     facts = meta.RunFacts(**state.get("run_facts", {"steps": int(state["global_step"])}))
     # The checkpoint's own save time, so outputs written again from it are the same.
@@ -73,6 +75,15 @@ def write_outputs(
     }
     files.write_json(output_dir / MANIFEST_NAME, manifest)
     return written
+
+
+def weights_file(checkpoint: Path, config: RunConfig) -> str:
+    """The checkpoint file the final LoRA comes from: the EMA's with ``ema.use_for_outputs``
+    (every checkpoint of such a run holds it), else the trained weights'."""
+    ema = config.ema
+    if ema.enabled and ema.use_for_outputs and (checkpoint / EMA_WEIGHTS).is_file():
+        return EMA_WEIGHTS
+    return WEIGHTS_NAME
 
 
 def manifest_files(output_dir: Path) -> list[str]:

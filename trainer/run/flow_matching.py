@@ -26,7 +26,8 @@ import torch
 
 from trainer.config.sd3 import FlowMatchingConfig
 from trainer.models.conditioning import Conditioning
-from trainer.run.step import ExampleRandom, sample_latents, sample_noise
+from trainer.run.loss import LossOptions, elementwise, huber_thresholds, masked_mean
+from trainer.run.step import PLAIN, ExampleRandom, sample_latents, sample_noise
 
 
 def is_flow_matching(noise_scheduler: Any) -> bool:
@@ -107,7 +108,9 @@ def flow_matching_loss(
     cond: Conditioning,
     rand: ExampleRandom,
     config: FlowMatchingConfig,
-    noise_offset: float = 0.0,
+    options: LossOptions = PLAIN,
+    weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mean flow-matching loss of one batch.
 
@@ -118,9 +121,13 @@ def flow_matching_loss(
         cond: The text conditioning (hidden states and pooled projections).
         rand: Per-example source of the noise and the σ positions.
         config: The ``[flow_matching]`` table.
-        noise_offset: See ``trainer.run.step.sample_noise``.
+        options: ``[train]``'s loss keys that apply to flow matching: the noise offset and the
+            per-element loss (MSE, or Huber/smooth-L1 with a constant or exponential ``c``;
+            the ε/v-only keys are refused by ``trainer/config/sd3.py``).
+        weights: Each example's loss weight (subsets, the prior loss weight); None: 1.
+        mask: Each example's loss mask at the latent's size (``train.masked_loss``).
     """
-    noise = sample_noise(latents, rand, noise_offset)
+    noise = sample_noise(latents, rand, options.noise_offset)
     table = training_scheduler(noise_scheduler, config.shift)
     sigmas, timesteps = table_position(table, density(rand, config))
     sigma = _broadcast(sigmas, latents)
@@ -128,9 +135,12 @@ def flow_matching_loss(
     target = noise - latents
     prediction = predict(transformer, noisy, timesteps, cond)
     # Weighted inside the mean, as diffusers' script does (the same sums, the same rounding).
-    weights = _broadcast(loss_weights(sigmas, config.loss_weighting).float(), prediction.float())
-    error = weights * (prediction.float() - target.float()) ** 2
-    return error.reshape(error.shape[0], -1).mean(dim=1).mean()
+    scheme = _broadcast(loss_weights(sigmas, config.loss_weighting).float(), prediction.float())
+    c = huber_thresholds(timesteps, table, options) if options.loss != "mse" else None
+    per_example = masked_mean(scheme * elementwise(prediction, target, options, c), mask)
+    if weights is not None:
+        per_example = per_example * weights.to(per_example.device, per_example.dtype)
+    return per_example.mean()
 
 
 def fixed_positions(count: int) -> torch.Tensor:

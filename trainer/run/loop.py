@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from accelerate import Accelerator
@@ -41,6 +41,7 @@ from trainer.data.feed import build_feed
 from trainer.data.order import seed_for
 from trainer.files import write_text
 from trainer.lora import adapters as lora
+from trainer.lora import blocks
 from trainer.models import conditioning, sd3
 from trainer.models import load as models
 from trainer.models.accessors import move
@@ -49,8 +50,9 @@ from trainer.models.vae import posterior
 from trainer.report import prometheus, samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
-from trainer.run import final, flow_matching, preflight, step
+from trainer.run import ema, final, flow_matching, preflight, step
 from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
+from trainer.run.loss import LossOptions, training_noise_scheduler
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
@@ -177,6 +179,7 @@ def setup(
 
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
     parts = models.load_components(config.model, weight_dtype, checked.architecture)
+    parts.noise_scheduler = training_noise_scheduler(parts.noise_scheduler, train_cfg)
     for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)
     if train_cfg.channels_last:
@@ -226,9 +229,14 @@ def setup(
         move(parts.vae, "cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
-    # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
+    # Param groups in config.lr_groups() order: the UNet's, then the trained text encoders',
+    # split by block LR multiplier and LoRA+ (trainer/config/lr_groups.py).
     trained = [parts.unet, *trained_texts.values()]
-    optimizer = optimizers.create(config.optimizer, trained, config.base_lrs())
+    sdxl = parts.architecture == "sdxl"
+    models_by_name = cast("dict[str, torch.nn.Module]", {"unet": parts.unet, **trained_texts})
+    groups = blocks.param_groups(config.lr_groups(), config.lora, models_by_name, sdxl)
+    optimizer = optimizers.create_groups(config.optimizer, groups)
+    average = ema.from_config(config.ema, models_by_name)  # after blocks froze theirs
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
     prepared_texts = dict(zip(trained_texts, prepared[1:], strict=True))
     state = RunState(
@@ -245,6 +253,7 @@ def setup(
         weight_dtype=weight_dtype,
         resumed_from=checked.resume_from,
         architecture=checked.architecture,
+        ema=average,
     )
 
     # ---- resume: weights, optimizer, scaler; the data position follows from the update
@@ -321,15 +330,17 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         latents = encode_latents(batch, state.parts.vae, rand)
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
+        options = LossOptions.of(config.train)
+        weights, mask = batch.get("loss_weight"), batch.get("mask")
         if state.architecture == "sd3":  # flow matching, not ε/v prediction
             loss = flow_matching.flow_matching_loss(
                 state.unet, state.parts.noise_scheduler, latents, cond, rand,
-                config.flow_matching, config.train.noise_offset,
+                config.flow_matching, options, weights, mask,
             )  # fmt: skip
         else:
             loss = step.diffusion_loss(
                 state.unet, state.parts.noise_scheduler, latents, cond, rand,
-                config.train.noise_offset, config.train.snr_gamma,
+                options, weights, mask,
             )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:
@@ -382,6 +393,8 @@ def encode_latents(
 def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool) -> bool:
     """Record the update just done, validate and checkpoint when due; return True to stop."""
     config, accelerator, plan, update = state.config, state.accelerator, state.plan, state.update
+    if state.ema is not None:
+        state.ema.after_update(update)
     # One collective per update: the mean loss, and whether any process was signalled, so
     # all processes stop (and save) at the same update.
     stats = torch.stack([loss_sum, torch.tensor(float(stop), device=loss_sum.device)])
@@ -390,6 +403,7 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         "step": update,
         "loss": loss_total / (plan.accumulation * accelerator.num_processes),
         "lr": [group["lr"] for group in state.optimizer.param_groups],
+        "lr_groups": state.config.lr_group_names(),
         "epoch": (micro - 1) // plan.micro_batches_per_epoch,
         "samples": micro * config.train.batch_size * accelerator.num_processes,
     }
@@ -414,14 +428,16 @@ def validate(state: RunState, record: dict) -> None:
     accelerator, val = state.accelerator, state.config.validation
     unet = state.unwrapped(state.unet)
     encoder = [state.unwrapped(e) for e in state.encoders]
+    # The weights the outputs hold: the EMA with ema.use_for_outputs, else the trained ones.
+    outputs = ema.for_outputs
     if state.validator is not None:
-        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), outputs(state.ema), accelerator.autocast():
             scored = state.validator.evaluate(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
         record.update(scored.record())
     if val.prompts and accelerator.is_main_process:
-        with optimizers.eval_mode(state.optimizer), accelerator.autocast():
+        with optimizers.eval_mode(state.optimizer), outputs(state.ema), accelerator.autocast():
             folder = samples.sample_point(state, unet, encoder)
         if state.scorer is not None:
             record.update(score_samples(state.scorer, folder, val.prompts))
@@ -450,6 +466,8 @@ def finish(state: RunState, interrupted: bool) -> TrainResult:
     # may follow (calling it before wait_for_everyone crashed every multi-process run).
     accelerator.end_training()
     optimizers.to_eval(state.optimizer)  # the returned models hold the weights that were saved
+    if state.ema is not None and state.config.ema.use_for_outputs:
+        state.ema.copy_to_model()  # ... and with ema.use_for_outputs, those are the EMA's
     return TrainResult(
         state.output_dir,
         state.update,

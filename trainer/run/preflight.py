@@ -29,6 +29,7 @@ from pathlib import Path
 
 from trainer.config import sd3 as sd3_config
 from trainer.config.load import ConfigError, RunConfig, build, read_toml
+from trainer.config.lr_groups import block_weight_problems
 from trainer.data.dataset import DataError, Example, Prepared
 from trainer.lora import targets
 from trainer.lora.files import WEIGHTS_NAME
@@ -37,6 +38,7 @@ from trainer.models import source as model_source
 from trainer.report import image_scores, prometheus
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
+from trainer.run.loss import zero_snr_problems
 from trainer.run.plan import Plan, plan_run
 from trainer.run.resume import (
     DATA_KEY,
@@ -139,6 +141,7 @@ def check(
         found, checked.architecture = model_problems(config)
         problems += found
     problems += model_source.vae_problems(config.model)
+    problems += zero_snr_problems(config)
     problems += image_scores.model_problems(config.validation)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
@@ -171,6 +174,8 @@ def model_problems(config: RunConfig) -> tuple[list[str], str]:
             "SD3); use lora.train_text_encoder"
         )
     problems += _folder_problems(config, architecture)
+    if config.model.arch == "auto":  # an explicit arch was checked with the config
+        problems += block_weight_problems(lora, architecture)
     if problems:
         return problems, architecture
     te_targets = lora.text_encoder_target_modules
@@ -224,6 +229,13 @@ def _data_and_plan(
             f"fewer than one batch ({batch}) and are never trained on; lower train.batch_size, "
             "or widen data.bucket_max_crop / data.bucket_step so they share a bucket"
         )
+    if config.train.masked_loss and not any(e.mask for e in checked.prepared.examples):
+        checked.warnings.append(
+            "train.masked_loss: no image has a mask (no <stem>"
+            f"{config.data.mask_suffix}.png beside it"
+            + ("" if config.data.alpha_mask else ", and data.alpha_mask is off")
+            + "), so every image trains unmasked"
+        )
     return []
 
 
@@ -233,7 +245,7 @@ def _data_change(config: RunConfig, checked: Checked) -> list[str]:
     longer continues the one that was stopped."""
     if checked.resume_from is None or checked.prepared is None or checked.plan is None:
         return []
-    now = ckpt.data_record(checked.prepared.examples, config.data.path)
+    now = ckpt.data_record(checked.prepared.examples, ckpt.subset_roots(config.data))
     change = data_change(checked.resume_state, now, checked.plan.total_updates)
     if change is None:
         return []

@@ -71,6 +71,10 @@ ADAPTER_KEYS = (
     "lora.factor",
     "lora.decompose_both",
 )
+# Keys that decide the optimizer's param groups (trainer/config/lr_groups.py): the saved
+# optimizer state holds one entry per group, and loading it into other groups would either
+# fail or give a tensor another tensor's moments.
+GROUP_KEYS = ("lora.plus_ratio", "lora.down_lr_weight", "lora.mid_lr_weight", "lora.up_lr_weight")
 # The --allow-change name of a change in the training images themselves (added, removed,
 # renamed, re-captioned), which no config key shows.
 DATA_KEY = "data.images"
@@ -129,7 +133,15 @@ def check_resumable(
                 "checkpoint's optimizer state was built with its settings; resume with the "
                 "checkpoint's [optimizer] table, or start a new run"
             )
-        adapter = sorted(k for k in fixed if not k.startswith(FIXED_KEYS))
+        groups = sorted(k for k in fixed if k in GROUP_KEYS)
+        if groups:
+            lines.append(
+                f"{', '.join(groups)} cannot change on resume, not even with --allow-change: "
+                "they decide the optimizer's param groups, and the checkpoint's optimizer "
+                "state holds the old ones; resume with the checkpoint's values, or start a "
+                "new run (another LoRA+ ratio, both non-zero, may change when allowed)"
+            )
+        adapter = sorted(k for k in fixed if not k.startswith(FIXED_KEYS) and k not in GROUP_KEYS)
         if adapter:
             lines.append(
                 f"{', '.join(adapter)} cannot change on resume, not even with --allow-change: "
@@ -147,6 +159,9 @@ def _cannot_change(
     """Whether a changed ``key`` is one no resume can honour (``settings``: both flat configs)."""
     if key.startswith(FIXED_KEYS):
         return True
+    if key in GROUP_KEYS:
+        # The same groups with other LRs (one LoRA+ ratio for another) fit the saved state.
+        return bool(old) != bool(new) or key != "lora.plus_ratio"
     if key not in ADAPTER_KEYS:
         return False
     lists = all(isinstance(v, list | tuple) for v in (old, new))

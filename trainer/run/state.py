@@ -14,6 +14,7 @@ from trainer.config.load import RunConfig
 from trainer.data.feed import Feed
 from trainer.models.load import Components
 from trainer.report.tracking import Tracker
+from trainer.run.ema import Ema
 from trainer.run.plan import Plan
 from trainer.run.validation import Validator
 
@@ -47,6 +48,7 @@ class RunState:
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
+    ema: Ema | None = None  # the EMA of the LoRA weights, when [ema] is on
     scorer: ImageScorer | None = None  # validation.scores' models (main process)
 
     @property

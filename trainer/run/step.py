@@ -13,11 +13,20 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from trainer.models.conditioning import Conditioning
+from trainer.run.loss import (  # noqa: F401  (snr and min_snr_weights: step's names too)
+    LossOptions,
+    batch_loss,
+    min_snr_weights,
+    sample_timesteps,
+    snr,
+)
 
 log = logging.getLogger("sdlora")
+
+
+PLAIN = LossOptions()  # the plain MSE with uniform timesteps
 
 
 class ExampleRandom:
@@ -32,6 +41,15 @@ class ExampleRandom:
         return torch.stack(
             [
                 torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype)
+                for g in self.generators
+            ]
+        )
+
+    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Uniform draws in [0, 1) of ``shape`` per example: a (batch, *shape) tensor."""
+        return torch.stack(
+            [
+                torch.rand(tuple(shape), generator=g, device=self.device, dtype=dtype)
                 for g in self.generators
             ]
         )
@@ -64,22 +82,6 @@ def sample_noise(
     return noise
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at each timestep, in fp32."""
-    a = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
-    return a / (1.0 - a)
-
-
-def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al., 2023), for an MSE against ε or against v.
-
-    For ε-prediction the weight is min(SNR, γ) / SNR; for v-prediction the MSE on v already
-    carries a factor (SNR + 1), so the weight is min(SNR, γ) / (SNR + 1).
-    """
-    clipped = torch.clamp(snr_t, max=gamma)
-    return clipped / (snr_t + 1.0) if prediction_type == "v_prediction" else clipped / snr_t
-
-
 def training_target(
     noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
@@ -101,10 +103,12 @@ def diffusion_loss(
     latents: torch.Tensor,
     cond: Conditioning,
     rand: ExampleRandom,
-    noise_offset: float = 0.0,
-    snr_gamma: float = 0.0,
+    options: LossOptions = PLAIN,
+    weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mean latent-diffusion loss of one batch.
+    """The latent-diffusion loss of one batch (``trainer/run/loss.py``: its options and how it
+    is reduced).
 
     Args:
         unet: UNet (possibly DDP-wrapped, possibly under autocast).
@@ -112,21 +116,14 @@ def diffusion_loss(
         latents: Clean latents x₀ in latent units, shape (B, 4, h, w).
         cond: The text (and SDXL size) conditioning (``trainer.models.conditioning``).
         rand: Per-example source of the noise and timesteps.
-        noise_offset: See :func:`sample_noise`.
-        snr_gamma: Min-SNR-γ; 0 gives the plain mean squared error.
+        options: Noise offset, timestep sampling, the loss and its weights.
+        weights: Each example's loss weight (a subset's ``loss_weight``, the prior loss
+            weight of a regularisation image); None weighs every example 1.
+        mask: Each example's loss mask at the latent's size (``train.masked_loss``).
     """
-    noise = sample_noise(latents, rand, noise_offset)
-    timesteps = rand.randint(noise_scheduler.config.num_train_timesteps)
+    noise = sample_noise(latents, rand, options.noise_offset)
+    timesteps = sample_timesteps(rand, noise_scheduler.config.num_train_timesteps, options)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
-    if not snr_gamma:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    weights = min_snr_weights(
-        snr(noise_scheduler.alphas_cumprod, timesteps),
-        snr_gamma,
-        noise_scheduler.config.prediction_type,
-    )
-    return (per_sample * weights).mean()
+    return batch_loss(prediction, target, timesteps, noise_scheduler, options, weights, mask)

@@ -47,14 +47,21 @@ def _note(fig, text: str) -> bytes:
 
 
 def lr_figure(results: Sequence[RunResult]) -> bytes:
-    """Every run's applied LR per update (param group 0 solid, the text encoder's dashed),
-    drawn by the same builder as ``sdlora lr-plot``."""
+    """Every run's applied LR per update (param group 0 solid, the others dashed, each named
+    as its run's ``metrics.jsonl`` names it), drawn by the same builder as ``sdlora lr-plot``.
+    Runs of one sweep may have other groups (a LoRA+ axis adds ``unet_plus``), so each run's
+    curve carries its own names."""
     pairs = []
     for r in results:
         logged = [m for m in r.metrics if m.get("lr")]
         steps = [m["step"] for m in logged]
-        pairs.append((r.run.point.label, preview.Curve(steps, [m["lr"] for m in logged])))
-    fig = preview.lr_figure(pairs, "Applied LR per update", ("", "text encoder"), size=(9, 5))
+        groups = list(logged[0].get("lr_groups", ())) if logged else []
+        # The first group is the run's label alone; a run logged before groups were named has
+        # the UNet and the text encoder.
+        names = ["", *groups[1:]] if groups else ["", "text encoder"]
+        curve = preview.Curve(steps, [m["lr"] for m in logged], names=names)
+        pairs.append((r.run.point.label, curve))
+    fig = preview.lr_figure(pairs, "Applied LR per update", size=(9, 5))
     return png(fig)
 
 
