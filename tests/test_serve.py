@@ -143,7 +143,7 @@ def lr_plot_csv(sets: list[str], tmp_path: Path) -> tuple[list[int], list[list[s
     argv = ["lr-plot", "--config", str(TINY_TOML), "--csv", str(csv)]
     assert cli.main(argv + [x for s in sets for x in ("--set", s)]) == 0
     header, *lines = csv.read_text().splitlines()
-    assert header == "step,lr_0,lr_1"
+    assert header == "step,lr_unet,lr_text_encoder"  # the groups train.py logs
     rows = [line.split(",") for line in lines]
     return [int(r[0]) for r in rows], [r[1:] for r in rows]
 
@@ -217,6 +217,8 @@ def test_a_config_in_epochs_needs_the_dataset_size_and_then_matches_lr_plot(
     assert status == 200, body
     assert body["total_steps"] == steps[-1]
     assert [[repr(x) for x in row] for row in body["lrs"]] == texts
+    header = (tmp_path / "lr.csv").read_text().splitlines()[0].split(",")
+    assert ["step", *(f"lr_{name}" for name in body["groups"])] == header
 
 
 # ---------------------------------------------------------------- the registry

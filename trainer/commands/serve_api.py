@@ -102,6 +102,7 @@ class Run:
     total: int
     base_lrs: list[float]
     warnings: list[str] = field(default_factory=list)  # the config loader's, for a config
+    groups: list[str] = field(default_factory=list)  # param group names, for a config
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ def answer(data: Mapping[str, Any]) -> Answer:
         body.update(step=steps[0], lrs=rows[0])
     else:
         body.update(steps=steps, lrs=rows)
+    if run.groups:  # named as lr-plot's CSV columns and metrics.jsonl's lr keys name them
+        body["groups"] = run.groups
     if run.warnings:
         body["warnings"] = run.warnings
     return Answer(body, run.schedule.name, len(steps))
@@ -293,7 +296,8 @@ def _from_config(
         problems += err.problems
         return None
     problems += config.lr_scheduler.check(total, base_lrs=lrs)
-    return Run(config.lr_scheduler, total, lrs, config_warnings(tables, config))
+    warnings = config_warnings(tables, config)
+    return Run(config.lr_scheduler, total, lrs, warnings, config.lr_group_names())
 
 
 def config_warnings(tables: Mapping[str, Any], config: RunConfig) -> list[str]:
