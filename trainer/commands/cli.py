@@ -2,6 +2,7 @@
 
     sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
+    sdlora lr-find --config FILE [--set ...] [--min LR] [--max LR] [--steps N] [--out DIR]
     sdlora schedules [NAME]
     sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
     sdlora inspect FILE [--against MODEL] [--modules] [--json]
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
+    _add_lr_find(sub)
     _add_export(sub)
     _add_inspect(sub)
     _add_sample(sub)
@@ -165,6 +167,48 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
+
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    find = sub.add_parser(
+        "lr-find",
+        help="the LR range test: a short run while the LR rises from --min to --max; writes "
+        "lr_find.csv and lr_find.png and suggests a base LR (docs/lr_find.md)",
+    )
+    _add_config_args(find)
+    find.add_argument(
+        "--min", type=float, default=1e-7, help="the LR of the first update (default 1e-7)"
+    )
+    find.add_argument(
+        "--max", type=float, default=1e-1, help="the LR of the last update (default 1e-1)"
+    )
+    find.add_argument(
+        "--steps", type=int, default=100, help="optimizer updates of the ramp (default 100)"
+    )
+    find.add_argument(
+        "--diverge",
+        type=float,
+        default=4.0,
+        help="stop when the smoothed loss exceeds this many times its lowest value (default 4)",
+    )
+    find.add_argument(
+        "--smooth",
+        type=float,
+        default=0.98,
+        help="the loss's moving-average weight of the past, in [0, 1) (default 0.98, as fastai)",
+    )
+    find.add_argument(
+        "--val-points",
+        type=int,
+        default=5,
+        help="validation losses along the ramp, with held-out images (default 5; 0: none)",
+    )
+    find.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where lr_find.csv and lr_find.png go (default: <output_dir>/lr_find); nothing "
+        "else is left behind",
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -476,6 +520,29 @@ def cmd_lr_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """Run the LR range test; print what it found and a sweep around the suggestion."""
+    from trainer.commands import lr_find
+
+    options = lr_find.Options(
+        min_lr=args.min,
+        max_lr=args.max,
+        steps=args.steps,
+        diverge=args.diverge,
+        smooth=args.smooth,
+        val_points=args.val_points,
+        out=args.out or "",
+    )
+    try:
+        found = lr_find.run(args.config, args.overrides, options)
+    except KeyboardInterrupt:
+        print("lr-find stopped before its end; nothing was written", file=sys.stderr)
+        return 130
+    if found is not None:
+        print(found[0], flush=True)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a saved LoRA in the client formats."""
     from trainer.commands.export import export
@@ -598,6 +665,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "train": cmd_train,
     "lr-plot": cmd_lr_plot,
+    "lr-find": cmd_lr_find,
     "schedules": cmd_schedules,
     "export": cmd_export,
     "inspect": cmd_inspect,
@@ -608,7 +676,7 @@ COMMANDS = {
 }
 # The commands that load models: the installed libraries are checked against sdlora's ranges
 # before they start, so a mismatched set is named as such instead of failing deep inside.
-LOADS_MODELS = {"train", "export", "inspect", "sample", "sweep"}
+LOADS_MODELS = {"train", "lr-find", "export", "inspect", "sample", "sweep"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -378,7 +378,10 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         with state.tracker.paused("validation"):  # kept out of the throughput shown
             validate(state, record)
     state.tracker.update(record)
-    interrupted = bool(signalled) and update < plan.total_updates
+    asked = state.stop_at is not None and update >= state.stop_at
+    if state.watch is not None and state.watch(record):
+        asked = True
+    interrupted = (bool(signalled) or asked) and update < plan.total_updates
     every = config.checkpoint.every_n_steps
     if interrupted or (every and update % every == 0 and update < plan.total_updates):
         with state.tracker.paused("checkpoint"):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -43,6 +45,12 @@ class RunState:
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
+    # Stop after this update as a signal would (checkpoint saved): ``sdlora train --stop-at``,
+    # a sweep's shared prefix ending at a branch point.
+    stop_at: int | None = None
+    # Called with every update's record (the same on every process); True stops the run as a
+    # signal would: ``sdlora lr-find``'s divergence test, a warm sweep worker's pruner.
+    watch: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property
     def output_dir(self) -> Path:
