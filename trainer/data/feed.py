@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.load import RunConfig
-from trainer.data import cache, holdout
+from trainer.data import cache, holdout, shared_cache
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
 
@@ -69,7 +69,12 @@ def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
 
 
 def _fill_latent_cache(
-    config: RunConfig, prepared: data.Prepared, vae: torch.nn.Module, accelerator, mode: str
+    config: RunConfig,
+    prepared: data.Prepared,
+    vae: torch.nn.Module,
+    accelerator,
+    mode: str,
+    shared: Path | None = None,
 ):
     folder = None
     if mode == "disk":
@@ -87,6 +92,13 @@ def _fill_latent_cache(
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
     jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
     jobs = list(jobs.values())
+    if shared is not None and not (mode == "disk" and config.data.cache_dir):
+        # A sweep's trials share one cache (a data.cache_dir of the user's own is kept).
+        lookup = shared_cache.latents(
+            shared, jobs, vae, accelerator.is_main_process, accelerator.wait_for_everyone,
+            in_memory=mode == "memory", show_progress=accelerator.is_main_process,
+        )  # fmt: skip
+        return lambda index, flip: lookup(keys[(index, flip)])
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(
@@ -126,6 +138,7 @@ def build_feed(
     text_encoder_trained: bool,
     prepared: data.Prepared,
     val_examples: list[data.Example],
+    shared: Path | None = None,
 ) -> Feed:
     """Fill the caches and build the resumable loader over already checked examples.
 
@@ -136,6 +149,7 @@ def build_feed(
         text_encoder_trained: Whether any text encoder's LoRA is trained (no text cache then).
         prepared: The checked training examples (:func:`checked_examples`).
         val_examples: The held-out examples.
+        shared: A sweep's shared cache folder (``trainer/data/shared_cache.py``), or None.
     """
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -156,15 +170,22 @@ def build_feed(
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":
-        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        dataset.latents = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode, shared)
     use_text_cache = text_cache_enabled(config) and not text_encoder_trained
     if use_text_cache:
-        store = cache.TextCache()
         captions = {e.caption for e in prepared.examples}
         if config.data.caption_dropout > 0:
             captions.add("")
-        store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
-        dataset.text = store.get
+        if shared is not None:
+            dataset.text = shared_cache.text(
+                shared, sorted(captions), parts.text_encoders, parts.tokenizers,
+                accelerator.is_main_process, accelerator.wait_for_everyone,
+                accelerator.is_main_process,
+            )  # fmt: skip
+        else:
+            store = cache.TextCache()
+            store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
+            dataset.text = store.get
 
     train = config.train
     sampler = ResumableBatchSampler(

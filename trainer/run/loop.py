@@ -51,7 +51,7 @@ from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
-from trainer.run.trial import in_sweep
+from trainer.run.trial import in_sweep, shared_cache_dir
 from trainer.run.validation import Validator
 
 log = logging.getLogger("sdlora")
@@ -197,8 +197,9 @@ def setup(
 
     # ---- caches and the loader; the order is planned by counters so it can resume
     feed = build_feed(
-        config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples
-    )
+        config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples,
+        shared=shared_cache_dir(),
+    )  # fmt: skip
     validator = None
     if feed.validation:
         val = config.validation

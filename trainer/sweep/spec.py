@@ -64,6 +64,11 @@ class SweepFile:
     sampler_seed: int = doc(
         "With [search]: the TPE sampler's seed (reproducible with one worker); -1 = random", -1
     )
+    share_cache: bool = doc(
+        "Trials that would encode the same latents (or text-encoder outputs) read one cache in "
+        "the sweep folder, filled once (cache/)",
+        True,
+    )
     heartbeat_seconds: int = doc(
         "With --storage (an RDB): seconds between a running trial's heartbeats; a trial "
         "silent for 3 times this is taken over by another worker",

@@ -35,6 +35,7 @@ from trainer.sweep.optuna_adapter import quiet_caught
 from trainer.sweep.spec import Spec
 
 POLL_S = 0.5
+CACHE_DIR = "cache"  # in the sweep folder: the shared latent and text caches
 IDLE_POLL_S = 2.0
 
 
@@ -61,6 +62,8 @@ class Worker:
         self.space = engine.grid_space(spec) if spec.mode != "search" else {}
         self.me = claims.WorkerLock(spec.sweep_dir)
         self.current: int | None = None
+        # The trials' shared latent and text caches (trainer/data/shared_cache.py).
+        self.cache_dir = spec.sweep_dir / CACHE_DIR if spec.file.share_cache else None
         self.failed: list[str] = []
         seeds = len(engine.seeds(spec))
         total = len(self.all_runs) if self.all_runs else spec.file.n_trials * seeds
@@ -168,7 +171,7 @@ class Worker:
         folder = run.folder(self.spec)
         cmd = process.command(self.launch, self.spec.base, run.launch_flags(self.spec))
         self.bar.set_postfix_str(f"training {run.name}")
-        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks")
+        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks", self.cache_dir)
         reported: set[int] = set()
         pruned = False
         try:
