@@ -1,6 +1,6 @@
 """The ``sdlora`` command line: one entry point, one subcommand per job.
 
-    sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
+    sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH] [--stop-at N]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
     sdlora lr-find --config FILE [--set ...] [--min LR] [--max LR] [--steps N] [--out DIR]
     sdlora schedules [NAME]
@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over: remove the weights, checkpoints, metrics and logs an earlier run left "
         "in output_dir (never done without this flag)",
+    )
+    train.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="N",
+        help="stop after optimizer update N with a checkpoint there, as a signal would, and exit "
+        "0 (a sweep's shared prefix ends so); a run already at N trains nothing",
     )
     plot = sub.add_parser(
         "lr-plot", help="preview the LR of every param group at every update (no model needed)"
@@ -385,14 +392,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     # A sweep worker's trial holds its run folder's lock and registers its pid; a no-op else.
+    stop_at = args.stop_at
+    if stop_at is not None and stop_at < 1:
+        raise ConfigError([f"--stop-at {stop_at}: an optimizer update, >= 1"], "sdlora train")
     with trial_process():
         processes, is_main = preflight.launch()
         checked = preflight.check(cfg, processes, args.overwrite, is_main)
+        if stop_at is not None and not checked.complete and checked.updates_done >= stop_at:
+            if is_main:
+                print(f"nothing to train: the run in {cfg.output_dir} is at update "
+                      f"{checked.updates_done}, at or past --stop-at {stop_at}")  # fmt: skip
+            return 0
         from trainer.run import loop
 
-        result = loop.run(cfg, overwrite=args.overwrite, checked=checked)
+        result = loop.run(cfg, overwrite=args.overwrite, checked=checked, stop_at=stop_at)
+    asked = result.interrupted and stop_at is not None and result.updates == stop_at
     if not result.is_main_process:
-        return 130 if result.interrupted else 0
+        return 130 if result.interrupted and not asked else 0
+    if asked:
+        print(
+            f"stopped at update {result.updates} as asked (--stop-at); continue with:\n  "
+            f"{resume_command()}",
+            flush=True,
+        )
+        return 0
     if result.interrupted:
         print(
             f"stopped after {result.updates} updates; resume with:\n  {resume_command()}",
@@ -418,7 +441,8 @@ def resume_command(
 ) -> str:
     """The shell command that resumes this run: how it was launched, every flag it was given
     (``--set``, ``--allow-change``...), ``--resume latest`` instead of any ``--resume``, and no
-    ``--overwrite`` (which would start over), quoted for the shell and run from this folder.
+    ``--overwrite`` (which would start over) or ``--stop-at`` (which would stop at once), quoted
+    for the shell and run from this folder.
 
     Args:
         argv: This process's arguments (default ``sys.argv``).
@@ -436,13 +460,13 @@ def resume_command(
                 allowed.append(arg)
             elif flag == "--set" and max_steps is not None and _sets_max_steps(arg):
                 pass
-            elif flag != "--resume":
+            elif flag not in ("--resume", "--stop-at"):
                 args += [flag, arg]
             continue
         name, eq, value = arg.partition("=")
-        if arg == "--overwrite":
+        if arg == "--overwrite" or (name == "--stop-at" and eq):
             continue
-        if name in ("--resume", "--allow-change", "--set") and not eq:
+        if name in ("--resume", "--allow-change", "--set", "--stop-at") and not eq:
             pending = name
         elif name == "--allow-change":
             allowed.append(value)

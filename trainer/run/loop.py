@@ -75,7 +75,12 @@ class TrainResult:
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second, when trained
 
 
-def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = None) -> TrainResult:
+def run(
+    config: RunConfig,
+    overwrite: bool = False,
+    checked: Checked | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
     """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
 
     Args:
@@ -83,6 +88,7 @@ def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = No
         overwrite: Replace what an earlier run left in ``output_dir`` (``--overwrite``).
         checked: ``preflight.check``'s answer when the caller ran it already (``sdlora
             train`` does, before importing this module's libraries); else it runs here.
+        stop_at: Stop after this update with a checkpoint, as a signal would (``--stop-at``).
 
     Returns:
         The output folder, the updates done, the unwrapped trained models (None when the run
@@ -116,6 +122,7 @@ def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = No
     spread = prometheus.SWEEP_PORTS if in_sweep() else 1
     with prometheus.serving(config, accelerator.is_main_process, spread) as metrics:
         state = setup(config, accelerator, checked, metrics)
+        state.stop_at = stop_at
         interrupted = train(state)
         return finish(state, interrupted)
 

@@ -69,6 +69,11 @@ class SweepFile:
         "the sweep folder, filled once (cache/)",
         True,
     )
+    share_prefixes: bool = doc(
+        "Train once the updates that trials with the same config but for the LR schedule and "
+        "run length share (the same LRs), then fork each trial from a checkpoint (stems/)",
+        True,
+    )
     heartbeat_seconds: int = doc(
         "With --storage (an RDB): seconds between a running trial's heartbeats; a trial "
         "silent for 3 times this is taken over by another worker",
