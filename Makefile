@@ -54,7 +54,9 @@ lint: $(VENV)/.installed
 
 # Regenerate both locks from pyproject.toml with the newest releases its ranges allow, then run
 # `make test` and commit (README: Development).
-UV_LOCK := $(VENV)/bin/uv pip compile pyproject.toml --all-extras --upgrade --quiet \
+# LOCK_UPGRADE= (empty) keeps every locked version that still fits and only adds what is new.
+LOCK_UPGRADE ?= --upgrade
+UV_LOCK := $(VENV)/bin/uv pip compile pyproject.toml --all-extras $(LOCK_UPGRADE) --quiet \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 # uv comes with the dev extra; a checkout whose lock is missing or broken gets it on its own.
 $(VENV)/bin/uv:

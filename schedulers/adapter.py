@@ -17,9 +17,10 @@ so ``step(epoch)`` may jump anywhere and a resumed run gets bit-identical LRs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from schedulers.base import Schedule
@@ -56,9 +57,12 @@ class ScheduleLR(LRScheduler):
         self.total_steps = total_steps
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         """The LRs for update ``last_epoch``, straight from the schedule."""
-        return self.schedule.lrs(self.last_epoch, self.total_steps, self.base_lrs)
+        # PyTorch lets a param group's LR be a 0-dim tensor; the schedule's float arithmetic
+        # runs on it unchanged (its LRs are then tensors too), so it is passed through as is.
+        base_lrs = cast(list[float], self.base_lrs)
+        return [*self.schedule.lrs(self.last_epoch, self.total_steps, base_lrs)]
 
     # The schedule is a closed form, so `step(epoch)` needs nothing else.
     _get_closed_form_lr = get_lr
@@ -76,7 +80,7 @@ class ScheduleLR(LRScheduler):
         exact even when the optimizer's own state was not restored.
         """
         schedule = schedule_from_state(state_dict)
-        base_lrs = [float(x) for x in state_dict["base_lrs"]]
+        base_lrs: list[float | Tensor] = [float(x) for x in state_dict["base_lrs"]]
         groups = self.optimizer.param_groups
         if len(base_lrs) != len(groups):
             raise ValueError(

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from schedulers.base import Schedule
 
@@ -240,7 +240,11 @@ def lr_figure(
     return fig
 
 
-def new_figure(size: tuple[float, float], dpi: int = 100, layout: str = "constrained") -> Figure:
+def new_figure(
+    size: tuple[float, float],
+    dpi: int = 100,
+    layout: Literal["constrained", "compressed", "tight"] = "constrained",
+) -> Figure:
     """An empty figure on an off-screen Agg canvas.
 
     The object API with the Agg canvas draws off-screen without touching pyplot's global

@@ -27,7 +27,7 @@ ENTRY_POINT_GROUP = "sdlora.lr_schedulers"
 S = TypeVar("S", bound=type[Schedule])
 
 
-def _has_a_curve(cls: type, what: str) -> None:
+def _has_a_curve(cls: type[Schedule], what: str) -> None:
     if cls.after_warmup is Schedule.after_warmup or (
         issubclass(cls, DecaySchedule)
         and cls.after_warmup is DecaySchedule.after_warmup
@@ -52,7 +52,13 @@ def register(name: str) -> Callable[[S], S]:
             :class:`Schedule` implementing ``after_warmup`` (or ``decay``), every field
             documented.
     """
-    return REGISTRY.register(name)
+    add = REGISTRY.register(name)
+
+    def decorate(cls: S) -> S:
+        add(cls)  # checks and registers it; returning `cls` here keeps its own type
+        return cls
+
+    return decorate
 
 
 def get(name: str) -> type[Schedule]:

@@ -20,7 +20,7 @@ base_lrs; ``last_lrs`` is there for people and for consistency checks, never as 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, SupportsFloat
 
 from schedulers.base import Schedule
 from schedulers.config import from_table
@@ -35,8 +35,8 @@ def schedule_state(
     schedule: Schedule,
     total_steps: int,
     step: int,
-    base_lrs: Sequence[float],
-    last_lrs: Sequence[float],
+    base_lrs: Sequence[SupportsFloat],
+    last_lrs: Sequence[SupportsFloat],
 ) -> dict[str, Any]:
     """The JSON-able state of a schedule in a run.
 

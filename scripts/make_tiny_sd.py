@@ -1,4 +1,4 @@
-"""Write a random, offline Stable Diffusion model (SD 1.x or SDXL) in the diffusers layout.
+"""Write a random, offline Stable Diffusion model (SD 1.x, SDXL or SD 3.5) in the diffusers layout.
 
 The folder loads with ``StableDiffusionPipeline.from_pretrained(OUT_DIR)`` (SDXL:
 ``StableDiffusionXLPipeline``) under ``HF_HUB_OFFLINE=1``, so the trainer's real loading path
@@ -22,11 +22,14 @@ Presets (``--preset``), per architecture (``--arch``):
   ``force_upcast``, and an Euler noise scheduler config. Widths are tiny (about 5 MB).
 - ``sdxl`` ``sdxl-shape``: the published SDXL base 1.0 shapes (UNet 2.57 G parameters, VAE
   84 M, CLIP ViT-L 123 M, OpenCLIP ViT-bigG 695 M), in fp16 (about 6.9 GB).
+- ``sd3`` ``tiny`` and ``sd35-medium-shape``: SD 3.5 (an MMDiT, CLIP-L, CLIP-G and T5, a
+  16-channel VAE, flow matching); see ``scripts/make_tiny_sd3.py``.
 
 The ``*-shape`` presets are random: their outputs mean nothing.
 
 Usage:
-    python scripts/make_tiny_sd.py OUT_DIR [--arch sd15|sdxl] [--preset tiny|sd15-shape|sdxl-shape]
+    python scripts/make_tiny_sd.py OUT_DIR [--arch sd15|sdxl|sd3]
+        [--preset tiny|sd15-shape|sdxl-shape|sd35-medium-shape]
         [--dtype fp32|fp16|bf16] [--prediction-type v_prediction] [--seed 0]
 """
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from make_tiny_sd3 import SD3_PRESETS, write_sd3
 
 SD_SCALING_FACTOR = 0.18215
 SDXL_SCALING_FACTOR = 0.13025
@@ -349,6 +353,11 @@ def make_tiny_sdxl(out_dir: str | Path, prediction_type: str = "epsilon", seed: 
     return make_sd(out_dir, "sdxl", "tiny", prediction_type=prediction_type, seed=seed)
 
 
+def make_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+    """Create the tiny SD 3.5 (Medium layout) folder and return its path."""
+    return make_sd(out_dir, "sd3", "tiny", seed=seed)
+
+
 def make_sd(
     out_dir: str | Path,
     arch: str = "sd15",
@@ -509,6 +518,8 @@ def _write_sdxl(
 ARCHS: dict[str, Arch] = {
     "sd15": Arch(write=_write_sd15, presets={"tiny": TINY_SD15, "sd15-shape": SD15_SHAPE}),
     "sdxl": Arch(write=_write_sdxl, presets={"tiny": TINY_SDXL, "sdxl-shape": SDXL_SHAPE}),
+    # SD 3.5 (an MMDiT, three text encoders, flow matching): scripts/make_tiny_sd3.py.
+    "sd3": Arch(write=write_sd3, presets=SD3_PRESETS),
 }
 
 

@@ -258,3 +258,55 @@ def module_parts(kohya: dict) -> dict[str, set[str]]:
         name, _, part = key.partition(".")
         parts.setdefault(name, set()).add(part)
     return parts
+
+
+# ---------------------------------------------------------------- SD3 in ComfyUI
+
+# comfy/utils.py ``mmdit_to_diffusers``: the diffusers module paths of one joint block that
+# ComfyUI maps onto its MMDiT (SAI layout); to_q/to_k/to_v and add_q/k/v_proj onto slices of
+# the fused x_block / context_block ``attn.qkv``, attn2.to_q/k/v onto ``x_block.attn2.qkv``,
+# the rest (``MMDIT_MAP_BLOCK``) one to one. Generated for every block, whether or not the
+# block has the module.
+COMFY_MMDIT_BLOCK = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+    "attn.add_v_proj", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+    "norm1_context.linear", "attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2",
+    "attn.norm_added_q", "attn.norm_added_k", "norm1.linear", "attn.to_out.0", "attn.norm_q",
+    "attn.norm_k", "attn2.to_out.0", "attn2.norm_q", "attn2.norm_k", "ff.net.0.proj", "ff.net.2",
+)  # fmt: skip
+
+
+def comfy_sd3_names(num_blocks: int, clip_layers: tuple[int, int]) -> set[str]:
+    """Every LoRA module name ComfyUI maps for an SD3 model (CLIP-L, CLIP-G and T5 loaded).
+
+    ``comfy/lora.py`` ``model_lora_keys_unet`` for an ``SD3`` model: each diffusers path ``p``
+    of :data:`COMFY_MMDIT_BLOCK` in ``transformer_blocks.{i}`` as ``transformer.p`` (diffusers),
+    ``base_model.model.p``, ``lora_transformer_`` + p with ``_`` (OneTrainer) and ``lycoris_``
+    + p with ``_``; ``model_lora_keys_clip``: with clip_l present, CLIP-L's six projections per
+    layer as ``lora_te1_text_model_encoder_layers_{i}_{x}`` (and ``lora_te_…``, and the
+    diffusers ``text_encoder.text_model.encoder.layers.{i}.{x}``), CLIP-G's as ``lora_te2_…``
+    and ``text_encoder_2.text_model…``.
+    """
+    names = set()
+    for i in range(num_blocks):
+        for path in COMFY_MMDIT_BLOCK:
+            full = f"transformer_blocks.{i}.{path}"
+            flat = full.replace(".", "_")
+            names |= {f"transformer.{full}", f"base_model.model.{full}"}
+            names |= {f"lora_transformer_{flat}", f"lycoris_{flat}"}
+    clip_map = {
+        "mlp.fc1": "mlp_fc1",
+        "mlp.fc2": "mlp_fc2",
+        "self_attn.k_proj": "self_attn_k_proj",
+        "self_attn.q_proj": "self_attn_q_proj",
+        "self_attn.v_proj": "self_attn_v_proj",
+        "self_attn.out_proj": "self_attn_out_proj",
+    }
+    for encoder, layers in enumerate(clip_layers, start=1):
+        diffusers = "text_encoder" if encoder == 1 else "text_encoder_2"
+        kohya = ("lora_te", "lora_te1") if encoder == 1 else ("lora_te2",)
+        for i in range(layers):
+            for dotted, flat in clip_map.items():
+                names |= {f"{p}_text_model_encoder_layers_{i}_{flat}" for p in kohya}
+                names.add(f"{diffusers}.text_model.encoder.layers.{i}.{dotted}")
+    return names

@@ -33,6 +33,15 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random SD 3.5 diffusers folder in 3.5 Medium's layout (an MMDiT with attn2 in
+    its first block, CLIP-L, CLIP-G and T5, a 16-channel VAE, flow matching)."""
+    from make_tiny_sd import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """16 captioned 64 px shape images in the kohya layout."""
     from make_tiny_dataset import make_tiny_dataset
@@ -69,6 +78,16 @@ def sdxl_config(tiny_config, tiny_sdxl):
     return build
 
 
+@pytest.fixture(scope="session")
+def sd3_config(tiny_config, tiny_sd3):
+    """``sd3_config(output, *overrides)``: like ``tiny_config``, on the tiny SD3 model."""
+
+    def build(output: Path, *overrides: str):
+        return tiny_config(output, f'model.pretrained="{tiny_sd3}"', *overrides)
+
+    return build
+
+
 @pytest.fixture
 def make_config(tiny_config, tmp_path):
     """Like ``tiny_config``, writing to ``tmp_path / "out"`` unless ``output`` is given, e.g.
@@ -92,3 +111,11 @@ def every_update_drawn(monkeypatch):
     from trainer.report import tracking
 
     monkeypatch.setattr(tracking, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny random CLIP and DINOv2 folders (validation.clip_model, validation.dino_model)."""
+    from make_tiny_scorers import make_tiny_scorers
+
+    return make_tiny_scorers(tmp_path_factory.mktemp("scorers"))

@@ -198,8 +198,8 @@ def test_version_strings_are_kohyas(name, prediction, version, spec):
 
 
 def test_unknown_architecture_and_component_are_clear_errors():
-    with pytest.raises(ValueError, match="sd1, sd2, sdxl"):
-        architectures.get("sd3")
+    with pytest.raises(ValueError, match="sd1, sd2, sdxl, sd3"):
+        architectures.get("flux")
     with pytest.raises(ValueError, match="text_encoder_2"):
         lora_keys.kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1", SD1)
 

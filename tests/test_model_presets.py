@@ -144,8 +144,10 @@ def test_fp16_folder_loads_and_equals_the_fp32_weights_rounded(tmp_path):
 def test_unknown_presets_and_dtypes_name_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"no preset 'sdxl-shape'.*sd15-shape"):
         preset_spec("sd15", "sdxl-shape")
-    with pytest.raises(ValueError, match=r"unknown arch 'sd3'.*sd15.*sdxl"):
-        preset_spec("sd3", "tiny")
+    with pytest.raises(ValueError, match=r"unknown arch 'flux'.*sd15.*sd3.*sdxl"):
+        preset_spec("flux", "tiny")
+    with pytest.raises(ValueError, match=r"no preset 'sdxl-shape'.*sd35-medium-shape"):
+        preset_spec("sd3", "sdxl-shape")
     with pytest.raises(ValueError, match=r"no preset 'sd15-shape'.*sdxl-shape"):
         preset_spec("sdxl", "sd15-shape")
     with pytest.raises(ValueError, match="dtype"):

@@ -211,7 +211,7 @@ def test_the_negative_prompt_reaches_the_png_metadata(make_config, tmp_path):
 
 def test_the_sweep_report_takes_each_prompts_image_of_the_last_point_in_order(sampled):
     """samples.png of a sweep is one column per prompt: the point's grid.png is no prompt."""
-    from trainer.sweep.report import last_samples
+    from trainer.sweep.figures import last_samples
 
     images = last_samples(sampled)
     assert [sample_facts(p)["prompt"] for p in images] == PROMPTS

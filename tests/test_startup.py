@@ -66,10 +66,13 @@ def test_lr_plot_needs_no_heavy_library(tiny_data):
 
 
 def test_a_problem_preflight_finds_comes_before_the_model_libraries(tmp_path):
-    """A missing data.path is found by preflight, which loads torch (checkpoints) but not
-    diffusers, peft, transformers or accelerate."""
+    """A missing data.path and model are found by preflight, which loads torch (checkpoints)
+    but not diffusers, peft, transformers or accelerate. (A model that exists is opened to
+    check the LoRA targets in its modules, which needs diffusers: a problem found after that
+    check cannot come before it.)"""
     argv = ["train", "--config", "configs/tiny.toml", "--set", f'data.path="{tmp_path / "no"}"']
     argv += ["--set", f'output_dir="{tmp_path / "out"}"']
+    argv += ["--set", f'model.pretrained="{tmp_path / "no-model"}"']
     code, loaded = loaded_after(argv)
     assert code == 2
     assert sorted(loaded & set(HEAVY) - {"torch"}) == []

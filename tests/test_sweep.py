@@ -36,7 +36,7 @@ from trainer.lora.files import WEIGHTS_NAME
 from trainer.report.tracking import read_metrics
 from trainer.run.checkpoint import find_latest
 from trainer.sweep import claims
-from trainer.sweep.report import FILES
+from trainer.sweep.report import FIGURES, FILES
 
 pytestmark = pytest.mark.slow
 VALUE_COLUMNS = ("state", "final_val_loss", "best_val_loss", "final_train_loss", "updates")
@@ -224,7 +224,8 @@ def test_report_html_opens_in_chromium_and_every_image_decodes(reference, tmp_pa
     need("chromium", browser)
     page = (reference / "report.html").read_text()
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(FIGURES)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
     assert "http" not in page.replace("http-equiv", ""), "self-contained: nothing fetched"
     # The page as sent, plus a probe that writes each image's decoded width into the DOM.
     probe = (
@@ -245,7 +246,7 @@ def test_report_html_opens_in_chromium_and_every_image_decodes(reference, tmp_pa
     found = re.search(r'data-widths="([^"]*)"', done.stdout)
     assert found, done.stdout[-2000:] + done.stderr[-2000:]
     widths = [int(w) for w in found.group(1).split(",")]
-    assert len(widths) == 3 and all(w > 0 for w in widths), widths
+    assert len(widths) == len(FIGURES) and all(w > 0 for w in widths), widths
 
 
 def test_report_only_rebuilds_the_same_report(sweep_file, reference, tmp_path):

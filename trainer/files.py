@@ -79,7 +79,7 @@ def move_into_place(tmp: Path, path: Path, durable: bool = True) -> Path:
     return path
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None], durable: bool = True) -> Path:
+def write_atomic(path: str | Path, write: Callable[[Path], object], durable: bool = True) -> Path:
     """Let ``write`` fill a temporary file beside ``path``, then move it into place.
 
     Args:
@@ -106,6 +106,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], None], durable: bool 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a binary file atomically."""
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: str | Path, data: Any) -> Path:

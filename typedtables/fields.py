@@ -38,9 +38,15 @@ def doc(text: str, default: Any = _MISSING) -> Any:
     return dataclasses.field(default=default, metadata={"doc": text})
 
 
-@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of every dataclass field of ``cls`` (cached per class)."""
+    # A plain function in front of the cache: mypy does not see ``type[X]`` as Hashable, the
+    # cache's argument type (python/mypy#11470), so every caller passing a class would fail.
+    return _field_types(cls)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

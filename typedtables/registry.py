@@ -24,12 +24,13 @@ import importlib
 import importlib.metadata
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar
 
 from typedtables.fields import field_types
-from typedtables.tables import build_table
+from typedtables.tables import NamedTable, build_table
 
-T = TypeVar("T", bound=type)
+# The classes one registry holds: a base class and its subclasses, dataclasses with a `name`.
+T = TypeVar("T", bound="type[NamedTable]")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -90,7 +91,7 @@ class Registry(Generic[T]):
         kind: str,
         base: T,
         group: str,
-        check: Callable[[type, str], None] | None = None,
+        check: Callable[[T, str], None] | None = None,
         base_name: str = "",
     ) -> None:
         self.kind = kind
@@ -135,9 +136,17 @@ class Registry(Generic[T]):
         if getattr(cls, "name", "") in ("", origin(cls)):
             cls.name = name
 
-    def check_class(self, obj: object, what: str) -> None:
-        """Raise :class:`RegistryError` unless ``obj`` honours the contract (see the class)."""
-        if not (isinstance(obj, type) and issubclass(obj, self.base)):
+    def _of_kind(self, obj: object) -> TypeGuard[T]:
+        """Whether ``obj`` is ``base`` or one of its subclasses: what ``T`` stands for."""
+        return isinstance(obj, type) and issubclass(obj, self.base)
+
+    def check_class(self, obj: object, what: str) -> T:
+        """``obj``, once it honours the contract (see the class).
+
+        Raises:
+            RegistryError: It does not.
+        """
+        if not self._of_kind(obj):
             # A module's repr holds its absolute path; its name says the same.
             shown = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
             kind = "class" if isinstance(obj, type) else type(obj).__name__
@@ -159,6 +168,7 @@ class Registry(Generic[T]):
             raise RegistryError(f"{what}: 'name' is reserved for the {self.kind}'s name")
         if self._check is not None:
             self._check(obj, what)
+        return obj
 
     # ------------------------------------------------------------------ looking up
 
@@ -269,8 +279,7 @@ class Registry(Generic[T]):
                     f"{what}: module {module_name!r} has no attribute {attr!r}{hint}"
                 )
             obj = getattr(obj, part)
-        self.check_class(obj, what)
-        return obj  # type: ignore[return-value]
+        return self.check_class(obj, what)
 
     # ------------------------------------------------------------------ tables
 
@@ -319,14 +328,14 @@ class Registry(Generic[T]):
             problems.append(f"{where}.name: {err}")
             return self.get(fallback)()
 
-        def unknown(cls: type, key: str, where: str) -> str:
+        def unknown(_: type, key: str, where: str) -> str:  # build_table passes `cls` back
             return self.unknown_key(cls, key, where, noun, hints, peer_names)
 
         return build_table(cls, table, where, problems, unknown=unknown, skip=("name",))
 
     def unknown_key(
         self,
-        cls: type,
+        cls: T,
         key: str,
         where: str,
         noun: str,

@@ -14,11 +14,19 @@ import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from typedtables.fields import check_value, field_types, toml_value, type_name
 
 T = TypeVar("T")
+
+
+class NamedTable(Protocol):
+    """A table class chosen by ``name`` in a table (an LR schedule, an optimizer): a dataclass
+    whose ``name`` class attribute is what the table writes."""
+
+    name: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
 
 class ConfigError(ValueError):
@@ -158,7 +166,7 @@ def build_or_raise(
     return built
 
 
-def describe_choice(cls: type, where: str, notes: Sequence[str] = ()) -> str:
+def describe_choice(cls: type[NamedTable], where: str, notes: Sequence[str] = ()) -> str:
     """Help text for a class chosen by ``name`` in a table (a schedule, an optimizer).
 
     Args:

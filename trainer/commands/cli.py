@@ -330,7 +330,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     ) -> tuple[argparse.Namespace, list[str]]:
         return parse(None if args is None else _join_negative_scales(args), namespace)
 
-    sample.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    sample.parse_known_args = parse_known_args
     sample.add_argument("--lora", required=True, help="the LoRA file (any format diffusers reads)")
     sample.add_argument(
         "--model",

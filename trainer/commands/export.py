@@ -99,7 +99,7 @@ def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) ->
     """A run record for a file whose header has none: from the files beside it."""
     from trainer.config import load as config_module
 
-    texts = {lora_keys.split_peft_key(k)[0] for k in state} - {lora_keys.UNET}
+    texts = {lora_keys.split_peft_key(k)[0] for k in state} - set(lora_keys.DENOISERS)
     trainer_state = {}
     if (folder / ckpt.TRAINER_STATE).is_file():
         trainer_state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
@@ -108,6 +108,8 @@ def _rebuilt_record(folder: Path, old: dict, state: dict, finished_at: float) ->
     recorded = trainer_state.get("architecture") or old.get("architecture")
     if recorded in architectures.ARCHITECTURES:
         arch = architectures.get(recorded)
+    elif any(k.startswith(lora_keys.TRANSFORMER + ".") for k in state):
+        arch = architectures.get("sd3")  # only SD3's denoiser is a transformer
     else:
         arch = architectures.detect_from_width(_cross_attention_width(state), len(texts))
     steps = int(trainer_state.get("global_step", old.get("steps", 0)))

@@ -13,7 +13,9 @@ diffusers-format file of those types is loaded the way training built it: the ad
 attached by peft from the ``[lora]`` settings in its header, then its tensors loaded and
 checked key by key; the scale multiplies every adapter's own scaling. Our kohya-format file
 of those types is refused, naming the diffusers file to use. An SDXL model
-(``trainer/models/family.py`` tells) is drawn with the SDXL pipeline.
+(``trainer/models/family.py`` tells) is drawn with the SDXL pipeline, an SD3 model with
+``StableDiffusion3Pipeline`` (its own flow-matching sampler; diffusers reads SD3 LoRAs in the
+diffusers format only, so an SD3 kohya/ComfyUI file is refused for the diffusers file).
 
 Everything that can be wrong with the request is found before any model loads and reported
 together (``trainer/commands/sample_checks.py``): the settings, the device, the model's path, and a
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from PIL import Image
@@ -83,10 +86,20 @@ class LoraSource:
     # format), else None: diffusers loads it.
     record: dict | None
     unet_only: bool  # holds no text-encoder tensors
-    family: str = "unknown"  # sd1, sd2, sdxl or unknown
+    family: str = "unknown"  # sd1, sd2, sdxl, sd3 or unknown
     family_evidence: str = ""  # where the family was read, for messages
     base_model: str = ""  # the model it was trained on, when the header names it
     resolution: int = 512  # its training side (modelspec.resolution), else 512
+    kohya: bool = False  # in the kohya/LyCORIS format (not diffusers/PEFT)
+
+
+class _HeaderFacts(TypedDict):
+    """The :class:`LoraSource` fields read from a file's header."""
+
+    family: str
+    family_evidence: str
+    base_model: str
+    resolution: int
 
 
 def _family(parsed: Parsed, metadata: dict[str, str]) -> tuple[str, str]:
@@ -103,16 +116,17 @@ def check_lora(path: Path) -> LoraSource:
     parsed = parse(header)
     if parsed is None:
         raise LoraFileError(f"{path}: holds no LoRA tensors; `sdlora inspect` tells what it is")
-    unet_only = parsed.components == ["unet"]
+    unet_only = parsed.components in (["unet"], ["transformer"])
     meta = header.metadata
     record = json.loads(meta.get(TRAINING_METADATA_KEY, "{}") or "{}")
     side = meta.get("modelspec.resolution", "").split("x", 1)[0]
     family, evidence = _family(parsed, meta)
-    facts = {
+    facts: dict[str, Any] = {
         "family": family,
         "family_evidence": evidence,
         "base_model": record.get("base_model") or meta.get("ss_sd_model_name", ""),
         "resolution": int(side) if side.isdigit() else 512,
+        "kohya": parsed.format != FORMAT_DIFFUSERS,
     }
     adapter = record.get("adapter_type", "lora")
     if adapter == "lora":
@@ -149,20 +163,22 @@ def _peft_adapters(pipe, lora: Path, record: dict) -> list:
         for name in ("text_encoder", "text_encoder_2")
         if record.get(f"{name}_trained") and getattr(pipe, name, None) is not None
     }
-    sdxl = model_family.from_unet(pipe.unet.config, ()).name == "sdxl"
-    lora_module.attach(pipe.unet, encoders, settings, conditioning.unread_layers(sdxl))
+    transformer = getattr(pipe, "transformer", None)  # SD3's
+    denoiser = pipe.unet if transformer is None else transformer
+    sdxl = transformer is None and model_family.from_unet(pipe.unet.config, ()).name == "sdxl"
+    lora_module.attach(denoiser, encoders, settings, conditioning.unread_layers(sdxl))
     try:
-        lora_module.load_into(lora, pipe.unet, encoders)
+        lora_module.load_into(lora, denoiser, encoders)
     except ValueError as err:
         raise LoraFileError(f"{err}; is --model the model it was trained on?") from err
-    models = [pipe.unet, *encoders.values()]
+    models = [denoiser, *encoders.values()]
     for model in models:
         # The adapters were made fp32 for training; draw them in the pipeline's dtype, as
         # diffusers' own loader does (a model-wide .to(dtype) would warn about fp32 modules).
         for param in model.parameters():
             if param.requires_grad:
                 param.requires_grad_(False)
-                param.data = param.data.to(pipe.device, pipe.unet.dtype)
+                param.data = param.data.to(pipe.device, denoiser.dtype)
     return [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -225,12 +241,19 @@ def render(
 ) -> list[list[Image.Image]]:
     """Images per prompt: the base model's, then the LoRA's at each scale."""
     quiet.import_notices()
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     from trainer.config.load import ModelConfig
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    if model_family.detect(ModelConfig(pretrained=model)).name == "sdxl":
+    family = model_family.detect(ModelConfig(pretrained=model)).name
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+    elif family == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(

@@ -109,7 +109,7 @@ def family_problems(lora: LoraSource, model: str) -> list[str]:
     ours, theirs = lora.family, detected.name
     if ours not in ARCHITECTURES or not theirs or ours == theirs:
         return []
-    if not detected.certain and "sdxl" not in (ours, theirs):
+    if not detected.certain and {ours, theirs} <= {"sd1", "sd2"}:
         return []  # a UNet width of neither SD 1.x nor 2.x: the names alone differ
     trained = f"; trained on {lora.base_model}" if lora.base_model else ""
     lora_title, model_title = ARCHITECTURES[ours].title, ARCHITECTURES[theirs].title
@@ -133,4 +133,11 @@ def problems(
     found += missing_model
     if lora is not None and not missing_model:
         found += family_problems(lora, model)
+    if lora is not None and lora.family == "sd3" and lora.kohya:
+        # diffusers' SD3 loader reads the diffusers names only (no kohya/ComfyUI converter).
+        found.append(
+            f"--lora {lora.path}: an SD3 LoRA in kohya/ComfyUI format, which diffusers does not "
+            "read; give the diffusers-format file of the same run (pytorch_lora_weights."
+            "safetensors; `sdlora export --format diffusers` writes it from a checkpoint)"
+        )
     return found

@@ -414,7 +414,7 @@ def schedule_info(name: str) -> dict[str, Any]:
         cls = schedulers.get(name)
     except schedulers.UnknownScheduleError as err:
         raise RequestError(404, [str(err)]) from err
-    types = field_types(cls)  # type: ignore[arg-type]  # a class is hashable
+    types = field_types(cls)
     keys = []
     for f in fields(cls):
         default = None if f.default is MISSING else f.default

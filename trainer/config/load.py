@@ -26,7 +26,7 @@ from typing import Any
 import tomllib
 
 from schedulers import config as schedule_config
-from trainer.config import adapter_formats, deprecated
+from trainer.config import adapter_formats, deprecated, sd3
 from trainer.config.schema import (
     MAX_UPDATES,
     CheckpointConfig,
@@ -100,7 +100,7 @@ def build(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             values[key] = schedule_config.build(table, key, problems)
         elif key == "optimizer":
             values[key] = optimizer_config.build(data.get(key, {}), key, problems)
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             # An absent table is built from {} so its required keys are still reported.
             unknown = deprecated.unknown_train_key if key == "train" else None
             values[key] = build_table(tp, data.get(key, {}), key, problems, unknown=unknown)
@@ -154,6 +154,7 @@ def cross_checks(config: RunConfig, warnings: list[str] | None = None) -> list[s
             f"lora.train_text_encoder_2: model.arch = {config.model.arch!r} has one text "
             "encoder; the second exists only in SDXL"
         )
+    p += sd3.family_problems(config, config.model.arch)  # again in preflight for "auto"
     if 0 < train.max_steps <= MAX_UPDATES:
         p += config.lr_scheduler.check(train.max_steps, base_lrs=config.base_lrs())
     p += optimizer_checks(config, [] if warnings is None else warnings)
@@ -359,7 +360,7 @@ def describe() -> str:
             ]
         elif f.name == "optimizer":
             lines += ["", describe_optimizers()]
-        elif dataclasses.is_dataclass(tp):
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += ["", describe_table(tp, f.name)]
         else:
             lines.append(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import schedulers
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config.sd3 import T5_MAX_TOKENS, FlowMatchingConfig
 from trainer.optimizers import OptimizerSpec
 from typedtables import doc
 
@@ -46,10 +47,20 @@ class ModelConfig:
     prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
         "Override the noise scheduler's prediction type; empty reads it from the model", ""
     )
-    arch: Literal["auto", "sd1", "sd2", "sdxl"] = doc(
+    arch: Literal["auto", "sd1", "sd2", "sdxl", "sd3"] = doc(
         "Model family: 'auto' reads it from model_index.json or the checkpoint's keys; an "
-        "explicit value must agree with the model",
+        "explicit value must agree with the model ('sd3': SD 3 and 3.5, see docs/sd3.md)",
         "auto",
+    )
+    t5: bool = doc(
+        "SD3: load the T5-XXL text encoder; false trains and samples without it (zeros in "
+        "its place, as SD3 allows), saving its memory",
+        True,
+    )
+    t5_max_length: int = doc(
+        "SD3: T5 tokens per caption (StableDiffusion3Pipeline's max_sequence_length, default "
+        "256 there too; at most 512)",
+        256,
     )
     vae: str = doc(
         "A VAE to use instead of the model's own: a diffusers folder or hub id (e.g. "
@@ -59,11 +70,14 @@ class ModelConfig:
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
+        p = []
         if not self.pretrained.strip():
-            return [
+            p.append(
                 f"{where}.pretrained: required; a diffusers folder, hub id or .safetensors file"
-            ]
-        return []
+            )
+        if not 1 <= self.t5_max_length <= T5_MAX_TOKENS:
+            p.append(f"{where}.t5_max_length: {self.t5_max_length} must be in [1, {T5_MAX_TOKENS}]")
+        return p
 
 
 # The adapter types, and which of [lora]'s type-specific keys each one reads (docs/adapters.md).
@@ -99,7 +113,7 @@ class LoraConfig:
         "Also train adapters on the CLIP text encoder (SDXL: the first, CLIP ViT-L)", False
     )
     train_text_encoder_2: bool = doc(
-        "SDXL only: also train adapters on the second text encoder (OpenCLIP ViT-bigG)",
+        "SDXL and SD3: also train adapters on the second text encoder (OpenCLIP ViT-bigG)",
         False,
     )
     text_encoder_target_modules: tuple[str, ...] = doc(
@@ -278,7 +292,7 @@ class TrainConfig:
     learning_rate: float = doc("Base LR of the UNet adapters", 1e-4)
     text_encoder_lr: float = doc("Base LR of the text-encoder adapters; 0 uses learning_rate", 0.0)
     text_encoder_2_lr: float = doc(
-        "SDXL: base LR of the second text encoder's adapters; 0 uses text_encoder_lr (or "
+        "SDXL/SD3: base LR of the second text encoder's adapters; 0 uses text_encoder_lr (or "
         "learning_rate)",
         0.0,
     )
@@ -349,19 +363,39 @@ class ValidationConfig:
         "runs trained with different seeds are scored on the same images and noise",
         0,
     )
-    timesteps: int = doc("Fixed, evenly spaced timesteps each example is scored at", 4)
+    timesteps: int = doc(
+        "Fixed, evenly spaced timesteps each example is scored at (SD3: positions of the "
+        "model's σ table)",
+        4,
+    )
     batch_size: int = doc("Examples per validation forward pass", 4)
     prompts: tuple[str, ...] = doc(
         "Prompts sampled at every validation point into output_dir/samples/; empty = none", []
     )
     negative_prompt: str = doc("Negative prompt of every sample; empty = none", "")
-    sample_steps: int = doc("Denoising steps per sample (DDIM)", 25)
+    sample_steps: int = doc(
+        "Denoising steps per sample (DDIM; SD3: the model's flow-matching Euler sampler)", 25
+    )
     guidance_scale: float = doc("Classifier-free guidance scale of the samples", 7.5)
     sample_seed: int = doc("Seed of every sample, the same at every step and in every run", 0)
+    scores: tuple[Literal["clip_t", "clip_i", "dino"], ...] = doc(
+        "Image scores of the samples at every validation point: 'clip_t' (samples against "
+        "their prompts, CLIP), 'clip_i' and 'dino' (samples against the held-out images, CLIP "
+        "and DINO); [] = none",
+        [],
+    )
+    clip_model: str = doc(
+        "The CLIP model of clip_t and clip_i: a hub id or a local transformers folder",
+        "openai/clip-vit-large-patch14",
+    )
+    dino_model: str = doc(
+        "The DINO model of dino: a hub id or a local transformers folder",
+        "facebook/dinov2-small",
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of this table alone."""
-        p = []
+        p = self._score_problems(where)
         if not 0 <= self.fraction < 1:
             p.append(f"{where}.fraction: {self.fraction} must be in [0, 1)")
         if self.fraction and self.path:
@@ -375,6 +409,26 @@ class ValidationConfig:
                 p.append(
                     f"{where}.prompts[{i}]: empty prompt; write one, or remove it from the list"
                 )
+        return p
+
+    def _score_problems(self, where: str) -> list[str]:
+        p = []
+        if len(set(self.scores)) != len(self.scores):
+            p.append(f"{where}.scores: {list(self.scores)} names a score twice")
+        if self.scores and not self.prompts:
+            p.append(
+                f"{where}.scores: the scores are computed on the samples; set "
+                f"{where}.prompts (or scores = [])"
+            )
+        against_images = [s for s in self.scores if s != "clip_t"]
+        if against_images and not (self.fraction or self.path):
+            p.append(
+                f"{where}.scores: {', '.join(against_images)} compare the samples with the "
+                f"held-out images; set {where}.fraction or {where}.path (or drop them)"
+            )
+        for key, needed in (("clip_model", ("clip_t", "clip_i")), ("dino_model", ("dino",))):
+            if not getattr(self, key).strip() and any(s in needed for s in self.scores):
+                p.append(f"{where}.{key}: empty, but {where}.scores needs it")
         return p
 
 
@@ -488,6 +542,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = doc("[checkpoint] table", CheckpointConfig())
     output: OutputConfig = doc("[output] table", OutputConfig())
     logging: LoggingConfig = doc("[logging] table", LoggingConfig())
+    flow_matching: FlowMatchingConfig = doc(
+        "[flow_matching] table: SD3's objective (docs/sd3.md)", FlowMatchingConfig()
+    )
 
     def base_lrs(self) -> list[float]:
         """One base LR per optimizer param group, in order: the UNet, then each trained text
@@ -509,7 +566,7 @@ class RunConfig:
             value = getattr(self, f.name)
             if isinstance(value, (Schedule, OptimizerSpec)):
                 value = {"name": value.name, **value.params()}
-            elif dataclasses.is_dataclass(value):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
                 value = dataclasses.asdict(value)
             out[f.name] = _plain(value)
         return out

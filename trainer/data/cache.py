@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -28,6 +29,9 @@ from trainer.data import images
 from trainer.files import write_atomic
 from trainer.models import conditioning
 from trainer.models.vae import posterior
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 CHUNK = 8  # images per VAE call while filling the cache; fixed so values never depend on the run
 
@@ -74,6 +78,8 @@ class LatentCache:
             folder.mkdir(parents=True, exist_ok=True)
 
     def _file(self, key: str) -> Path:
+        if self.folder is None:  # only a disk cache is asked for its files
+            raise RuntimeError("a memory-only latent cache has no files")
         return self.folder / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
@@ -116,7 +122,7 @@ class LatentCache:
 
 def fill_latents(
     cache: LatentCache,
-    vae: torch.nn.Module,
+    vae: AutoencoderKL,
     jobs: Sequence[tuple[str, Path, tuple[int, int], bool]],
     dtype: torch.dtype,
     show_progress: bool = True,

@@ -279,8 +279,11 @@ def prepare(
     examples, problems, notes = [], [], []
     for record in records:
         info = infos.get(record.path, record.problem)
-        if record.problem or isinstance(info, str):
-            problems.append(record.problem or info)
+        if record.problem:
+            problems.append(record.problem)
+            continue
+        if isinstance(info, str):
+            problems.append(info)
             continue
         size = buckets.assign(
             (info.width, info.height), grid, config.max_upscale, config.bucket_max_crop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from trainer.config.load import RunConfig
 from trainer.data import cache, holdout, shared_cache
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 SKIPPED_NAME = "skipped_images.txt"
@@ -71,7 +75,7 @@ def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
 def _fill_latent_cache(
     config: RunConfig,
     prepared: data.Prepared,
-    vae: torch.nn.Module,
+    vae: AutoencoderKL,
     accelerator,
     mode: str,
     shared: Path | None = None,
@@ -90,8 +94,10 @@ def _fill_latent_cache(
     }
     examples = prepared.examples
     # One job per distinct key: repeated images (kohya N_name folders) are encoded once.
-    jobs = {key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()}
-    jobs = list(jobs.values())
+    unique = {
+        key: (key, examples[i].path, examples[i].size, flip) for (i, flip), key in keys.items()
+    }
+    jobs = list(unique.values())
     if shared is not None and not (mode == "disk" and config.data.cache_dir):
         # A sweep's trials share one cache (a data.cache_dir of the user's own is kept).
         lookup = shared_cache.latents(

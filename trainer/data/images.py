@@ -134,9 +134,11 @@ def inspect(path: Path, decode: bool = True) -> ImageInfo:
 
 
 def crop_box(
-    size: tuple[int, int], target: tuple[int, int], center: bool, rng: random.Random
+    size: tuple[int, int], target: tuple[int, int], center: bool, rng: random.Random | None
 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """Resize-to-cover size and crop box that turn an image of ``size`` into ``target``.
+
+    ``rng`` draws the crop position unless ``center``; a center crop needs none.
 
     Returns:
         ((resized width, resized height), (left, top, right, bottom)).
@@ -145,7 +147,12 @@ def crop_box(
     scale = max(tw / w, th / h)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
     dx, dy = rw - tw, rh - th
-    left, top = (dx // 2, dy // 2) if center else (rng.randint(0, dx), rng.randint(0, dy))
+    if center:
+        left, top = dx // 2, dy // 2
+    elif rng is not None:
+        left, top = rng.randint(0, dx), rng.randint(0, dy)
+    else:
+        raise TypeError("crop_box: a random crop (center=False) needs an rng")
     return (rw, rh), (left, top, left + tw, top + th)
 
 
@@ -191,7 +198,7 @@ class Geometry:
 
 
 def load_example(
-    path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+    path: Path, target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random | None
 ) -> tuple[torch.Tensor, Geometry]:
     """An image as a (3, H, W) float tensor in [-1, 1] (resized to cover, cropped, flipped),
     and the :class:`Geometry` of that crop.
@@ -201,7 +208,7 @@ def load_example(
         target: (width, height) to produce.
         center_crop: Crop the center; otherwise at a place drawn from ``rng``.
         flip: Mirror horizontally.
-        rng: Source of the crop position.
+        rng: Source of the crop position (None for a center crop).
     """
     image, _ = open_rgb(path)
     original = image.size

@@ -37,7 +37,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -46,6 +46,9 @@ from safetensors.torch import load_file, save_file
 from trainer.data import cache
 from trainer.files import finish_folder_write, write_folder_atomic
 from trainer.models import conditioning
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 FORMAT = 1  # bump when what an entry holds, or how it is encoded, changes
@@ -74,7 +77,7 @@ def _common(device: torch.device) -> dict[str, Any]:
     }
 
 
-def latent_content(jobs: Sequence[LatentJob], vae: torch.nn.Module) -> dict[str, Any]:
+def latent_content(jobs: Sequence[LatentJob], vae: AutoencoderKL) -> dict[str, Any]:
     """The content key of the latent cache of these jobs (see the module docstring)."""
     param = next(vae.parameters())
     return {
@@ -180,7 +183,7 @@ def _recalled(name: str, key_text: str) -> Any | None:
 def latents(
     root: Path,
     jobs: Sequence[LatentJob],
-    vae: torch.nn.Module,
+    vae: AutoencoderKL,
     is_main: bool,
     wait: Callable[[], None],
     in_memory: bool,
@@ -207,8 +210,7 @@ def latents(
 
     def fill() -> dict[str, torch.Tensor]:
         store = cache.LatentCache(None)
-        dtype = cast(torch.dtype, vae.dtype)  # what a run's own fill passes (diffusers' dtype)
-        cache.fill_latents(store, vae, jobs, dtype, show_progress)
+        cache.fill_latents(store, vae, jobs, vae.dtype, show_progress)
         # clone(): an entry is a view of its chunk's batch, and a file holds whole tensors.
         out: dict[str, torch.Tensor] = {}
         for key, entry in store.memory.items():

@@ -6,10 +6,10 @@ then taken per input column, ``trainer/lora/dora.py``), ``LoHaConfig`` or ``LoKr
 LoHa and LoKr layers hold the tensors LyCORIS defines, under LyCORIS' names and with its
 formulas, so ``trainer/lora/keys.py`` writes them in the kohya/LyCORIS format as they are.
 
-The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.``,
-``text_encoder.`` and (SDXL) ``text_encoder_2.`` prefixes, plus the adapter config (rank,
-alpha, targets) in the header under diffusers' ``lora_adapter_metadata`` key, so
-``pipe.load_lora_weights(folder)`` restores the exact scale. Our own training metadata sits
+The file is ``pytorch_lora_weights.safetensors`` with PEFT keys under ``unet.`` (SD3:
+``transformer.``), ``text_encoder.`` and (SDXL, SD3) ``text_encoder_2.`` prefixes, plus the
+adapter config (rank, alpha, targets) in the header under diffusers' ``lora_adapter_metadata``
+key, so ``pipe.load_lora_weights(folder)`` restores the exact scale. Our own training metadata sits
 beside it in the same header.
 
 Text-encoder keys are written in canonical form (``text_encoder.text_model.encoder…``) whatever
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from peft import LoHaConfig, LoKrConfig, PeftConfig, inject_adapter_in_model
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedConfig
 
 from trainer.config.load import ConfigError, LoraConfig
 from trainer.lora import dora
@@ -36,7 +38,11 @@ from trainer.lora.files import (
     save_state,
 )
 from trainer.lora.targets import target_problems
+from trainer.models.accessors import attribute
 from trainer.models.dtypes import DTYPES
+
+# The text encoders to train by component name (None: absent), or the one text encoder, or None.
+TextEncoders: TypeAlias = Mapping[str, torch.nn.Module | None] | torch.nn.Module | None
 
 
 def _peft_config(
@@ -44,11 +50,12 @@ def _peft_config(
 ) -> PeftConfig:
     """The peft config of ``lora.type`` for one model's targets (only in ``layers`` of a
     text encoder's ``encoder.layers.N`` when given)."""
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if layers is not None:
         kwargs = {"layers_to_transform": list(layers), "layers_pattern": "layers"}
     if config.type in ("loha", "lokr"):
-        common = {
+        # Any: each value goes to its own typed keyword of peft's configs.
+        common: dict[str, Any] = {
             "r": config.rank,
             "alpha": config.alpha,
             "rank_dropout": config.rank_dropout,
@@ -66,7 +73,7 @@ def _peft_config(
         )
     return PeftLoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft says int; alpha / r takes a float
         lora_dropout=config.dropout,
         target_modules=list(targets),
         use_dora=config.type == "dora",
@@ -76,21 +83,22 @@ def _peft_config(
     )
 
 
-def _components(
-    unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module] | torch.nn.Module | None
-) -> dict[str, torch.nn.Module]:
-    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` without the absent ones; a
-    lone module is the first text encoder (SD 1.x/2.x callers)."""
+def _components(unet: torch.nn.Module, text_encoders: TextEncoders) -> dict[str, torch.nn.Module]:
+    """``{"unet": ..., "text_encoder": ..., "text_encoder_2": ...}`` without the absent ones
+    (SD3's transformer under ``transformer``); a lone module is the first text encoder (SD
+    1.x/2.x callers)."""
+    named: dict[str, torch.nn.Module | None]
     if isinstance(text_encoders, Mapping):
         named = dict(text_encoders)
     else:
         named = {"text_encoder": text_encoders}
-    return {"unet": unet, **{k: v for k, v in named.items() if v is not None}}
+    denoiser = lora_keys.denoiser_component(unet)
+    return {denoiser: unet, **{k: v for k, v in named.items() if v is not None}}
 
 
 def attach(
     unet: torch.nn.Module,
-    text_encoders: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
+    text_encoders: TextEncoders,
     config: LoraConfig,
     unused_layers: Mapping[str, int] | None = None,
 ) -> None:
@@ -109,7 +117,9 @@ def attach(
             They get no adapter: it would never train, and under DDP a parameter that gets
             no gradient stops the run.
     """
-    encoders = {k: v for k, v in _components(unet, text_encoders).items() if k != "unet"}
+    encoders = {
+        k: v for k, v in _components(unet, text_encoders).items() if k not in lora_keys.DENOISERS
+    }
     # Checked on the live modules too: a single-file model skips the config-time check.
     problems = target_problems("lora.target_modules", config.target_modules, unet)
     key = "lora.text_encoder_target_modules"
@@ -122,7 +132,7 @@ def attach(
         skip = (unused_layers or {}).get(name, 0)
         layers = None
         if skip:
-            layers = range(encoder.config.num_hidden_layers - skip)
+            layers = range(attribute(encoder, "config", PreTrainedConfig).num_hidden_layers - skip)
         _add_adapter(encoder, key, config.text_encoder_target_modules, config, layers)
     for module in (unet, *encoders.values()):
         for param in module.parameters():
@@ -150,7 +160,8 @@ def _add_adapter(
     # What the libraries' own add_adapter records: peft's state-dict helpers read the config
     # from ``peft_config``; the no-path base model keeps local folders out of the file.
     peft_config.base_model_name_or_path = None
-    model.peft_config = {dora.ADAPTER: peft_config}
+    # (torch's stub of Module.__setattr__ admits only tensors and modules.)
+    model.peft_config = {dora.ADAPTER: peft_config}  # type: ignore[assignment]  # see above
     if config.type == "dora" and config.dora_axis == "input":
         dora.use_input_axis(model)
 
@@ -161,7 +172,7 @@ def _lora_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _adapter_metadata(model: torch.nn.Module) -> dict:
-    config = model.peft_config[dora.ADAPTER].to_dict()
+    config = attribute(model, "peft_config", dict)[dora.ADAPTER].to_dict()
     # JSON cannot hold sets; diffusers stores target_modules as a list.
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
@@ -169,7 +180,7 @@ def _adapter_metadata(model: torch.nn.Module) -> dict:
 def save(
     folder: str | Path,
     unet: torch.nn.Module,
-    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
+    text_encoder: TextEncoders,
     dtype: str = "fp32",
     training_metadata: Mapping[str, object] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
@@ -198,8 +209,9 @@ def collect(
     """The LoRA tensors (canonical keys, on the CPU) and diffusers' packed adapter config.
 
     Args:
-        components: The adapted models by diffusers component name (``unet``,
-            ``text_encoder``, and for SDXL ``text_encoder_2``), unwrapped from DDP.
+        components: The adapted models by diffusers component name (``unet`` or SD3's
+            ``transformer``, ``text_encoder``, and for SDXL/SD3 ``text_encoder_2``), unwrapped
+            from DDP.
     """
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, object] = {}
@@ -237,7 +249,7 @@ _TRAIN_KEY = {
 def load_into(
     path: str | Path,
     unet: torch.nn.Module,
-    text_encoder: Mapping[str, torch.nn.Module] | torch.nn.Module | None,
+    text_encoder: TextEncoders,
 ) -> None:
     """Load a file written by :func:`save` back into models that already have adapters.
 
@@ -273,6 +285,7 @@ def load_into(
                     f"{path}: {prefix}.{key} has shape {tuple(value.shape)}, "
                     f"the adapter expects {tuple(expected[key].shape)}"
                 )
-        result = set_peft_model_state_dict(model, sub)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{path}: unexpected keys {result.unexpected_keys[:3]}")
+        # torch's load_state_dict result (peft annotates it as `namedtuple`, the function).
+        unexpected = getattr(set_peft_model_state_dict(model, sub), "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{path}: unexpected keys {unexpected[:3]}")

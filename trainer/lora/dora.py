@@ -22,11 +22,26 @@ the gradient. peft's merge helpers assume the per-output shape; this trainer nev
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.dora import DoraLinearLayer
+from peft.tuners.lora.layer import LoraLayer
+from torch.nn.modules.conv import _ConvNd
+
+from trainer.models.accessors import attribute
 
 ADAPTER = "default"
+
+
+class _Weighted(Protocol):
+    """A layer with a weight: peft's LoRA ``A`` and ``B`` (a Linear or a convolution)."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -52,10 +67,10 @@ class InputAxisDora(DoraLinearLayer):
         self,
         x: torch.Tensor,
         *,
-        lora_A: torch.nn.Module,
-        lora_B: torch.nn.Module,
+        lora_A: _Weighted,
+        lora_B: _Weighted,
         scaling: float,
-        base_layer: torch.nn.Module,
+        base_layer: torch.nn.Linear | _ConvNd,
         base_result: torch.Tensor | None = None,
         adapter_name: str = ADAPTER,
     ) -> torch.Tensor:
@@ -73,12 +88,13 @@ class InputAxisDora(DoraLinearLayer):
             column_scale = column_scale.reshape(-1)  # broadcasts over x's last dimension
             base_extra = F.linear(x * (column_scale - 1), weight)
         else:
+            assert isinstance(base_layer, _ConvNd)  # a 3+-d weight is a convolution's
             column_scale = column_scale.reshape(1, -1, *[1] * (weight.dim() - 2))
             base_extra = self._conv(x * (column_scale - 1), weight, base_layer)
         return base_extra + lora_B(lora_A(x * column_scale)) * scaling
 
     @staticmethod
-    def _conv(x: torch.Tensor, weight: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    def _conv(x: torch.Tensor, weight: torch.Tensor, layer: _ConvNd) -> torch.Tensor:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
         return conv(
             x,
@@ -107,15 +123,22 @@ def use_input_axis(model: torch.nn.Module) -> int:
         vectors = getattr(module, "lora_magnitude_vector", None)
         if not isinstance(vectors, torch.nn.ModuleDict) or ADAPTER not in vectors:
             continue
-        old = vectors[ADAPTER]
+        # Only peft's LoRA layers hold a `lora_magnitude_vector`; the check types `module`.
+        if not isinstance(module, LoraLayer):
+            continue
+        old = _weight(vectors[ADAPTER])
         new = InputAxisDora(fan_in_fan_out=False)
         new.update_layer(
             base_layer=module.get_base_layer(),
-            lora_A=module.lora_A[ADAPTER].weight,
-            lora_B=module.lora_B[ADAPTER].weight,
+            lora_A=_weight(module.lora_A[ADAPTER]),
+            lora_B=_weight(module.lora_B[ADAPTER]),
             scaling=module.scaling[ADAPTER],
         )
-        new.weight.requires_grad_(old.weight.requires_grad)
-        vectors[ADAPTER] = new.to(old.weight.device)
+        new.weight.requires_grad_(old.requires_grad)
+        vectors[ADAPTER] = new.to(old.device)
         count += 1
     return count
+
+
+def _weight(layer: torch.nn.Module) -> torch.Tensor:
+    return attribute(layer, "weight", torch.Tensor)

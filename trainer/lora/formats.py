@@ -3,15 +3,16 @@
 Recognised, by their documented key conventions:
 
 - **kohya** (sd-scripts ``networks/lora.py``; what A1111/Forge, ComfyUI and SD.Next read):
-  ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL ``lora_te1_``/``lora_te2_``) with
+  ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL, SD3 ``lora_te1_``/``lora_te2_``; SD3's
+  transformer ``lora_transformer_<path>`` as ComfyUI maps it) with
   ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (``.lora_mid.weight`` for LoCon's
   CP decomposition, ``.dora_scale`` for DoRA).
 - **LyCORIS** (the same names with its own tensors): LoHa ``hada_w1_a``…, LoKr ``lokr_w1``…,
   full ``diff``, norm ``w_norm``, GLoRA ``a1.weight``…; and plain LoRA/LoCon tensors when
   ``ss_network_module`` names LyCORIS.
 - **diffusers/PEFT**: ``<component>.<path>.lora_A.weight`` / ``lora_B.weight`` (component
-  ``unet``, ``text_encoder``, ``text_encoder_2``), rank and alpha in the header's
-  ``lora_adapter_metadata``; and the older diffusers attention-processor keys
+  ``unet`` or SD3's ``transformer``, ``text_encoder``, ``text_encoder_2``), rank and alpha in
+  the header's ``lora_adapter_metadata``; and the older diffusers attention-processor keys
   (``…attn1.processor.to_q_lora.down.weight``, ``…q_proj.lora_linear_layer.down.weight``).
 """
 
@@ -26,11 +27,14 @@ from trainer.lora.files import Header
 
 KOHYA_COMPONENTS = {
     "lora_unet": "unet",
+    "lora_transformer": "transformer",
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
 }
-_KOHYA_NAME = re.compile(r"^(lora_unet|lora_te[12]?)_")
+_KOHYA_NAME = re.compile(r"^(lora_unet|lora_transformer|lora_te[123]?)_")
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 # Suffix after the module name → (module kind, role). Roles "down"/"up" carry the shapes.
 _KOHYA_SUFFIXES = {
     "lora_down.weight": ("lora", "down"),
@@ -96,7 +100,7 @@ class Module:
 
     Attributes:
         name: The module's name in the file: the kohya name, or ``<component>.<path>``.
-        component: ``unet``, ``text_encoder`` or ``text_encoder_2``.
+        component: ``unet`` (SD3: ``transformer``), ``text_encoder`` or ``text_encoder_2``.
         kind: ``lora``, ``dora`` (LoRA with a magnitude), ``loha``, ``lokr``, ``full``,
             ``norm`` or ``glora``.
         keys: The file's tensor keys of this module.
@@ -195,7 +199,7 @@ def _parse_peft(header: Header) -> Parsed | None:
         if name.startswith("base_model.model."):  # a bare PEFT save of a UNet
             name = "unet." + name[len("base_model.model.") :]
         component = name.split(".", 1)[0]
-        if component not in ("unet", "text_encoder", "text_encoder_2"):
+        if component not in PEFT_COMPONENTS:
             stray.append(key)
             continue
         module = modules.setdefault(name, Module(name, component))

@@ -3,13 +3,16 @@
 Two spellings of the same adapters:
 
 - **diffusers/PEFT** (``pytorch_lora_weights.safetensors``): ``<component>.<module path>.lora_A
-  .weight`` / ``.lora_B.weight``, where the component is ``unet``, ``text_encoder`` or (SDXL)
-  ``text_encoder_2``.
+  .weight`` / ``.lora_B.weight``, where the component is ``unet`` (SD3: ``transformer``),
+  ``text_encoder`` or (SDXL, SD3) ``text_encoder_2``.
 - **kohya** (what A1111/Forge, ComfyUI, SD.Next and kohya's scripts read): ``<prefix>_<module
   path with every "." replaced by "_">.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
   prefix ``lora_unet`` or the architecture's text-encoder prefix (``lora_te``; SDXL
   ``lora_te1``/``lora_te2``). That is kohya's own rule (``networks/lora.py`` builds
-  ``prefix + "." + module + "." + child`` and replaces the dots).
+  ``prefix + "." + module + "." + child`` and replaces the dots). SD3's transformer is
+  ``lora_transformer_<diffusers path>``, the name ComfyUI maps for SD3 (``comfy/lora.py``,
+  ``model_lora_keys_unet``: OneTrainer's files), onto slices of its fused ``qkv`` where the
+  diffusers model has separate ``to_q``/``to_k``/``to_v``.
 
 Text-encoder module paths are **canonical**: they always carry the ``text_model.`` level that
 ``CLIPTextModel`` had up to transformers 4 (``text_model.encoder.layers.0.self_attn.q_proj``).
@@ -41,6 +44,15 @@ LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 PEFT_SUFFIXES = (PEFT_DOWN, PEFT_UP, PEFT_MAGNITUDE, *LOHA_TENSORS, *LOKR_TENSORS)
 UNET = "unet"
+TRANSFORMER = "transformer"  # SD3's denoiser, as diffusers names it
+DENOISERS = (UNET, TRANSFORMER)
+KOHYA_TRANSFORMER = "lora_transformer"
+
+
+def denoiser_component(model: torch.nn.Module) -> str:
+    """The diffusers component name of a denoising model: ``transformer`` for SD3's MMDiT
+    (``SD3Transformer2DModel``), ``unet`` for a UNet."""
+    return TRANSFORMER if type(model).__name__ == "SD3Transformer2DModel" else UNET
 
 
 # ---------------------------------------------------------------- the text_model level
@@ -196,7 +208,8 @@ def kohya_name(component: str, path: str, arch: Architecture) -> str:
     """The kohya module name (the key before ``.lora_down.weight``) of one adapted module.
 
     Args:
-        component: ``unet`` or a text-encoder component (``text_encoder``, ``text_encoder_2``).
+        component: ``unet``, SD3's ``transformer``, or a text-encoder component
+            (``text_encoder``, ``text_encoder_2``).
         path: The module path inside that component (text-encoder paths are made canonical).
         arch: The base-model family; it picks the prefixes and the UNet naming.
 
@@ -214,11 +227,13 @@ def kohya_name(component: str, path: str, arch: Architecture) -> str:
                     "kohya-format clients could not load it; adapt another module"
                 )
             path = mapped
+    elif component == TRANSFORMER:
+        prefix = KOHYA_TRANSFORMER
     elif is_text_component(component):
         prefix = arch.kohya_text_prefix(component)
         path = canonical_text_path(path)
     else:
-        raise ValueError(f"{component!r}: not a UNet or text-encoder component")
+        raise ValueError(f"{component!r}: not a UNet, transformer or text-encoder component")
     return f"{prefix}_{path.replace('.', '_')}"
 
 

@@ -6,8 +6,9 @@ no weight reads and little memory. Every Linear/Conv module gets the names a cli
 for it:
 
 - kohya/LyCORIS: ``lora_unet_<path>`` with the diffusers path or the original (LDM) block
-  path (ComfyUI ``comfy/lora.py`` and A1111 ``networks.py`` map both), and the text encoder
-  as ``lora_te_text_model_…`` (``lora_te1_``/``lora_te2_`` for two encoders; a one-encoder
+  path (ComfyUI ``comfy/lora.py`` and A1111 ``networks.py`` map both), SD3's transformer as
+  ``lora_transformer_<path>`` (ComfyUI's SD3 rule), and the text encoder as
+  ``lora_te_text_model_…`` (``lora_te1_``/``lora_te2_`` for two encoders; a one-encoder
   model also answers to ``lora_te1_``, which A1111 and ComfyUI accept there);
 - diffusers/PEFT: ``<component>.<path>``.
 
@@ -25,8 +26,9 @@ import torch
 from trainer.lora import keys as lora_keys
 from trainer.lora.files import LoraFileError
 from trainer.lora.formats import FORMAT_KOHYA, FORMAT_LYCORIS, Parsed
+from trainer.models.accessors import attribute
 
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def _build(folder: Path, component: str, library: str, class_name: str) -> torch.nn.Module:
@@ -43,7 +45,8 @@ def _build(folder: Path, component: str, library: str, class_name: str) -> torch
 
 
 def model_components(folder: str | Path) -> dict[str, torch.nn.Module]:
-    """The UNet and text encoders of a diffusers folder, built empty on the meta device.
+    """The UNet (SD3: transformer) and text encoders of a diffusers folder, built empty on the
+    meta device (SD3's T5 is never adapted, so it is not built).
 
     Raises:
         LoraFileError: when ``folder`` is not a diffusers model folder.
@@ -61,7 +64,7 @@ def model_components(folder: str | Path) -> dict[str, torch.nn.Module]:
         entry = index.get(component)
         if isinstance(entry, list) and len(entry) == 2 and entry[0]:
             models[component] = _build(folder, component, entry[0], entry[1])
-    if "unet" not in models:
+    if not set(lora_keys.DENOISERS) & set(models):
         raise LoraFileError(f"--against {folder}: the model has no UNet to match against")
     return models
 
@@ -80,7 +83,7 @@ def client_names(models: dict[str, torch.nn.Module], kohya: bool) -> dict[str, t
     """Every name a client accepts for a module of the model → its (in, out) widths."""
     texts = [c for c in models if lora_keys.is_text_component(c)]
     names: dict[str, tuple[int, int]] = {}
-    unet_config = dict(models["unet"].config)
+    unet_config = dict(attribute(models["unet"], "config", dict)) if "unet" in models else {}
     layers = unet_config.get("layers_per_block", 2)
     layers = layers if isinstance(layers, int) else layers[0]
     with_attention = {
@@ -88,6 +91,10 @@ def client_names(models: dict[str, torch.nn.Module], kohya: bool) -> dict[str, t
     }
     for component, model in models.items():
         for path, widths in _weighted(model).items():
+            if component == lora_keys.TRANSFORMER:
+                key = f"{lora_keys.KOHYA_TRANSFORMER}_{path.replace('.', '_')}"
+                names[key if kohya else f"{component}.{path}"] = widths
+                continue
             if component == "unet":
                 if not kohya:
                     names[f"unet.{path}"] = widths
@@ -101,6 +108,7 @@ def client_names(models: dict[str, torch.nn.Module], kohya: bool) -> dict[str, t
             if not kohya:
                 names[f"{component}.{canonical}"] = widths
                 continue
+            prefixes: tuple[str, ...]
             if len(texts) == 1:
                 prefixes = ("lora_te", "lora_te1")
             else:

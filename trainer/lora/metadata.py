@@ -21,6 +21,7 @@ hub id stays as it is), as kohya stores ``ss_sd_model_name``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from trainer.config import sd3 as sd3_config
 from trainer.models.architectures import get as get_architecture
 
 RECORD_FORMAT = 2
@@ -88,8 +90,10 @@ class RunFacts:
         dataset_dirs: ``{folder: {"n_repeats": n, "img_count": k}}`` (``ss_dataset_dirs``).
         optimizer: The optimizer, e.g. ``torch.optim.AdamW(betas=(0.9, 0.999),...)``.
         num_processes: Training processes (the global batch is batch × processes).
-        prediction_type: The noise scheduler's, ``epsilon`` or ``v_prediction``.
+        prediction_type: The noise scheduler's, ``epsilon`` or ``v_prediction``
+            (``flow_matching`` for SD3).
         started_at: Unix time the run started (None if unknown).
+        model_variant: SD3's variant (``5-medium``, ``5-large``, ``medium``); empty otherwise.
     """
 
     steps: int
@@ -101,6 +105,7 @@ class RunFacts:
     num_processes: int = 1
     prediction_type: str = "epsilon"
     started_at: float | None = None
+    model_variant: str = ""
 
 
 def tag_frequency(examples: Iterable[tuple[str | Path, str]]) -> dict[str, dict[str, int]]:
@@ -156,6 +161,7 @@ def collect_run_facts(
     num_processes: int = 1,
     prediction_type: str = "epsilon",
     started_at: float | None = None,
+    model_variant: str = "",
 ) -> RunFacts:
     """The :class:`RunFacts` of a run, from its examples (objects with ``path`` and ``caption``).
 
@@ -167,6 +173,7 @@ def collect_run_facts(
         num_processes: Training processes.
         prediction_type: The noise scheduler's prediction type.
         started_at: Unix time the run started.
+        model_variant: SD3's variant.
     """
     pairs = [(e.path, e.caption) for e in examples]
     return RunFacts(
@@ -179,6 +186,7 @@ def collect_run_facts(
         num_processes=num_processes,
         prediction_type=prediction_type,
         started_at=started_at,
+        model_variant=model_variant,
     )
 
 
@@ -192,7 +200,7 @@ def training_record(
 
     Args:
         config: The run's ``RunConfig``.
-        architecture: ``sd1``, ``sd2`` or ``sdxl``.
+        architecture: ``sd1``, ``sd2``, ``sdxl`` or ``sd3``.
         facts: What the loop knows about the run.
         finished_at: Unix time the weights were written (default: now).
     """
@@ -208,7 +216,7 @@ def training_record(
         "rank": lora.rank,
         "alpha": lora.alpha,
         "dropout": lora.dropout,
-        "target_modules": list(lora.target_modules),
+        "target_modules": list(sd3_config.lora_targets(lora, architecture)),
         "text_encoder_trained": lora.train_text_encoder,
         "text_encoder_2_trained": lora.train_text_encoder_2,
         "text_encoder_target_modules": list(lora.text_encoder_target_modules)
@@ -254,6 +262,11 @@ def training_record(
         "started_at": facts.started_at,
         "finished_at": finished_at if finished_at is not None else _now(),
     }
+    if architecture == sd3_config.FLOW:
+        record["model_variant"] = facts.model_variant
+        record["flow_matching"] = dataclasses.asdict(config.flow_matching)
+        record["t5"] = config.model.t5
+        record["t5_max_length"] = config.model.t5_max_length
     return strip_paths(record)
 
 
@@ -321,10 +334,11 @@ def kohya_metadata(
     batch, accumulation = record.get("batch_size"), record.get("gradient_accumulation_steps")
     processes = record.get("num_processes", 1)
     schedule = record.get("lr_scheduler") or {}
+    variant = record.get("model_variant", "")
     values: dict[str, Any] = {
         "ss_output_name": name,
         "ss_sd_model_name": record.get("base_model"),
-        "ss_base_model_version": arch.version_string(prediction),
+        "ss_base_model_version": arch.version_string(prediction, variant),
         "ss_v2": arch.v2,
         "ss_network_module": LYCORIS_NETWORK_MODULE
         if adapter in LYCORIS_ALGO
@@ -372,8 +386,28 @@ def kohya_metadata(
         else record.get("cache_latents") != "off",
         "ss_training_started_at": record.get("started_at"),
         "ss_training_finished_at": record.get("finished_at"),
+        **_kohya_flow_matching(record),
     }
     return {k: _kohya_str(v) for k, v in values.items() if v is not None}
+
+
+def _kohya_flow_matching(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys kohya's ``sd3_train_network.py`` adds for SD3 (``update_metadata``). kohya has
+    one ``weighting_scheme`` for the density and the weighting: σ weightings imply its uniform
+    density, so a weighting is named when there is one, else the density."""
+    flow = record.get("flow_matching")
+    if not flow:
+        return {}
+    weighting = flow.get("loss_weighting", "none")
+    return {
+        "ss_weighting_scheme": weighting if weighting != "none" else flow.get("timestep_density"),
+        "ss_logit_mean": flow.get("logit_mean"),
+        "ss_logit_std": flow.get("logit_std"),
+        "ss_mode_scale": flow.get("mode_scale"),
+        # Neither the CLIP nor the T5 attention mask is applied (as StableDiffusion3Pipeline).
+        "ss_apply_lg_attn_mask": False,
+        "ss_apply_t5_attn_mask": False,
+    }
 
 
 def modelspec_metadata(
@@ -390,14 +424,18 @@ def modelspec_metadata(
     arch = get_architecture(record.get("architecture", "sd1"))
     prediction = record.get("prediction_type", "epsilon")
     resolution = record.get("resolution") or arch.resolution
+    variant = record.get("model_variant", "")
     meta = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "modelspec.architecture": arch.modelspec_architecture(prediction),
+        "modelspec.architecture": arch.modelspec_architecture(prediction, variant),
         "modelspec.implementation": implementation or arch.implementation,
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
     }
+    # The spec's prediction types are ε and v; a flow-matching model (SD3) is neither, and
+    # the key is optional ("can"), so it is left out rather than written wrong.
+    if prediction in ("epsilon", "v_prediction"):
+        meta["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
     finished = record.get("finished_at")
     if finished is not None:
         when = datetime.datetime.fromtimestamp(float(finished), datetime.timezone.utc)

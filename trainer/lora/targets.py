@@ -21,8 +21,9 @@ def lora_target_problems(
 ) -> list[str]:
     """Target module names that match nothing, checked on the model's config alone.
 
-    The UNet (and the trained text encoders: SDXL's second is a
-    ``CLIPTextModelWithProjection``) are built on the meta device from their ``config.json``,
+    The UNet or SD3's transformer (and the trained text encoders: SDXL's second and both of
+    SD3's are ``CLIPTextModelWithProjection``) are built on the meta device from their
+    ``config.json``,
     so no weights are read, and names are matched as peft matches a list: a module whose full
     name is the target or ends with ``.target``. Only local diffusers folders are checked
     here; a single-file checkpoint is checked when the adapters are attached.
@@ -31,17 +32,21 @@ def lora_target_problems(
     if not folder.is_dir():
         return []
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     key = "lora.text_encoder_target_modules"
+    # SD3: an MMDiT in transformer/, and both CLIPs with their projection.
+    sd3 = (folder / "transformer" / "config.json").is_file()
+    denoiser = SD3Transformer2DModel if sd3 else UNet2DConditionModel
+    first = CLIPTextModelWithProjection if sd3 else CLIPTextModel
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(folder, subfolder="unet")
+        unet = denoiser.from_config(
+            denoiser.load_config(folder, subfolder="transformer" if sd3 else "unet")
         )
         models = [("lora.target_modules", targets, unet)]
         for names, subfolder, cls in (
-            (text_encoder_targets, "text_encoder", CLIPTextModel),
+            (text_encoder_targets, "text_encoder", first),
             (text_encoder_2_targets, "text_encoder_2", CLIPTextModelWithProjection),
         ):
             if names is not None:
@@ -56,6 +61,7 @@ def lora_target_problems(
 # The names users target most, listed first when suggesting valid names.
 COMMON_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
 )  # fmt: skip
 

@@ -1,6 +1,8 @@
 """What the UNet is conditioned on, for every family, built by one function.
 
 - SD 1.x / 2.x: the text encoder's last hidden states (``encoder_hidden_states``).
+- SD3: three encoders (CLIP-L, CLIP-G, T5), encoded by ``trainer/models/sd3.py``; the
+  pooled projection of both CLIPs travels as ``text_embeds``.
 - SDXL: the **penultimate** hidden states of both text encoders (CLIP ViT-L, then OpenCLIP
   ViT-bigG), concatenated along the feature axis; the second encoder's **pooled, projected**
   output as ``text_embeds``; and six ``time_ids`` per example: its original size, the
@@ -83,14 +85,20 @@ def encode_ids(
     """Hidden states (and SDXL's pooled projection) of token ids.
 
     Args:
-        encoders: The text encoders in pipeline order: one (SD 1.x/2.x) or two (SDXL).
+        encoders: The text encoders in pipeline order: one (SD 1.x/2.x), two (SDXL) or three
+            (SD3).
         ids: Token ids for each encoder, on its device.
         trained: Whether each encoder is trained (gradients flow); default none.
 
     Returns:
-        ``(hidden, None)`` for one encoder, ``(hidden, text_embeds)`` for SDXL's two.
+        ``(hidden, None)`` for one encoder, ``(hidden, text_embeds)`` for SDXL's two and
+        SD3's three.
     """
     trained = list(trained or [False] * len(encoders))
+    if len(encoders) == 3:  # SD3: CLIP-L, CLIP-G and T5 (or its stand-in)
+        from trainer.models import sd3
+
+        return sd3.encode_ids(encoders, ids, trained)
     if len(encoders) == 1:
         with torch.set_grad_enabled(trained[0]):
             return encoders[0](ids[0], return_dict=False)[0], None
@@ -120,6 +128,7 @@ def condition(
     if "encoder_hidden_states" in batch:
         hidden, pooled = batch["encoder_hidden_states"], batch.get("text_embeds")
     else:
-        names = ["input_ids", "input_ids_2"][: len(encoders)]
+        # SD3 without T5 has three encoders and two tokenizers: its T5 stand-in reads none.
+        names = [n for n in ("input_ids", "input_ids_2", "input_ids_3") if n in batch]
         hidden, pooled = encode_ids(encoders, [batch[n] for n in names], trained)
     return Conditioning(hidden, pooled, batch.get("time_ids"))

@@ -1,4 +1,4 @@
-"""Which family a base model is (SD 1.x, SD 2.x, SDXL), told before any weights load.
+"""Which family a base model is (SD 1.x, SD 2.x, SDXL, SD3), told before any weights load.
 
 ``model.arch = "auto"`` reads it from the model's own description; an explicit value is
 checked against the same facts, so a wrong one is a config error found in seconds rather than
@@ -7,6 +7,10 @@ a shape error after a multi-GB load.
 - A diffusers folder (or hub id): ``model_index.json`` names the pipeline class and lists the
   components; SDXL has ``text_encoder_2`` and a UNet conditioned on added time ids
   (``addition_embed_type = "text_time"``). SD 2.x cross-attends to width 1024, SD 1.x to 768.
+- SD3 (3, 3.5 Large, Large Turbo, 3.5 Medium): ``model_index.json`` names
+  ``StableDiffusion3Pipeline`` (or lists a ``transformer`` and ``text_encoder_3``); its
+  ``transformer/config.json`` tells the variant (:func:`sd3_variant`). A single file keeps the
+  MMDiT under ``model.diffusion_model.joint_blocks``.
 - A single ``.safetensors`` checkpoint (the original layout): SDXL base keeps its two text
   encoders under ``conditioner.embedders.0``/``.1`` and its added embedding under
   ``label_emb``; SD 2.x keeps OpenCLIP under ``cond_stage_model.model``; SD 1.x keeps CLIP
@@ -14,7 +18,7 @@ a shape error after a multi-GB load.
 
 A UNet of another width (the tests' tiny SD model) is "SD 1.x, not certain": an explicit
 ``sd1`` or ``sd2`` names it, since the two differ only in the names written into the LoRA's
-metadata. SDXL against the others is never a matter of naming: the conditioning differs.
+metadata. SDXL or SD3 against the others is never a matter of naming: the models differ.
 
 A LoRA file's family (:func:`from_lora`, what ``sdlora inspect`` shows and ``sdlora sample``
 checks against the model) is read from its header first (our ``sdlora_training`` record, SAI's
@@ -36,6 +40,19 @@ from trainer.config.load import ModelConfig
 from trainer.models.architectures import ARCHITECTURES
 
 SDXL_PIPELINES = ("StableDiffusionXLPipeline",)
+SD3_PIPELINES = ("StableDiffusion3Pipeline",)
+# The SD3 MMDiT in a single file (SAI's layout): its joint blocks, QK-norm, and 3.5 Medium's
+# second attention.
+_SD3_JOINT_BLOCKS = "model.diffusion_model.joint_blocks."
+_SD3_QK_NORM = ".x_block.attn.ln_k."
+_SD3_ATTN2 = ".x_block.attn2."
+# kohya's names for the SD3 variants (library/sd3_utils.py ``model_type``), which it writes as
+# ss_base_model_version and after "stable-diffusion-3-" in modelspec.architecture.
+SD3_VARIANTS = {
+    "medium": "SD 3 Medium",
+    "5-large": "SD 3.5 Large or Large Turbo",
+    "5-medium": "SD 3.5 Medium",
+}
 # The original-layout key prefixes that tell the families apart in a single checkpoint.
 _SDXL_SECOND_ENCODER = "conditioner.embedders.1."
 _SDXL_ADDED_EMBEDDING = "model.diffusion_model.label_emb."
@@ -48,16 +65,18 @@ class Detected:
     """What the model's files say about its family.
 
     Attributes:
-        name: ``sd1``, ``sd2`` or ``sdxl``; empty when the files do not say.
+        name: ``sd1``, ``sd2``, ``sdxl`` or ``sd3``; empty when the files do not say.
         evidence: Where that was read, for messages.
         certain: False when only a guess: a UNet width that is neither SD 1.x's nor 2.x's.
         problem: A reason the model cannot be trained at all (an SDXL refiner).
+        variant: SD3's variant (:data:`SD3_VARIANTS`), when known.
     """
 
     name: str = ""
     evidence: str = ""
     certain: bool = True
     problem: str = ""
+    variant: str = ""
 
 
 def detect(config: ModelConfig) -> Detected:
@@ -80,14 +99,36 @@ def detect(config: ModelConfig) -> Detected:
 
 
 def from_folder(folder: Path) -> Detected:
-    """The family of a diffusers folder, from ``model_index.json`` and ``unet/config.json``."""
+    """The family of a diffusers folder, from ``model_index.json`` and the denoiser's config
+    (``unet/config.json``, or SD3's ``transformer/config.json``)."""
     index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json")
-    return from_configs(index, unet, folder.name)
+    denoiser = "transformer" if is_sd3_index(index) else "unet"
+    return from_configs(index, _read_json(folder / denoiser / "config.json"), folder.name)
+
+
+def is_sd3_index(index: Mapping[str, Any]) -> bool:
+    """Whether a ``model_index.json`` describes an SD3 pipeline."""
+    has = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
+    return index.get("_class_name") in SD3_PIPELINES or {"transformer", "text_encoder_3"} <= has
+
+
+def sd3_variant(transformer: Mapping[str, Any]) -> str:
+    """SD3's variant from its transformer config: 3.5 added QK-norm, and 3.5 Medium a second
+    self-attention in its first blocks (``dual_attention_layers``); Large Turbo has Large's."""
+    if not transformer.get("qk_norm"):
+        return "medium"
+    return "5-medium" if transformer.get("dual_attention_layers") else "5-large"
 
 
 def from_configs(index: dict, unet: dict, where: str) -> Detected:
-    """The family from a pipeline's ``model_index.json`` and its UNet's config."""
+    """The family from a pipeline's ``model_index.json`` and its denoiser's config."""
+    if is_sd3_index(index):
+        variant = sd3_variant(unet)
+        return Detected(
+            "sd3",
+            f"{where}: {index.get('_class_name') or 'model_index.json'}, {SD3_VARIANTS[variant]}",
+            variant=variant,
+        )
     has = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
     return from_unet(unet, has, where, index.get("_class_name", ""))
 
@@ -125,6 +166,13 @@ def from_unet(
 
 def from_checkpoint_keys(keys: list[str], where: str) -> Detected:
     """The family of an original-layout checkpoint from its tensor names."""
+    if any(k.startswith(_SD3_JOINT_BLOCKS) for k in keys):
+        qk_norm = any(k.startswith(_SD3_JOINT_BLOCKS) and _SD3_QK_NORM in k for k in keys)
+        attn2 = any(k.startswith(_SD3_JOINT_BLOCKS) and _SD3_ATTN2 in k for k in keys)
+        variant = sd3_variant({"qk_norm": qk_norm, "dual_attention_layers": attn2})
+        return Detected(
+            "sd3", f"{where}: MMDiT joint blocks, {SD3_VARIANTS[variant]}", variant=variant
+        )
     if any(k.startswith(_SDXL_SECOND_ENCODER) for k in keys):
         return Detected("sdxl", f"{where}: two text encoders (conditioner.embedders.1)")
     if any(k.startswith(_SDXL_ADDED_EMBEDDING) for k in keys):
@@ -147,7 +195,7 @@ def problems(config: ModelConfig, detected: Detected) -> list[str]:
         return [f"model.pretrained = {config.pretrained!r}: {detected.problem}"]
     if config.arch == "auto" or not detected.name or config.arch == detected.name:
         return []
-    if not detected.certain and "sdxl" not in (config.arch, detected.name):
+    if not detected.certain and {config.arch, detected.name} <= {"sd1", "sd2"}:
         return []  # neither SD 1.x's nor 2.x's width: the user names it
     return [
         f"{key}: but model.pretrained is an {ARCHITECTURES[detected.name].title} model "
@@ -185,11 +233,14 @@ def _from_hub(config: ModelConfig) -> Detected:
         from huggingface_hub import hf_hub_download
 
         revision = config.revision or None
-        index = hf_hub_download(config.pretrained, "model_index.json", revision=revision)
-        unet = hf_hub_download(config.pretrained, "unet/config.json", revision=revision)
+        index = _read_json(
+            Path(hf_hub_download(config.pretrained, "model_index.json", revision=revision))
+        )
+        denoiser = "transformer" if is_sd3_index(index) else "unet"
+        unet = hf_hub_download(config.pretrained, f"{denoiser}/config.json", revision=revision)
     except Exception:  # offline and not cached, or no such file: the load will say why
         return Detected()
-    return from_configs(_read_json(Path(index)), _read_json(Path(unet)), config.pretrained)
+    return from_configs(index, _read_json(Path(unet)), config.pretrained)
 
 
 # ---------------------------------------------------------------- LoRA files
@@ -198,7 +249,11 @@ def _from_hub(config: ModelConfig) -> Detected:
 # the models layer sits below lora, so it cannot import the name).
 _TRAINING_RECORD = "sdlora_training"
 # ``modelspec.architecture`` prefixes (SAI model spec), most specific first.
-_MODELSPEC = (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"))
+_MODELSPEC = (
+    ("stable-diffusion-xl", "sdxl"),
+    ("stable-diffusion-v2", "sd2"),
+    ("stable-diffusion-3", "sd3"),
+)
 _MODELSPEC_V1 = "stable-diffusion-v1"
 # Cross-attention key widths: CLIP ViT-L (SD 1.x), OpenCLIP-H (SD 2.x), both of SDXL's.
 _LORA_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -247,6 +302,8 @@ def _lora_header_family(metadata: Mapping[str, str]) -> LoraFamily | None:
         if spec.startswith(prefix):
             return LoraFamily(name, "modelspec.architecture", True)
     version = metadata.get("ss_base_model_version", "")
+    if version in SD3_VARIANTS or version.startswith("sd3"):
+        return LoraFamily("sd3", "ss_base_model_version", True)
     if version.startswith("sdxl"):
         return LoraFamily("sdxl", "ss_base_model_version", True)
     if version.startswith("sd_v2") or metadata.get("ss_v2") == "True":
@@ -259,9 +316,13 @@ def _lora_header_family(metadata: Mapping[str, str]) -> LoraFamily | None:
 def _lora_key_family(
     components: Collection[str], in_features: Mapping[str, int | None]
 ) -> LoraFamily:
+    names = list(in_features)
+    if "transformer" in components or any(
+        n.startswith(("lora_transformer_", "lora_unet_joint_blocks_")) for n in names
+    ):
+        return LoraFamily("sd3", "an SD3 transformer's module names")
     if "text_encoder_2" in components:
         return LoraFamily("sdxl", "two text encoders")
-    names = list(in_features)
     if any(n.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks")) for n in names):
         return LoraFamily("sdxl", "original-layout UNet names (SDXL trainers use them)")
     widths = {w for n, w in in_features.items() if "attn2" in n and "to_k" in n}

@@ -1,4 +1,5 @@
-"""Load the frozen Stable Diffusion components the trainer needs (SD 1.x, SD 2.x, SDXL).
+"""Load the frozen Stable Diffusion components the trainer needs (SD 1.x, SD 2.x, SDXL; SD3's
+own loading is ``trainer/models/sd3.py``, dispatched from here).
 
 One path for every source a user has: a local diffusers folder or a hub id go through
 ``from_pretrained``; a single ``.safetensors`` checkpoint (A1111/ComfyUI style) goes through
@@ -12,14 +13,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+# From the submodules, not `diffusers`: to a type checker, diffusers' top-level names are the
+# placeholder classes it defines for a missing torch (its __init__ imports those first).
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.config.load import ModelConfig
 from trainer.errors import UserError
 from trainer.models import family
+from trainer.models.accessors import move
 from trainer.models.source import is_single_file
 
 log = logging.getLogger(__name__)
@@ -33,8 +40,11 @@ class ModelLoadError(UserError, RuntimeError):
 class Components:
     """The parts of an SD pipeline that training uses.
 
-    ``tokenizer_2`` and ``text_encoder_2`` are SDXL's second pair (None for SD 1.x/2.x).
-    ``vae_note`` says which VAE runs and in which dtype, for the run's log line.
+    ``tokenizer_2`` and ``text_encoder_2`` are SDXL's and SD3's second pair (None for SD
+    1.x/2.x); ``tokenizer_3`` and ``text_encoder_3`` SD3's T5 (``trainer/models/sd3.py``: the
+    encoder slot always holds a module, the tokenizer is None when T5 is off). ``unet`` is the
+    denoiser LoRA adapts: SD3's is its ``SD3Transformer2DModel``. ``vae_note`` says which VAE
+    runs and in which dtype, for the run's log line; ``variant`` is SD3's (``5-medium``...).
     """
 
     tokenizer: CLIPTokenizer
@@ -46,16 +56,21 @@ class Components:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     architecture: str = "sd1"
     vae_note: str = ""
+    tokenizer_3: Any = None
+    text_encoder_3: torch.nn.Module | None = None
+    variant: str = ""
+    t5_max_length: int = 0
 
     @property
-    def tokenizers(self) -> list[CLIPTokenizer]:
+    def tokenizers(self) -> list[Any]:
         """Every tokenizer, in pipeline order."""
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         """Every text encoder, in pipeline order (the frozen modules as loaded)."""
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [t for t in encoders if t is not None]
 
 
 def load_components(
@@ -67,7 +82,8 @@ def load_components(
         config: The ``[model]`` table.
         dtype: dtype of the frozen weights (the mixed-precision compute dtype saves memory);
             the VAE may run in fp32 instead (:func:`vae_dtype`).
-        architecture: ``sd1``, ``sd2`` or ``sdxl``, as preflight resolved ``model.arch``.
+        architecture: ``sd1``, ``sd2``, ``sdxl`` or ``sd3``, as preflight resolved
+            ``model.arch``.
 
     Raises:
         ModelLoadError: naming the source and what to check, also when the loaded model is
@@ -76,7 +92,11 @@ def load_components(
     source = config.pretrained
     sdxl = architecture == "sdxl"
     try:
-        if is_single_file(source):
+        if architecture == "sd3":
+            from trainer.models import sd3
+
+            parts = sd3.load(config, dtype)
+        elif is_single_file(source):
             parts = _load_single_file(config, dtype, sdxl)
         else:
             parts = _load_folder(config, dtype, sdxl)
@@ -90,7 +110,7 @@ def load_components(
             f"model.pretrained = {source!r}: could not load it as a diffusers {where}: {err}"
         ) from err
     # The UNet alone decides: a single file's pipeline class was chosen from `architecture`.
-    loaded_sdxl = family.from_unet(parts.unet.config, ()).name == "sdxl"
+    loaded_sdxl = architecture != "sd3" and family.from_unet(parts.unet.config, ()).name == "sdxl"
     if loaded_sdxl != sdxl:
         raise ModelLoadError(
             f"model.pretrained = {source!r}: loaded as {architecture}, but its UNet "
@@ -101,7 +121,7 @@ def load_components(
         parts.noise_scheduler.register_to_config(prediction_type=config.prediction_type)
     vae_type, why = vae_dtype(parts.vae, dtype, architecture)
     if parts.vae.dtype != vae_type:
-        parts.vae.to(dtype=vae_type)
+        move(parts.vae, dtype=vae_type)
     name = "the model's own" if not config.vae else _source_name(config.vae)
     parts.vae_note = f"{name}, {str(vae_type).removeprefix('torch.')}" + (
         f" ({why})" if why else ""
@@ -144,8 +164,8 @@ def _load_vae(source: str) -> AutoencoderKL:
 
 
 def _load_folder(config: ModelConfig, dtype: torch.dtype, sdxl: bool) -> Components:
-    kwargs = {"revision": config.revision or None}
-    weights = {**kwargs, "variant": config.variant or None, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"revision": config.revision or None}
+    weights: dict[str, Any] = {**kwargs, "variant": config.variant or None, "use_safetensors": True}
     weights["torch_dtype"] = dtype
     source = config.pretrained
     parts = Components(

@@ -20,8 +20,10 @@ def is_single_file(source: str) -> bool:
 # A hub id is "owner/name" (or a bare "name" of a legacy repo): no leading dot, slash or tilde.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # The files a diffusers SD folder must hold, whatever its weights format (SDXL also holds
-# text_encoder_2/; trainer/models/family.py checks that once it knows the family).
+# text_encoder_2/; trainer/models/family.py checks that once it knows the family). SD3 holds
+# its denoiser in transformer/ instead of unet/.
 FOLDER_CONFIGS = ("unet/config.json", "vae/config.json", "text_encoder/config.json")
+SD3_DENOISER = "transformer/config.json"
 
 
 def _offline() -> bool:
@@ -47,11 +49,14 @@ def source_problems(config: ModelConfig, hub_timeout: float = 10.0) -> list[str]
         return [] if path.is_file() else [f"{key}: no such file ({path.resolve()})"]
     if path.is_dir():
         missing = [name for name in FOLDER_CONFIGS if not (path / name).is_file()]
+        if (path / SD3_DENOISER).is_file() and FOLDER_CONFIGS[0] in missing:
+            missing.remove(FOLDER_CONFIGS[0])
         if missing:
             return [
                 f"{key}: the folder is not a diffusers Stable Diffusion model (no "
-                f"{', '.join(missing)}); point it at a folder with model_index.json, unet/, "
-                "vae/, text_encoder/ and tokenizer/, or at a .safetensors checkpoint"
+                f"{', '.join(missing)}); point it at a folder with model_index.json, unet/ "
+                "(SD3: transformer/), vae/, text_encoder/ and tokenizer/, or at a .safetensors "
+                "checkpoint"
             ]
         return []
     if path.exists():

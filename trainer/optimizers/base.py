@@ -24,7 +24,7 @@ import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NamedTuple
 
 from typedtables import doc, field_problems
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from schedulers import Schedule
 
-SAME = "same"
+SAME: Final = "same"  # Final: `te != SAME` narrows te to a float
 
 
 class BaseLR(NamedTuple):

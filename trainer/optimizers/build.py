@@ -20,7 +20,7 @@ from typedtables import ConfigError
 
 # The step size each optimizer's last step took, per param group, for optimizers that report
 # one (see OptimizerSpec.effective_lrs); filled by a step pre-hook, read once per update.
-_effective: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[float]] = (
+_effective: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[float] | None] = (
     weakref.WeakKeyDictionary()
 )
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
 # Where the train-mode weights go in a checkpoint's optimizer state.
 TRAIN_WEIGHTS = "sdlora_train_weights"
@@ -42,9 +45,21 @@ def unwrap(optimizer: Any) -> torch.optim.Optimizer:
     return unwrap(inner) if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
+class _ScheduleFree(Protocol):
+    """What schedulefree's optimizers add to ``torch.optim.Optimizer``."""
+
+    def train(self) -> object: ...
+
+    def eval(self) -> object: ...
+
+
 def is_schedule_free(optimizer: Any) -> bool:
     """True for an optimizer that has separate train and eval weights (see the module doc)."""
-    opt = unwrap(optimizer)
+    return _schedule_free(unwrap(optimizer))
+
+
+def _schedule_free(opt: Any) -> TypeIs[_ScheduleFree]:
+    """:func:`is_schedule_free` of an unwrapped optimizer, telling the type checker so."""
     return (
         callable(getattr(opt, "eval", None))
         and callable(getattr(opt, "train", None))
@@ -66,7 +81,7 @@ def eval_mode(optimizer: Any) -> Iterator[None]:
     mode: nothing changes.
     """
     opt = unwrap(optimizer)
-    if not is_schedule_free(opt) or not opt.param_groups[0]["train_mode"]:
+    if not _schedule_free(opt) or not opt.param_groups[0]["train_mode"]:
         yield
         return
     held = [p.detach().clone() for p in _params(opt)]
@@ -86,7 +101,7 @@ def to_eval(optimizer: Any) -> None:
     """Leave a schedule-free optimizer's parameters at its eval weights (at the end of a run,
     so the models a run returns are the ones it saved)."""
     opt = unwrap(optimizer)
-    if is_schedule_free(opt) and opt.param_groups[0]["train_mode"]:
+    if _schedule_free(opt) and opt.param_groups[0]["train_mode"]:
         opt.eval()
 
 
@@ -109,7 +124,7 @@ def load_checkpoint_state(optimizer: Any, state: dict[str, Any]) -> None:
     held = state.pop(TRAIN_WEIGHTS, None)
     optimizer.load_state_dict(state)
     opt = unwrap(optimizer)
-    if not is_schedule_free(opt) or opt.param_groups[0]["train_mode"]:
+    if not _schedule_free(opt) or opt.param_groups[0]["train_mode"]:
         return
     opt.train()
     if held is None:

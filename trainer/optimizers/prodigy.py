@@ -76,8 +76,8 @@ class Prodigy(OptimizerSpec):
         self, lr_scheduler: Schedule, base_lrs: Sequence[BaseLR], where: str = "optimizer"
     ) -> Findings:
         found = super().interplay(lr_scheduler, base_lrs, where)
-        first = base_lrs[0] if base_lrs else None
         for lr in base_lrs[1:]:
+            first = base_lrs[0]  # the LR every other must equal
             if lr.value != first.value:
                 found.errors.append(
                     f"{lr.key} = {lr.value!r} differs from {first.key} = {first.value!r}, but "

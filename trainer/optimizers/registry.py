@@ -22,7 +22,7 @@ ENTRY_POINT_GROUP = "sdlora.optimizers"
 SpecT = TypeVar("SpecT", bound=type[OptimizerSpec])
 
 
-def _implements_create(cls: type, what: str) -> None:
+def _implements_create(cls: type[OptimizerSpec], what: str) -> None:
     if cls.create is OptimizerSpec.create:
         raise RegistryError(f"{what}: {cls.__qualname__} does not implement create()")
 
@@ -36,7 +36,13 @@ UnknownOptimizerError = UnknownNameError
 
 def register(name: str) -> Callable[[SpecT], SpecT]:
     """Class decorator registering an optimizer table under ``name`` (``[optimizer] name``)."""
-    return REGISTRY.register(name)
+    add = REGISTRY.register(name)
+
+    def decorate(cls: SpecT) -> SpecT:
+        add(cls)  # checks and registers it; returning `cls` here keeps its own type
+        return cls
+
+    return decorate
 
 
 def get(name: str) -> type[OptimizerSpec]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -32,7 +33,7 @@ _PROMPT_IMAGE = re.compile(r"p(\d+)-seed(-?\d+)\.png")
 def images_by_prompt(folder: Path) -> dict[int, Path]:
     """A sample point's image of each prompt index, in prompt order (the point's grid of
     them, and any temporary file of an interrupted write, left out)."""
-    found = {}
+    found: dict[int, Path] = {}
     for path in sorted(folder.iterdir()):
         match = _PROMPT_IMAGE.fullmatch(path.name)
         if match:
@@ -47,7 +48,7 @@ def spread(count: int, most: int) -> list[int]:
     return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
 
 
-def _font(tile: int) -> ImageFont.ImageFont:
+def _font(tile: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     size = max(10, tile // 16)
     try:
         return ImageFont.load_default(size=size)
@@ -85,7 +86,9 @@ def grid(
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def text_size(text: str) -> tuple[int, int]:
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        box = draw.textbbox((0, 0), text, font=font)
+        # Pillow types the box as floats; from an integer origin its fonts give ints.
+        left, top, right, bottom = cast("tuple[int, int, int, int]", box)
         return right - left, bottom - top
 
     label_w = max((text_size(t)[0] for t in row_labels), default=0) + 2 * _PAD if row_labels else 0

@@ -167,7 +167,7 @@ def line_fields(v: LineValues) -> dict[str, tuple[str, ...]]:
     the shortest; an empty form leaves the field out."""
     loss, ema, eta = format_loss(v.loss), format_loss(v.loss_ema), format_duration(v.eta_s)
     rate = f"{v.updates_per_s:.2f} upd/s"
-    val = ("",)
+    val: tuple[str, ...] = ("",)
     if v.val_loss is not None:
         val = (f"val {format_loss(v.val_loss)}@{v.val_step}", f"val {format_loss(v.val_loss)}", "")
     return {

@@ -7,7 +7,8 @@ Layout under ``output_dir/samples/``::
     progression.png             rows = prompts, columns = validation points (written at the end)
 
 Every image is drawn by the model family's diffusers pipeline (``StableDiffusionPipeline``, or
-``StableDiffusionXLPipeline`` for SDXL: both text encoders, size conditioning) with DDIM and a
+``StableDiffusionXLPipeline`` for SDXL: both text encoders, size conditioning) with DDIM, or by
+``StableDiffusion3Pipeline`` with the model's flow-matching Euler sampler for SD3, and a
 CPU ``torch.Generator`` seeded with
 ``validation.sample_seed`` (the same seed for every prompt, the one in the file name), so the
 settings in its metadata redraw it in diffusers from the same weights, and images of
@@ -19,6 +20,7 @@ sites read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -33,10 +35,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from trainer import quiet
 from trainer.files import write_atomic
+from trainer.models.accessors import move
 from trainer.report import grids
 from trainer.step_folders import numbered_folders, step_name
 
 if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+
     from trainer.config.load import RunConfig
     from trainer.models.load import Components
     from trainer.run.state import RunState
@@ -45,6 +50,7 @@ SAMPLES_DIR = "samples"
 METADATA_KEY = "sdlora"
 A1111_KEY = "parameters"
 SAMPLER = "DDIM"
+SD3_SAMPLER = "Euler (flow matching)"  # FlowMatchEulerDiscreteScheduler, the model's config
 GRID_TAG = "samples/grid"
 
 
@@ -59,6 +65,7 @@ class SampleSpec:
     size: int
     run: str
     negative_prompt: str = ""
+    sampler: str = SAMPLER
 
     @classmethod
     def from_config(cls, config: RunConfig) -> SampleSpec:
@@ -85,7 +92,7 @@ class SampleSpec:
             "guidance_scale": self.guidance_scale,
             "width": self.size,
             "height": self.size,
-            "sampler": SAMPLER,
+            "sampler": self.sampler,
             "generator": "cpu",
             "step": step,
             "run": self.run,
@@ -164,6 +171,10 @@ def pipeline_for(parts: Components, unet: torch.nn.Module, text_encoder, schedul
     """
     _, sd_pipeline = _import_pipeline()
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    if parts.architecture == "sd3":
+        from trainer.models import sd3
+
+        return sd3.pipeline(parts, unet, encoders, scheduler)
     if parts.architecture == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
@@ -189,7 +200,7 @@ def pipeline_for(parts: Components, unet: torch.nn.Module, text_encoder, schedul
     )
 
 
-def make_sampler(noise_scheduler_config: Any, ddim: type) -> Any:
+def make_sampler(noise_scheduler_config: Any, ddim: type[DDIMScheduler]) -> Any:
     """The DDIM sampler, built from the training noise scheduler's config.
 
     SD's ``scheduler_config.json`` (a PNDM config) has no ``clip_sample`` key, so the
@@ -230,8 +241,16 @@ def draw(
     ddim, _ = _import_pipeline()
     device = next(unet.parameters()).device
     vae_device = parts.vae.device
-    parts.vae.to(device)  # the VAE may sit on the CPU while training from cached latents
-    pipe = pipeline_for(parts, unet, text_encoder, make_sampler(parts.noise_scheduler.config, ddim))
+    move(parts.vae, device)  # the VAE may sit on the CPU while training from cached latents
+    extra: dict[str, Any] = {}
+    if parts.architecture == "sd3":
+        from trainer.models import sd3
+
+        sampler = sd3.sampler(parts)
+        extra["max_sequence_length"] = parts.t5_max_length  # T5 tokens, as trained
+    else:
+        sampler = make_sampler(parts.noise_scheduler.config, ddim)
+    pipe = pipeline_for(parts, unet, text_encoder, sampler)
     pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
     images = []
@@ -247,13 +266,14 @@ def draw(
                 num_inference_steps=spec.steps,
                 guidance_scale=spec.guidance_scale,
                 generator=generator,
+                **extra,
             ).images[0]
             facts = spec.metadata(k, step)
             info = png_info(facts, a1111_parameters(facts))
             save_png(image, folder / image_name(k, spec.seed), info)
             images.append(image)
     finally:
-        parts.vae.to(vae_device)
+        move(parts.vae, vae_device)
     return images
 
 
@@ -269,6 +289,8 @@ def sample_point(
         The folder of this point's samples.
     """
     spec, step, tracker = SampleSpec.from_config(state.config), state.update, state.tracker
+    if state.architecture == "sd3":
+        spec = dataclasses.replace(spec, sampler=SD3_SAMPLER)
     folder = step_folder(state.output_dir, step)
     count = len(spec.prompts)
     tracker.message(f"sampling {count} prompt{'s' if count > 1 else ''} at update {step}")

@@ -2,8 +2,10 @@
 
 ``metrics.jsonl`` holds one JSON object per optimizer update, written by the main process:
 ``{"step": N, "loss": ..., "lr": [lr of each param group], "epoch": ..., "samples": ...,
-"time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``, plus ``"val_loss"`` on the
-updates where the validation set was scored.
+"time": "2025-05-01T12:00:00.123+02:00", "elapsed": 81.234}``, plus ``"val_loss"`` and
+``"val_loss_by_timestep"`` (``{"125": ..., "375": ...}``: the loss at each fixed timestep) on
+the updates where the validation set was scored, and the image scores of ``validation.scores``
+(``"clip_t"``, ``"clip_i"``, ``"dino"``) where the samples were scored.
 ``step`` N is the N-th optimizer update (1-based), and ``lr`` is the LR that update applied,
 the same numbering as ``checkpoints/step-NNNNNN`` and ``sdlora lr-plot --csv``.
 ``time`` is the local wall-clock time the record was written. ``elapsed`` is the seconds the
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 
 from trainer.config.load import RunConfig, flatten
 from trainer.files import write_text
-from trainer.report import progress
+from trainer.report import image_scores, progress
 from trainer.step_folders import CHECKPOINTS
 
 if TYPE_CHECKING:
@@ -135,6 +137,7 @@ def start_trackers(accelerator, config: RunConfig, first_step: int) -> None:
     # Listing the metrics makes TensorBoard's HPARAMS tab show each run's latest values.
     val = config.validation
     metrics = {"train/loss": 0.0, **({"val/loss": 0.0} if val.fraction or val.path else {})}
+    metrics.update({f"val/{k}": 0.0 for k in val.scores})
     writer = accelerator.get_tracker("tensorboard", unwrap=True)
     for summary in hparams_summaries(hparams, metrics):
         writer.file_writer.add_summary(summary)
@@ -232,7 +235,7 @@ class Tracker:
         becomes one metrics.jsonl line, goes to the tracker, and is what the line shows."""
         self.done += 1
         self.training_s = self.clock.training_s
-        if self.main:
+        if self.metrics is not None:  # the main process (it alone writes metrics and the line)
             record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
             record["elapsed"] = round(self.base_elapsed + self.clock.wall_s, 3)
             self.metrics.write(json.dumps(record) + "\n")
@@ -250,6 +253,9 @@ class Tracker:
                 values = {"train/loss": record["loss"]}
                 if "val_loss" in record:
                     values["val/loss"] = record["val_loss"]
+                for t, loss in record.get("val_loss_by_timestep", {}).items():
+                    values[f"val/loss_t{int(t):04d}"] = loss
+                values.update({f"val/{k}": record[k] for k in image_scores.SCORES if k in record})
                 values.update({f"train/lr_group{i}": lr for i, lr in enumerate(record["lr"])})
                 # The optimizer's own step size where it has one (Prodigy's d·lr).
                 values.update(

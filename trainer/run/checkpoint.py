@@ -182,7 +182,7 @@ def quarantine(folder: Path) -> Path:
 
 def newest_intact(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
     """The newest checkpoint that verifies, and every newer one that does not (with why)."""
-    damaged = []
+    damaged: list[tuple[Path, list[str]]] = []
     for folder in reversed(step_folders(output_dir)):
         problems = verify(folder)
         if not problems:
@@ -191,7 +191,7 @@ def newest_intact(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path,
     return None, damaged
 
 
-def resolve(output_dir: str | Path, resume: str) -> Path | None:
+def resolve(output_dir: str | Path, resume: str) -> Path:
     """Turn an explicit ``--resume PATH`` into a verified checkpoint folder.
 
     Raises:
@@ -385,8 +385,10 @@ def run_facts(run: RunState) -> meta.RunFacts:
         epochs=-(-micro // run.plan.micro_batches_per_epoch),
         optimizer=run.optimizer,
         num_processes=run.accelerator.num_processes,
-        prediction_type=run.parts.noise_scheduler.config.prediction_type,
+        # SD3's flow-matching scheduler has no prediction type: it predicts the velocity.
+        prediction_type=run.parts.noise_scheduler.config.get("prediction_type", "flow_matching"),
         started_at=run.started_at,
+        model_variant=run.parts.variant,
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -34,25 +35,30 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from schedulers import Schedule
 from trainer import optimizers
+from trainer.config import sd3 as sd3_config
 from trainer.config.load import RunConfig, to_toml
 from trainer.data.feed import build_feed
 from trainer.data.order import seed_for
 from trainer.files import write_text
 from trainer.lora import adapters as lora
-from trainer.models import conditioning
+from trainer.models import conditioning, sd3
 from trainer.models import load as models
+from trainer.models.accessors import move
 from trainer.models.dtypes import DTYPES
 from trainer.models.vae import posterior
 from trainer.report import prometheus, samples
 from trainer.report.progress import SessionStats
 from trainer.report.tracking import LOGS_DIR, Tracker, start_trackers, truncate_metrics
-from trainer.run import final, preflight, step
+from trainer.run import final, flow_matching, preflight, step
 from trainer.run.checkpoint import restore_checkpoint, save_checkpoint
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
 from trainer.run.trial import in_sweep, shared_cache_dir
-from trainer.run.validation import Validator
+from trainer.run.validation import Validator, load_scorer, score_samples
+
+if TYPE_CHECKING:
+    from diffusers.models import AutoencoderKL
 
 log = logging.getLogger("sdlora")
 
@@ -181,19 +187,22 @@ def setup(
     for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)
     if train_cfg.channels_last:
-        parts.unet.to(memory_format=torch.channels_last)
-        parts.vae.to(memory_format=torch.channels_last)
+        move(parts.unet, memory_format=torch.channels_last)
+        move(parts.vae, memory_format=torch.channels_last)
     trained_texts = {
         name: module
         for name, module, on in (
             ("text_encoder", parts.text_encoder, config.lora.train_text_encoder),
             ("text_encoder_2", parts.text_encoder_2, config.lora.train_text_encoder_2),
         )
-        if on
+        if on and module is not None
     }
     # SDXL conditions on the first encoder's penultimate layer: its last gets no adapter.
     unread = conditioning.unread_layers(parts.architecture == "sdxl")
-    lora.attach(parts.unet, trained_texts, config.lora, unread)
+    # SD3 (its transformer in the UNet's slot) has its own default targets.
+    lora.attach(
+        parts.unet, trained_texts, sd3_config.resolved_lora(config.lora, parts.architecture), unread
+    )
     attention = models.enable_attention_backend(parts.unet, train_cfg.xformers)
     if train_cfg.compile:
         parts.unet.compile()  # in place: parameter names and state_dict keys stay the same
@@ -203,6 +212,7 @@ def setup(
             module.gradient_checkpointing_enable()
 
     # ---- caches and the loader; the order is planned by counters so it can resume
+    assert checked.prepared is not None and checked.plan is not None  # preflight set both
     feed = build_feed(
         config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples,
         shared=shared_cache_dir(),
@@ -218,8 +228,10 @@ def setup(
             val.seed,  # not train.seed: every run of a sweep is scored on the same noise
             val.batch_size,
         )
+    if parts.architecture == "sd3":  # T5's outputs cached for every caption; T5 freed
+        sd3.settle_t5(parts, config, feed.prepared.examples, feed.validation)
     if feed.cached_latents != "off":
-        parts.vae.to("cpu")  # not needed on the device while training from cached latents
+        move(parts.vae, "cpu")  # not needed on the device while training from cached latents
 
     # ---- optimizer; the LR schedule stays outside accelerate (see the module docstring)
     # Param groups in order: the UNet, then the trained text encoders (config.base_lrs()).
@@ -247,6 +259,9 @@ def setup(
     if checked.resume_from is not None:
         state.update = restore_checkpoint(state, checked.resume_from)
     state.tracker = start_logging(state, metrics)
+    if accelerator.is_main_process:  # the samples it scores are drawn on the main process
+        state.scorer = load_scorer(config, accelerator.device, feed.validation or [],
+                                   state.tracker.message)  # fmt: skip
     state.tracker.message(
         f"{len(feed.prepared.examples)} examples in {len(feed.prepared.sizes)} bucket(s), "
         f"{state.plan.micro_batches_per_epoch} micro-batches/epoch, "
@@ -314,10 +329,16 @@ def micro_step(state: RunState, batch: dict[str, torch.Tensor], micro: int) -> t
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         latents = encode_latents(batch, state.parts.vae, rand)
         cond = conditioning.condition(batch, state.encoders, state.encoders_trained)
-        loss = step.diffusion_loss(
-            state.unet, state.parts.noise_scheduler, latents, cond, rand,
-            config.train.noise_offset, config.train.snr_gamma,
-        )  # fmt: skip
+        if state.architecture == "sd3":  # flow matching, not ε/v prediction
+            loss = flow_matching.flow_matching_loss(
+                state.unet, state.parts.noise_scheduler, latents, cond, rand,
+                config.flow_matching, config.train.noise_offset,
+            )  # fmt: skip
+        else:
+            loss = step.diffusion_loss(
+                state.unet, state.parts.noise_scheduler, latents, cond, rand,
+                config.train.noise_offset, config.train.snr_gamma,
+            )  # fmt: skip
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             apply_lr_schedule(
@@ -354,7 +375,7 @@ def apply_lr_schedule(
 
 
 def encode_latents(
-    batch: dict[str, torch.Tensor], vae: torch.nn.Module, rand: step.ExampleRandom
+    batch: dict[str, torch.Tensor], vae: AutoencoderKL, rand: step.ExampleRandom
 ) -> torch.Tensor:
     """Latents x₀ of a batch: sampled from the cached posterior, or from a fresh VAE encode
     in the VAE's own dtype (SDXL's may run in fp32 under fp16, see ``models.vae_dtype``)."""
@@ -399,18 +420,22 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
 
 
 def validate(state: RunState, record: dict) -> None:
-    """The fixed-seed validation loss into ``record``, and the fixed-seed sample images."""
+    """The fixed-seed validation loss (overall and per timestep) into ``record``, the
+    fixed-seed sample images, and their image scores when configured."""
     accelerator, val = state.accelerator, state.config.validation
     unet = state.unwrapped(state.unet)
     encoder = [state.unwrapped(e) for e in state.encoders]
     if state.validator is not None:
         with optimizers.eval_mode(state.optimizer), accelerator.autocast():
-            record["val_loss"] = state.validator.loss(
+            scored = state.validator.evaluate(
                 unet, encoder, state.parts.noise_scheduler, accelerator.device
             )
+        record.update(scored.record())
     if val.prompts and accelerator.is_main_process:
         with optimizers.eval_mode(state.optimizer), accelerator.autocast():
-            samples.sample_point(state, unet, encoder)
+            folder = samples.sample_point(state, unet, encoder)
+        if state.scorer is not None:
+            record.update(score_samples(state.scorer, folder, val.prompts))
 
 
 # ---------------------------------------------------------------- finish

@@ -27,13 +27,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.config import sd3 as sd3_config
 from trainer.config.load import ConfigError, RunConfig, build, read_toml
 from trainer.data.dataset import DataError, Example, Prepared
 from trainer.lora import targets
 from trainer.lora.files import WEIGHTS_NAME
 from trainer.models import family as model_arch
 from trainer.models import source as model_source
-from trainer.report import prometheus
+from trainer.report import image_scores, prometheus
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
 from trainer.run.plan import Plan, plan_run
@@ -82,7 +83,7 @@ class Checked:
     plan: Plan | None = None
     warnings: list[str] = field(default_factory=list)  # logged as warnings
     messages: list[str] = field(default_factory=list)  # logged as information
-    architecture: str = "sd1"  # model.arch resolved: sd1, sd2 or sdxl
+    architecture: str = "sd1"  # model.arch resolved: sd1, sd2, sdxl or sd3
     # The resumed checkpoint's lr_scheduler.json when it is a shared prefix's branch point:
     # its LRs are checked against this run's once the run length is known.
     prefix_schedule: dict | None = None
@@ -144,6 +145,7 @@ def check(
         found, checked.architecture = model_problems(config)
         problems += found
     problems += model_source.vae_problems(config.model)
+    problems += image_scores.model_problems(config.validation)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
     problems += _prefix_problems(config, checked)
@@ -163,36 +165,48 @@ def model_problems(config: RunConfig) -> tuple[list[str], str]:
     model source that exists (``model_source.source_problems`` found nothing).
 
     Returns:
-        The problems, and the family training uses (``sd1``, ``sd2`` or ``sdxl``).
+        The problems, and the family training uses (``sd1``, ``sd2``, ``sdxl`` or ``sd3``).
     """
     detected = model_arch.detect(config.model)
     problems = model_arch.problems(config.model, detected)
     architecture = model_arch.resolve(config.model, detected)
+    problems += sd3_config.family_problems(config, architecture)  # "auto" resolved now
     lora = config.lora
-    if lora.train_text_encoder_2 and architecture != "sdxl":
+    if lora.train_text_encoder_2 and architecture not in ("sdxl", "sd3"):
         problems.append(
-            "lora.train_text_encoder_2: the model has one text encoder (it is not SDXL); "
-            "use lora.train_text_encoder"
+            "lora.train_text_encoder_2: the model has one text encoder (it is not SDXL or "
+            "SD3); use lora.train_text_encoder"
         )
-    folder = Path(config.model.pretrained).expanduser()
-    if architecture == "sdxl" and folder.is_dir():
-        missing = [
-            f"{name}/" for name in ("text_encoder_2", "tokenizer_2") if not (folder / name).is_dir()
-        ]
-        if missing:
-            problems.append(
-                f"model.pretrained = {config.model.pretrained!r}: an SDXL folder needs "
-                f"{' and '.join(missing)} beside text_encoder/ and tokenizer/"
-            )
+    problems += _folder_problems(config, architecture)
     if problems:
         return problems, architecture
     te_targets = lora.text_encoder_target_modules
     return targets.lora_target_problems(
         config.model.pretrained,
-        lora.target_modules,
+        sd3_config.lora_targets(lora, architecture),
         te_targets if lora.train_text_encoder else None,
         te_targets if lora.train_text_encoder_2 else None,
     ), architecture
+
+
+def _folder_problems(config: RunConfig, architecture: str) -> list[str]:
+    """The component folders a diffusers folder of the family lacks: SDXL's and SD3's second
+    text encoder, and SD3's T5 unless ``model.t5 = false``."""
+    folder = Path(config.model.pretrained).expanduser()
+    if architecture not in ("sdxl", "sd3") or not folder.is_dir():
+        return []
+    names = ["text_encoder_2", "tokenizer_2"]
+    if architecture == "sd3" and config.model.t5:
+        names += ["text_encoder_3", "tokenizer_3"]
+    missing = [f"{name}/" for name in names if not (folder / name).is_dir()]
+    if not missing:
+        return []
+    title = "an SDXL" if architecture == "sdxl" else "an SD3"
+    fix = "; or set model.t5 = false to train without T5" if "text_encoder_3/" in missing else ""
+    return [
+        f"model.pretrained = {config.model.pretrained!r}: {title} folder needs "
+        f"{' and '.join(missing)} beside text_encoder/ and tokenizer/{fix}"
+    ]
 
 
 def _data_and_plan(

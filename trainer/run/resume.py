@@ -112,7 +112,7 @@ def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tu
 def is_allowed(key: str, allow: Sequence[str]) -> bool:
     """True when ``key`` is named in ``allow`` by full path, bare name or table."""
     table, _, name = key.rpartition(".")
-    return key in allow or name in allow or (table and table in allow)
+    return key in allow or name in allow or (table != "" and table in allow)
 
 
 def check_resumable(

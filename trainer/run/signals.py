@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeAlias
 
 log = logging.getLogger("sdlora")
+
+# What signal.signal returns: the handler it replaced.
+_Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class StopRequest:
@@ -13,7 +19,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = {}
+        self._previous: dict[signal.Signals, _Handler] = {}
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +17,9 @@ from trainer.models.load import Components
 from trainer.report.tracking import Tracker
 from trainer.run.plan import Plan
 from trainer.run.validation import Validator
+
+if TYPE_CHECKING:
+    from trainer.report.image_scores import ImageScorer
 
 
 @dataclass
@@ -41,7 +44,7 @@ class RunState:
     weight_dtype: torch.dtype
     resumed_from: Path | None = None
     update: int = 0
-    tracker: Tracker | None = None  # set once the resumed update is known
+    _tracker: Tracker | None = None  # behind `tracker`: set once the resumed update is known
     started_at: float = field(default_factory=time.time)  # the first start, kept on resume
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
@@ -51,10 +54,22 @@ class RunState:
     # Called with every update's record (the same on every process); True stops the run as a
     # signal would: ``sdlora lr-find``'s divergence test, a warm sweep worker's pruner.
     watch: Callable[[Mapping[str, Any]], bool] | None = None
+    scorer: ImageScorer | None = None  # validation.scores' models (main process)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.config.output_dir)
+
+    @property
+    def tracker(self) -> Tracker:
+        """The progress line, metrics and trackers (from the end of setup on)."""
+        if self._tracker is None:
+            raise RuntimeError("the tracker starts once the resumed update is known")
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, tracker: Tracker) -> None:
+        self._tracker = tracker
 
     @property
     def trained(self) -> list[torch.nn.Module]:
@@ -66,20 +81,27 @@ class RunState:
     @property
     def encoders(self) -> list[torch.nn.Module]:
         """Every text encoder in pipeline order, the trained (prepared) one where trained."""
-        trained = (self.text_encoder, self.text_encoder_2)[: len(self.parts.text_encoders)]
+        # SD3's third (T5) is never trained.
+        trained = (self.text_encoder, self.text_encoder_2, None)[: len(self.parts.text_encoders)]
         pairs = zip(self.parts.text_encoders, trained, strict=True)
         return [trained if trained is not None else frozen for frozen, trained in pairs]
 
     @property
     def encoders_trained(self) -> list[bool]:
         """Whether each of :attr:`encoders` is trained."""
-        trained = (self.text_encoder, self.text_encoder_2)
+        trained = (self.text_encoder, self.text_encoder_2, None)
         return [m is not None for m in trained[: len(self.parts.text_encoders)]]
 
     def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
         """The trained text encoders by component name, unwrapped (for saving and loading)."""
         named = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
         return {k: self.unwrapped(v) for k, v in named.items() if v is not None}
+
+    @overload
+    def unwrapped(self, module: torch.nn.Module) -> torch.nn.Module: ...
+
+    @overload
+    def unwrapped(self, module: None) -> None: ...
 
     def unwrapped(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         """A prepared module without its DDP wrapper (None stays None)."""

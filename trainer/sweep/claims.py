@@ -216,8 +216,7 @@ def take_over_dead(study: optuna.Study, storage, sweep_dir: Path, me: WorkerLock
         info = t.user_attrs.get(WORKER)
         if info is None:
             started = t.datetime_start
-            now = datetime.now(started.tzinfo) if started else None
-            dead = started is not None and now - started > UNOWNED_GRACE
+            dead = started is not None and datetime.now(started.tzinfo) - started > UNOWNED_GRACE
         elif info.get("id") == me.id:
             continue
         else:

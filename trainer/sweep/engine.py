@@ -220,16 +220,52 @@ def seeds(spec: Spec) -> tuple[int, ...]:
 
 
 def open_study(spec: Spec, storage) -> optuna.Study:
-    """Create the sweep's study, or load it when another worker (or an earlier run) made it."""
+    """Create the sweep's study, or load it when another worker (or an earlier run) made it.
+
+    Its directions are the objectives' (two make a multi-objective study). Optuna loads an
+    existing study without comparing them, so a study made for other objectives is refused
+    here (:func:`check_objectives`).
+    """
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
         sampler=make_sampler(spec),
         pruner=make_pruner(spec),
-        direction="minimize",
+        directions=[o.direction for o in spec.objectives],
         load_if_exists=True,
     )
+    check_objectives(study, spec)
+    return study
+
+
+OBJECTIVE_ATTR = "sdlora_objective"  # study user attr: the objectives it was made for
+
+
+def check_objectives(study: optuna.Study, spec: Spec) -> None:
+    """Record the objectives in a new study; refuse to train into a study made for others
+    (its values and directions would mean something else). A study from before objectives
+    were recorded was made for the final validation loss."""
+    names = [o.name for o in spec.objectives]
+    recorded = study.user_attrs.get(OBJECTIVE_ATTR)
+    if recorded is None and study.directions == [optuna.study.StudyDirection.MINIMIZE]:
+        recorded = ["final"] if study.get_trials(deepcopy=False) else None
+    directions = [optuna.study.StudyDirection[o.direction.upper()] for o in spec.objectives]
+    if recorded is None and list(study.directions) != directions:
+        recorded = ["final"]  # made before objectives were recorded: the loss's direction
+    if recorded is None:
+        study.set_user_attr(OBJECTIVE_ATTR, names)
+        recorded = study.user_attrs.get(OBJECTIVE_ATTR, names)
+    if list(recorded) != names:
+        raise ConfigError(
+            [
+                f"objective: the study {spec.name!r} was made for objective = {recorded}, "
+                f"and this sweep file says {names}; --report-only shows the same runs on "
+                f"{names} without training, and another name (name = ...) or --out starts "
+                "a new study"
+            ],
+            str(spec.path),
+        )
 
 
 def load_study(spec: Spec, storage) -> optuna.Study:

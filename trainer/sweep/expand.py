@@ -177,6 +177,7 @@ def _check_runs(spec: Spec, processes: int, problems: dict[str, list[str]]) -> l
 def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any]) -> list[str]:
     """Model-free problems of one run's config; each distinct check runs once (``once``)."""
     from trainer.models import source
+    from trainer.report import image_scores
     from trainer.run import preflight
 
     def cached(key: Any, compute: Callable[[], Any]) -> Any:
@@ -211,6 +212,13 @@ def run_problems(spec: Spec, cfg: RunConfig, processes: int, once: dict[str, Any
             "validation.fraction / validation.path: the sweep's objective is the validation "
             "loss; hold out images (validation.fraction = 0.1) or give validation.path"
         )
+    for objective in spec.objectives:
+        if objective.score and objective.score not in val.scores:
+            p.append(
+                f"objective = {objective.name!r}: the runs must compute it; add it to "
+                f'validation.scores (in [set]: "validation.scores" = ["{objective.score}"])'
+            )
+    p = p + cached(["scorers", data["validation"]], lambda: image_scores.model_problems(val))
     if spec.pruner is not None and not val.every_n_steps:
         p.append(
             "validation.every_n_steps: the pruner needs validation losses during training; "

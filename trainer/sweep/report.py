@@ -1,52 +1,64 @@
-"""The sweep's report, written into the sweep folder (``--report-only`` rebuilds it alone):
+"""The sweep's report, written into the sweep folder (``--report-only`` rebuilds it alone).
 
-- ``summary.csv`` / ``summary.md``: one row per run (configuration × seed) with its
-  overrides, seed, state, final and best validation loss, final train loss, updates and wall
-  time; the markdown also ranks the configurations and states the verdict;
-- ``lr_curves.png``: every run's applied LR per update, read from its ``metrics.jsonl``;
-- ``val_loss.png``: every run's validation loss over updates;
-- ``samples.png``: one row per run, the same prompts and seeds, at the end of training;
-- ``report.html``: all of it on one self-contained page (images embedded as data URIs).
+The verdict comes first: one sentence, then the ranked table with each configuration's gap
+to the best and its interval, then how it was decided, then the pictures
+(``trainer/sweep/figures.py``), then one row per run.
+
+- ``report.html``: all of it on one self-contained page (images embedded as data URIs);
+- ``summary.md``: the same in markdown, the images beside it;
+- ``summary.json``: every number of the verdict and the runs, for scripts;
+- ``summary.csv``: one row per run (configuration × seed): its overrides, seed, state, final
+  and best validation loss, image scores, final train loss, updates and wall time;
+- ``lr_curves.png``, ``val_loss.png``, ``timestep_loss.png``, ``samples.png`` (and
+  ``pareto.png`` with two objectives).
 
 Every file is written atomically, so two workers finishing at once leave one whole report.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from schedulers import preview
-from trainer.files import write_atomic, write_text
-from trainer.report import grids
-from trainer.step_folders import numbered_folders
+from trainer.files import write_bytes, write_text
+from trainer.report.image_scores import SCORES
+from trainer.sweep import figures, report_page
+from trainer.sweep.engine import seeds as sweep_seeds
+from trainer.sweep.objectives import OBJECTIVES, Objective
 from trainer.sweep.overrides import set_flags
 from trainer.sweep.results import RunResult
 from trainer.sweep.spec import Spec
-from trainer.sweep.verdict import Summary, Verdict, decide, rank
+from trainer.sweep.verdict import ALPHA, LEVEL, Summary, Verdict, decide, rank, unplaced_reason
 
-FILES = ("summary.csv", "summary.md", "lr_curves.png", "val_loss.png", "samples.png", "report.html")
+FIGURES = ("val_loss.png", "timestep_loss.png", "lr_curves.png", "samples.png")
+PARETO = "pareto.png"
+FILES = ("summary.csv", "summary.md", "summary.json", *FIGURES, "report.html")
 COLUMNS = (
-    "trial", "seed", "state", "final_val_loss", "best_val_loss", "final_train_loss",
+    "trial", "seed", "state", "final_val_loss", "best_val_loss", *SCORES, "final_train_loss",
     "updates", "wall_s", "overrides", "folder", "optuna_trial", "error",
 )  # fmt: skip
 
 
-def summaries(spec: Spec, results: Sequence[RunResult]) -> list[Summary]:
-    """Each configuration's completed final validation losses, in the sweep's order."""
+def summaries(spec: Spec, results: Sequence[RunResult], objective: Objective) -> list[Summary]:
+    """Each configuration's values on ``objective`` per finished seed, in the sweep's order,
+    with the state of every seed that has none."""
+    seeds = tuple(sweep_seeds(spec))
     groups: dict[str, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.run.point.label, []).append(r)
-    seeds = len({r.run.seed for r in results}) or 1
-    return [
-        Summary(label, tuple(r.final_val for r in rs if r.final_val is not None), seeds)
-        for label, rs in groups.items()
-    ]
+    out = []
+    for label, runs in groups.items():
+        values = {r.run.seed: r.value(objective) for r in runs}
+        missing = {r.run.seed: r.state for r in runs if values[r.run.seed] is None}
+        done = {seed: v for seed, v in values.items() if v is not None}
+        out.append(Summary(label, done, seeds, missing))
+    return out
 
 
 def row(r: RunResult) -> dict[str, str]:
@@ -55,12 +67,14 @@ def row(r: RunResult) -> dict[str, str]:
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.6g}"
 
+    final = r.metrics[-1] if r.finished else {}
     return {
         "trial": r.run.point.label,
         "seed": str(r.run.seed),
         "state": r.state,
         "final_val_loss": num(r.final_val),
         "best_val_loss": num(r.best_val),
+        **{k: num(final.get(k)) for k in SCORES},
         "final_train_loss": num(r.final_loss),
         "updates": str(r.updates),
         "wall_s": f"{r.wall_s:.1f}",
@@ -72,197 +86,150 @@ def row(r: RunResult) -> dict[str, str]:
 
 
 def write(spec: Spec, results: Sequence[RunResult]) -> tuple[Path, Verdict]:
-    """Write every report file into the sweep folder; return the HTML page and the verdict."""
+    """Write every report file into the sweep folder; return the HTML page and the verdict
+    on the first objective."""
     out = spec.sweep_dir
-    ranked = rank(summaries(spec, results))
-    verdict = decide(ranked)
+    objectives = spec.objectives or (OBJECTIVES["final"],)
+    per_objective = [summaries(spec, results, o) for o in objectives]
+    verdicts = [decide(s, o) for s, o in zip(per_objective, objectives, strict=True)]
     rows = [row(r) for r in results]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "summary.csv", buf.getvalue())
-    write_text(out / "summary.md", markdown(spec, ranked, verdict, rows))
+    labels = list(dict.fromkeys(r.run.point.label for r in results))
+    best = verdicts[0].best.label if verdicts[0].best else None
     images = {
-        "lr_curves.png": lr_figure(results),
-        "val_loss.png": val_figure(results),
-        "samples.png": samples_figure(results),
+        "val_loss.png": figures.val_figure(results),
+        "timestep_loss.png": figures.timestep_figure(results, labels, best),
+        "lr_curves.png": figures.lr_figure(results),
+        "samples.png": figures.samples_figure(results),
     }
-    for name, png in images.items():
-        write_atomic(out / name, lambda tmp, png=png: tmp.write_bytes(png))
-    page = write_text(out / "report.html", page_html(spec, ranked, verdict, rows, images))
-    return page, verdict
+    front = None
+    if len(objectives) == 2:
+        first, second = per_objective
+        images[PARETO] = figures.pareto_figure(first, second, objectives)
+        points = figures.pareto_points(first, second)
+        front = figures.pareto_front(points, objectives)
+    elif (out / PARETO).exists():
+        (out / PARETO).unlink()  # from an earlier report with two objectives
+    for name, data in images.items():
+        write_bytes(out / name, data)
+    scores = score_means(spec, results)
+    page = report_page.Page(spec.name, verdicts, per_objective, front, scores, rows, images)
+    write_text(out / "summary.md", page.markdown())
+    write_text(out / "summary.json", json.dumps(
+        summary_json(spec, verdicts, per_objective, front, scores, results), indent=1
+    ) + "\n")  # fmt: skip
+    html_path = write_text(out / "report.html", page.html())
+    return html_path, verdicts[0]
 
 
-def _fmt(x: float) -> str:
-    return "" if math.isnan(x) else f"{x:.6g}"
-
-
-def ranking_rows(ranked: Sequence[Summary]) -> list[list[str]]:
-    """Rank, configuration, seeds done, mean, std, SEM and mean ± 2·SEM per configuration."""
-    out = []
-    for i, s in enumerate(ranked, 1):
-        lo, hi = s.interval()
-        band = "" if math.isnan(lo) else f"[{lo:.6g}, {hi:.6g}]"
-        place = str(i) if s.complete else "–"
-        out.append(
-            [place, s.label, f"{s.n}/{s.seeds}", _fmt(s.mean), _fmt(s.std), _fmt(s.sem), band]
-        )
+def score_means(spec: Spec, results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
+    """Each configuration's mean image scores at the end, over its finished seeds (only the
+    scores some run recorded)."""
+    out: dict[str, dict[str, float]] = {}
+    for name in SCORES:
+        for s in summaries(spec, results, OBJECTIVES[name]):
+            if s.values:
+                out.setdefault(s.label, {})[name] = s.mean
     return out
 
 
-RULE = (
-    "Objective: the final fixed-seed validation loss (lower is better). A configuration beats "
-    "the runner-up only if their mean ± 2·SEM intervals over seeds do not overlap."
-)
-RANK_HEADER = ["rank", "configuration", "seeds done", "mean val loss", "std", "SEM", "mean ± 2·SEM"]
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
 
 
-def markdown(spec: Spec, ranked: Sequence[Summary], verdict: Verdict, rows: list[dict]) -> str:
-    def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-        esc = [[c.replace("|", "\\|") for c in r] for r in body]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc])
-
-    shown = [c for c in COLUMNS if c not in ("folder", "error")]
-    return (
-        "\n\n".join(
-            [
-                f"# Sweep {spec.name}",
-                f"**Verdict:** {verdict.text}",
-                RULE,
-                "## Configurations",
-                table(RANK_HEADER, ranking_rows(ranked)),
-                "## Runs",
-                table(shown, [[r[c] for c in shown] for r in rows]),
-                "![LR per update](lr_curves.png)\n\n![Validation loss](val_loss.png)\n\n"
-                "![Samples](samples.png)",
-            ]
-        )
-        + "\n"
-    )
-
-
-def page_html(
-    spec: Spec, ranked: Sequence[Summary], verdict: Verdict, rows: list[dict], images: dict
-) -> str:
-    """One self-contained page: no file or network access needed to show it."""
-
-    def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        cells = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
-
-    def img(name: str, alt: str) -> str:
-        data = base64.b64encode(images[name]).decode()
-        image = f'<img src="data:image/png;base64,{data}" alt="{alt}">'
-        return f"<figure>{image}<figcaption>{alt}</figcaption></figure>"
-
-    shown = [c for c in COLUMNS if c != "folder"]
-    css = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:.9em}"
-        "td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}"
-        "th{background:#f3f3f3}.verdict{font-size:1.1em;padding:.8em;background:#eef6ee}"
-        ".tie{background:#fbf6e6}img{max-width:100%}figure{margin:1.5em 0}"
-    )
-    kind = "verdict" if verdict.kind == "real" else "verdict tie"
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sweep {html.escape(spec.name)}"
-        f"</title><style>{css}</style></head><body><h1>Sweep {html.escape(spec.name)}</h1>"
-        f"<p class='{kind}'>{html.escape(verdict.text)}</p>"
-        f"<p>{html.escape(RULE)}</p><h2>Configurations</h2>"
-        + table(RANK_HEADER, ranking_rows(ranked))
-        + "<h2>Runs</h2>"
-        + table(shown, [[r[c] for c in shown] for r in rows])
-        + img("lr_curves.png", "Applied LR per optimizer update, from each run's metrics.jsonl")
-        + img("val_loss.png", "Fixed-seed validation loss over updates")
-        + img("samples.png", "Samples at the end of training (same prompts and seeds)")
-        + "</body></html>\n"
-    )
+def verdict_json(verdict: Verdict, ranked: Sequence[Summary]) -> dict[str, Any]:
+    """One objective's verdict, every configuration with every number."""
+    compared = {c.label: c for c in verdict.comparisons}
+    configs = []
+    for s in ranked:
+        entry: dict[str, Any] = {
+            "label": s.label,
+            "values": {str(k): v for k, v in s.values.items()},
+            "mean": _finite(s.mean),
+            "std": _finite(s.std),
+        }
+        if verdict.best is not None and s.label == verdict.best.label and s.complete:
+            entry["place"] = "best"
+        elif s.label in compared:
+            c = {k: _finite(v) if isinstance(v, float) else v
+                 for k, v in asdict(compared[s.label]).items()}  # fmt: skip
+            entry.update({k: v for k, v in c.items() if k != "label"})
+        else:
+            entry["place"] = "not placed" if not s.complete else "ranked"
+            if not s.complete:
+                entry["reason"] = unplaced_reason(s)
+                entry["missing"] = {str(k): v for k, v in s.missing.items()}
+        configs.append(entry)
+    o = verdict.objective
+    return {
+        "objective": o.name,
+        "title": o.title,
+        "lower_is_better": o.lower_is_better,
+        "kind": verdict.kind,
+        "text": verdict.text,
+        "method": verdict.method,
+        "best": verdict.best.label if verdict.best else None,
+        "pairs": verdict.pairs,
+        "configurations": configs,
+    }
 
 
-def _figure(width: float, height: float):
-    return preview.new_figure((width, height))
+def summary_json(
+    spec: Spec,
+    verdicts: Sequence[Verdict],
+    per_objective: Sequence[Sequence[Summary]],
+    front: list[str] | None,
+    scores: dict[str, dict[str, float]],
+    results: Sequence[RunResult],
+) -> dict[str, Any]:
+    """Every number of the report: the verdicts, the test, the runs."""
+    steps, table = figures.timestep_table(results, [s.label for s in per_objective[0]])
+    return {
+        "sweep": spec.name,
+        "test": {
+            "name": "paired t-test (scipy.stats.ttest_rel), two-sided",
+            "correction": "Holm over every pair of placed configurations "
+            "(statsmodels.stats.multitest.multipletests, method='holm')",
+            "level": ALPHA,
+            "confidence": LEVEL,
+            "interval": "t-interval of the mean paired difference, this pair alone; "
+            "low_all/high_all: Bonferroni over every pair",
+        },
+        "seeds": list(sweep_seeds(spec)),
+        "verdicts": [
+            verdict_json(v, rank(s, v.objective))
+            for v, s in zip(verdicts, per_objective, strict=True)
+        ],
+        "pareto_front": front,
+        "image_scores": scores,
+        "timesteps": steps,
+        "timestep_losses": {
+            label: {str(seed): {str(t): v for t, v in by_t.items()} for seed, by_t in seeds.items()}
+            for label, seeds in table.items()
+        },
+        "runs": [run_json(r) for r in results],
+    }
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _colours(results: Sequence[RunResult]) -> dict[str, str]:
-    labels = list(dict.fromkeys(r.run.point.label for r in results))
-    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
-
-
-def lr_figure(results: Sequence[RunResult]) -> bytes:
-    """Every run's applied LR per update (param group 0 solid, the text encoder's dashed),
-    drawn by the same builder as ``sdlora lr-plot``."""
-    pairs = []
-    for r in results:
-        logged = [m for m in r.metrics if m.get("lr")]
-        steps = [m["step"] for m in logged]
-        pairs.append((r.run.point.label, preview.Curve(steps, [m["lr"] for m in logged])))
-    fig = preview.lr_figure(pairs, "Applied LR per update", ("", "text encoder"), size=(9, 5))
-    return _png(fig)
-
-
-def val_figure(results: Sequence[RunResult]) -> bytes:
-    """Every run's validation loss over updates (one colour per configuration)."""
-    fig = _figure(9, 5)
-    ax = fig.add_subplot()
-    colours, labelled = _colours(results), set()
-    markers = "os^vDP*X"
-    seeds = sorted({r.run.seed for r in results})
-    for r in results:
-        points = [(m["step"], m["val_loss"]) for m in r.metrics if "val_loss" in m]
-        if not points:
-            continue
-        label = r.run.point.label
-        ax.plot(*zip(*points, strict=True), "-", marker=markers[seeds.index(r.run.seed) % 8],
-                color=colours[label], label=None if label in labelled else label)  # fmt: skip
-        labelled.add(label)
-    ax.set(xlabel="optimizer update", ylabel="validation loss", title="Fixed-seed validation loss")
-    if labelled:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small")
-    return _png(fig)
-
-
-def last_samples(folder: Path) -> list[Path]:
-    """The per-prompt images (``pKK-seedS.png``) of the run's last sample point, in prompt
-    order; the point's own grid of them beside is left out."""
-    steps = numbered_folders(folder / "samples")
-    return list(grids.images_by_prompt(steps[-1][1]).values()) if steps else []
-
-
-def samples_figure(results: Sequence[RunResult]) -> bytes:
-    """One row per run, one column per prompt of validation.prompts."""
-    from PIL import Image
-
-    rows = [(r, last_samples(r.folder)) for r in results]
-    rows = [(r, images) for r, images in rows if images]
-    if not rows:
-        fig = _figure(6, 1.5)
-        fig.text(0.5, 0.5, "No samples: set validation.prompts to draw some.", ha="center")
-        return _png(fig)
-    cols = max(len(images) for _, images in rows)
-    fig = _figure(2.2 + 1.8 * cols, 0.6 + 1.8 * len(rows))
-    grid = fig.subplots(len(rows), cols, squeeze=False)
-    for i, (r, images) in enumerate(rows):
-        prompts = r.run.config.validation.prompts
-        for j in range(cols):
-            ax = grid[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(images):
-                with Image.open(images[j]) as im:
-                    ax.imshow(im.convert("RGB"))
-            if i == 0 and j < len(prompts):
-                ax.set_title(prompts[j][:28], fontsize="small")
-            if j == 0:
-                ax.set_ylabel(f"{r.run.point.label[:28]}\nseed {r.run.seed}", fontsize="small")
-    return _png(fig)
+def run_json(r: RunResult) -> dict[str, Any]:
+    """One run's numbers (None where it has none)."""
+    final = r.metrics[-1] if r.finished else {}
+    return {
+        "configuration": r.run.point.label,
+        "seed": r.run.seed,
+        "state": r.state,
+        "final_val_loss": r.final_val,
+        "best_val_loss": r.best_val,
+        **{k: final.get(k) for k in SCORES},
+        "final_train_loss": r.final_loss,
+        "updates": r.updates,
+        "wall_s": r.wall_s,
+        "overrides": list(set_flags(r.run.point.settings)),
+        "folder": str(r.folder),
+        "optuna_trial": r.trial,
+        "error": r.error,
+    }

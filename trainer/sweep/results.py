@@ -3,7 +3,8 @@
 The state (complete, pruned, failed, running, waiting) comes from the latest trial of the
 run's chain in the Optuna study (a re-queued copy replaces the trial it copies). The numbers
 come from the run folder, as the trainer wrote them: ``metrics.jsonl`` (losses, LRs, val
-losses), ``manifest.json`` (a finished run), ``samples/step-NNNNNN/*.png``.
+losses, image scores), ``manifest.json`` (a finished run), ``samples/step-NNNNNN/*.png``. A
+run's value on an objective (``RunResult.value``) exists only once it finished.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from trainer.report.tracking import read_metrics
 from trainer.run import final
 from trainer.sweep import claims
 from trainer.sweep.expand import Run, build_runs
+from trainer.sweep.objectives import Objective
 from trainer.sweep.spec import Spec
 
 log = logging.getLogger("sdlora")
@@ -49,6 +51,27 @@ class RunResult:
     updates: int = 0
     wall_s: float = 0.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False  # trained to its end (its manifest verifies)
+
+    def value(self, objective: Objective) -> float | None:
+        """The run's value on ``objective``: the last one it recorded, or the best over the
+        run; None unless the run finished."""
+        if not self.finished:
+            return None
+        values = [float(r[objective.metric]) for r in self.metrics if objective.metric in r]
+        if not values:
+            return None
+        if objective.over_run:
+            return min(values) if objective.lower_is_better else max(values)
+        last = self.metrics[-1]
+        return float(last[objective.metric]) if objective.metric in last else None
+
+    def timestep_losses(self) -> dict[int, float]:
+        """The final validation point's loss at each fixed timestep ({} when not kept)."""
+        if not self.finished:
+            return {}
+        by_t = self.metrics[-1].get("val_loss_by_timestep", {})
+        return {int(t): float(v) for t, v in by_t.items()}
 
 
 def finished_steps(folder: Path) -> int | None:
@@ -69,6 +92,7 @@ def read_run(run: Run, folder: Path) -> RunResult:
     result.best_val = min(vals) if vals else None
     steps = finished_steps(folder)
     if steps is not None and result.metrics and result.metrics[-1]["step"] == steps:
+        result.finished = True
         result.final_val = result.metrics[-1].get("val_loss")
     try:
         result.wall_s = float(json.loads((folder / WALL_NAME).read_text())["wall_s"])
@@ -140,7 +164,7 @@ def collect(spec: Spec, study: optuna.Study, runs: list[Run]) -> list[RunResult]
         for run in trial_runs:
             result = read_run(run, run.folder(spec))
             _set_state(result, trial)
-            if result.final_val is not None:
+            if result.finished:
                 result.state = "complete"
             elif result.state == "failed" and not blamed:
                 blamed = True

@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from trainer.config.load import read_toml
+from trainer.sweep.objectives import OBJECTIVES, Objective, objective_problems
 from trainer.sweep.overrides import Assignment, assignments, key_label, label
 from typedtables import ConfigError, build_table, doc
 
@@ -79,6 +80,12 @@ class SweepFile:
         "silent for 3 times this is taken over by another worker",
         60,
     )
+    objective: tuple[str, ...] = doc(
+        "What the verdict compares: 'final' (the final validation loss), 'best' (the lowest "
+        "validation loss of the run), or an image score of validation.scores ('clip_t', "
+        "'clip_i', 'dino'); a list of two makes an Optuna multi-objective study",
+        ["final"],
+    )
 
     def problems(self, where: str) -> list[str]:
         """Checks of these keys alone."""
@@ -89,7 +96,7 @@ class SweepFile:
             p.append(f"seeds: {list(self.seeds)} repeats a seed")
         if self.heartbeat_seconds < 1:
             p.append("heartbeat_seconds: must be >= 1")
-        return p
+        return p + objective_problems(self.objective)
 
 
 def param_value(value: Any) -> Any:
@@ -122,6 +129,12 @@ class SearchParam:
     def is_int(self) -> bool:
         return isinstance(self.low, int) and isinstance(self.high, int)
 
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a range (``int`` ones when :attr:`is_int`)."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.key}: a choice among values, not a range")
+        return self.low, self.high
+
     def choice_labels(self) -> list[Any]:
         """Categorical values as Optuna stores them: scalars as they are, tables by label."""
         return [param_value(c) for c in self.choices]
@@ -148,6 +161,11 @@ class Spec:
     search: tuple[SearchParam, ...] = ()
     pruner: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objectives(self) -> tuple[Objective, ...]:
+        """The sweep's objectives, in the file's order (unknown names were reported)."""
+        return tuple(OBJECTIVES[n] for n in self.file.objective if n in OBJECTIVES)
 
     def search_point(self, params: Mapping[str, Any]) -> Point:
         """The configuration a [search] trial's sampled parameters stand for."""
@@ -188,6 +206,8 @@ def read(path: str | Path, output_dir: str | None = None) -> tuple[Spec, list[st
     path = Path(path)
     data = read_toml(path)
     problems: list[str] = []
+    if isinstance(data.get("objective"), str):  # one objective may be given bare
+        data = {**data, "objective": [data["objective"]]}
     file = build_table(SweepFile, data, "", problems, skip=TABLES)
     problems = [p.lstrip(".") for p in problems]
     if "seeds" in data and data["seeds"] == []:
@@ -225,6 +245,11 @@ def read(path: str | Path, output_dir: str | None = None) -> tuple[Spec, list[st
             "n_trials / sampler_seed: only for [search]; a grid or trial list is run whole"
         )
     pruner = _pruner(data.get("pruner"), problems)
+    if pruner is not None and len(file.objective) > 1:
+        problems.append(
+            "pruner: Optuna prunes on one objective's intermediate values; with two "
+            "objectives drop [pruner] (or keep one objective)"
+        )
     # Repeated seeds are reported above; expanding them once keeps that the only report.
     file = replace(file, seeds=tuple(dict.fromkeys(file.seeds)))
     return Spec(
@@ -385,8 +410,7 @@ def _search_param(key: str, spec: Mapping, where: str, problems: list[str]) -> S
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; a range takes {', '.join(RANGE_KEYS)}")
     low, high = spec.get("low"), spec.get("high")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-    if not numbers or not low < high:
+    if not (_number(low) and _number(high)) or not low < high:
         problems.append(f"{where}: needs numbers low < high (got low={low!r}, high={high!r})")
         return None
     log, step = bool(spec.get("log", False)), spec.get("step")
@@ -395,6 +419,11 @@ def _search_param(key: str, spec: Mapping, where: str, problems: list[str]) -> S
     if log and step is not None:
         problems.append(f"{where}: give log or step, not both")
     return SearchParam(key, low, high, log, step)
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    """An int or a float; not a bool, which Python counts as an int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def pruner_class(name: str) -> type:

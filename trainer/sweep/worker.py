@@ -129,8 +129,9 @@ class Worker:
 
     # ---------------------------------------------------------------- one trial
 
-    def objective(self, trial: optuna.Trial) -> float:
-        """Run the trial's runs; the objective is their mean final validation loss."""
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
+        """Run the trial's runs; each objective's value is its mean over them (a list of
+        two for a multi-objective study)."""
         self.current = trial.number
         trial.set_user_attr(claims.WORKER, self.me.info)
         trials = self.study.get_trials(deepcopy=False)
@@ -145,7 +146,8 @@ class Worker:
             if value is None:
                 raise optuna.TrialPruned()
             values.append(value)
-        return statistics.fmean(values)
+        means = [statistics.fmean(v) for v in zip(*values, strict=True)]
+        return means[0] if len(means) == 1 else means
 
     def runs_of(self, trial: optuna.Trial, frozen) -> list[Run]:
         """The runs a trial stands for; records its parameters in the study."""
@@ -159,9 +161,11 @@ class Worker:
             if p.choices:
                 params[p.key] = trial.suggest_categorical(p.key, p.choice_labels())
             elif p.is_int:
-                params[p.key] = trial.suggest_int(p.key, p.low, p.high, step=p.step or 1, log=p.log)
+                low, high = p.bounds()  # ints; Optuna makes the step an int itself
+                step = int(p.step or 1)
+                params[p.key] = trial.suggest_int(p.key, int(low), int(high), step=step, log=p.log)
             else:
-                params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+                params[p.key] = trial.suggest_float(p.key, *p.bounds(), step=p.step, log=p.log)
         point = self.spec.search_point(params)
         try:
             runs = expand.build_runs(self.spec, [point])
@@ -172,8 +176,8 @@ class Worker:
             raise RunFailed(str(err)) from err
         return runs
 
-    def execute(self, run: Run, reporting: optuna.Trial | None) -> float | None:
-        """Train one run to its end; its final validation loss, or None when pruned."""
+    def execute(self, run: Run, reporting: optuna.Trial | None) -> list[float] | None:
+        """Train one run to its end; its value on each objective, or None when pruned."""
         folder = run.folder(self.spec)
         try:
             prefixes.prepare(self.forest, run.key, folder, self.spec.sweep_dir, self.train_stem)
@@ -210,13 +214,18 @@ class Worker:
         if reporting is not None:
             self.report_values(reporting, folder, reported, prune=False)
         outcome = results.read_run(run, folder)
-        if outcome.final_val is not None:
-            self.status("complete", run, outcome.final_val, wall)
-            return float(outcome.final_val)
+        values = [outcome.value(o) for o in self.spec.objectives]
+        if outcome.finished and all(v is not None for v in values):
+            self.status("complete", run, outcome.final_val, wall, values)
+            return [float(v) for v in values if v is not None]
         if pruned:
             self.status("pruned", run, outcome.best_val, wall)
             return None
         message = process.log_tail(proc.log_path) or f"exit code {proc.popen.returncode}"
+        if outcome.finished:  # the checks before the sweep make every run record its scores
+            missing = [o.metric for o, v in zip(self.spec.objectives, values, strict=True)
+                       if v is None]  # fmt: skip
+            message = f"the run finished without recording {', '.join(missing)} at its end"
         if reporting is not None:
             reporting.set_user_attr(claims.ERROR, message)
         self.failed.append(run.name)
@@ -253,19 +262,28 @@ class Worker:
     def report_values(
         self, trial: optuna.Trial, folder: Path, reported: set[int], prune: bool = True
     ) -> bool:
-        """Report new validation losses to Optuna; True when the pruner stops the trial."""
+        """Report the objective's new intermediate values to Optuna (a multi-objective
+        study takes none: Optuna prunes on one); True when the pruner stops the trial."""
+        if len(self.spec.objectives) != 1:
+            return False
+        metric = self.spec.objectives[0].metric
         for record in read_metrics(folder):
             step = int(record["step"])
-            if "val_loss" in record and step not in reported:
-                trial.report(float(record["val_loss"]), step)
+            if metric in record and step not in reported:
+                trial.report(float(record[metric]), step)
                 reported.add(step)
                 if prune and trial.should_prune():
                     return True
         return False
 
-    def status(self, state: str, run: Run, value: float | None, wall: float) -> None:
+    def status(
+        self, state: str, run: Run, value: float | None, wall: float, values: Sequence = ()
+    ) -> None:
         shown = "" if value is None else f"val {value:.6f}"
-        self.say(f"{state:9} {run.name:48} {shown:16} {wall:7.1f} s")
+        scores = [f"{o.name} {v:.4f}" for o, v in zip(self.spec.objectives, values, strict=True)
+                  if o.score and v is not None]  # fmt: skip
+        self.say(f"{state:9} {run.name:48} {shown:16} {wall:7.1f} s" + "".join(
+            f"  {s}" for s in scores))  # fmt: skip
 
 
 def _indent(text: str) -> str:
