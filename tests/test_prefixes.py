@@ -7,14 +7,19 @@ which say where two curves part.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import without_clock
 from safetensors.torch import load_file
+from sweep_helpers import LAUNCH, run_sweep, start, summary, sweep_command
 
 import schedulers
 from trainer.config import load as config
@@ -228,3 +233,59 @@ def test_a_branch_point_refuses_any_other_change_and_disagreeing_lrs(
     (ckpt.step_dir(folder, 5) / BRANCH_MARKER).unlink()
     with pytest.raises(ConfigError, match="--allow-change"):
         preflight.check(load(sweep, wsd6.flags, folder), 1)
+
+
+# ---------------------------------------------------------------- a whole sweep
+
+# The tiniest run-length sweep: WSD at 4, 6 and 8 updates of one seed. Its tree: one stem to
+# update 3 (where wsd-4 parts: its decay starts there), which goes on to update 5 (wsd-6).
+RUN_LENGTHS = [("wsd-4", WSD, 4), ("wsd-6", WSD, 6), ("wsd-8", WSD, 8)]
+
+
+def sweep_file(folder: Path, model: Path, data: Path, share: bool) -> Path:
+    extra = f"launch = {LAUNCH}\nshare_prefixes = {str(share).lower()}"
+    return write_sweep(folder, model, data, RUN_LENGTHS, extra=extra)
+
+
+def lora_files(out: Path) -> dict[str, Path]:
+    return {p.parent.name: p for p in sorted((out / "trials").glob(f"*/{WEIGHTS_NAME}"))}
+
+
+@pytest.mark.slow
+def test_a_sweep_with_shared_prefixes_equals_one_without_even_killed_mid_stem(
+    tiny_model, tiny_data, tmp_path
+):
+    plain = sweep_file(tmp_path / "plain", tiny_model, tiny_data, share=False)
+    run_sweep(sweep_command(plain, tmp_path / "off"), tmp_path / "off.log")
+    assert not (tmp_path / "off" / "stems").exists()
+
+    shared = sweep_file(tmp_path / "shared", tiny_model, tiny_data, share=True)
+    out = tmp_path / "on"
+    # A machine losing power mid-stem: the worker and the stem's training process at once.
+    worker = start(sweep_command(shared, out), tmp_path / "killed.log")
+    deadline, pids = time.monotonic() + 300, []
+    while not pids and time.monotonic() < deadline and worker.poll() is None:
+        # A stem's training process has registered itself: it is training, or starting to.
+        pids = [p for f in (out / "locks").glob("seed*.pids") for p in f.read_text().split()]
+        time.sleep(0.01)
+    assert pids, (tmp_path / "killed.log").read_text()[-3000:]
+    groups = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(int(pid)))
+    os.killpg(worker.pid, signal.SIGKILL)
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    worker.wait()
+    run_sweep(sweep_command(shared, out), tmp_path / "on.log")
+
+    on, off = lora_files(out), lora_files(tmp_path / "off")
+    assert on.keys() == off.keys() and len(on) == 3
+    for name in on:  # bitwise: the same bytes, header and all but the run's clock
+        assert_same_run(on[name].parent, off[name].parent)
+    # Each stem trained its stretch once: the tree's two stems, nothing else.
+    stems = sorted(p.name for p in (out / "stems").iterdir() if p.is_dir())
+    assert [s.split("-")[1:3] for s in stems] == [["0", "3"], ["3", "5"]]
+    assert summary(out).keys() == summary(tmp_path / "off").keys()
+    logs = "".join(p.read_text() for p in (out / "trials").glob("*/train.log"))
+    assert "shared prefix's branch point" in logs

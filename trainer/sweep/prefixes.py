@@ -27,10 +27,12 @@ they have checked that the LRs agree (``trainer/run/resume.py``). So the validat
 before the branch are the trial's own too, and its curves are complete. A folder that already
 holds a checkpoint or final outputs is never placed into again.
 
-**Claiming a stem** is claiming its run folder: the worker that needs it runs the stem's
-command, whose training process holds the folder's run lock (``trainer/run/trial.py``); a
-second worker's command waits on the lock and then finds the stem at its end. A killed stem
-resumes from its newest checkpoint like any run.
+**Claiming a stem**: the worker that needs it holds ``stems/<key>.claim`` (an ``flock``) while
+it places and trains it; another worker waits on that lock and then finds the stem at its
+end. The stem's training process also holds the folder's run lock (``trainer/run/trial.py``):
+when a worker is killed mid-stem its training process may live on, and the next worker's
+command waits on the run lock, then resumes the stem from its newest checkpoint like any run
+(or finds it at its end).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import load as run_config
+from trainer.data.shared_cache import locked
 from trainer.files import write_folder_atomic, write_json, write_text
 from trainer.run import checkpoint as ckpt
 from trainer.run import final
@@ -299,10 +302,14 @@ def prepare(
         return branch
     for stem in forest.path(branch.stem):
         folder = stem.folder(sweep_dir)
-        if stem.parent is not None:
-            parent = forest.stems[stem.parent]
-            place(parent.folder(sweep_dir), stem.start, folder, parent.key)
-        if ckpt.verify(ckpt.step_dir(folder, stem.end)):  # not at its end yet
-            train_stem(stem)
+        # The claim: one worker places and trains a stem, another waits here, then finds it
+        # at its end. The kernel drops the lock of a killed worker; its training process, if
+        # it outlives it, holds the stem's run lock, which the next command waits on.
+        with locked(sweep_dir / STEMS_DIR / f"{stem.key}.claim"):
+            if stem.parent is not None:
+                parent = forest.stems[stem.parent]
+                place(parent.folder(sweep_dir), stem.start, folder, parent.key)
+            if ckpt.verify(ckpt.step_dir(folder, stem.end)):  # not at its end yet
+                train_stem(stem)
     place(forest.stems[branch.stem].folder(sweep_dir), branch.update, target, branch.stem)
     return branch
