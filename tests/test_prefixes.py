@@ -289,3 +289,11 @@ def test_a_sweep_with_shared_prefixes_equals_one_without_even_killed_mid_stem(
     assert summary(out).keys() == summary(tmp_path / "off").keys()
     logs = "".join(p.read_text() for p in (out / "trials").glob("*/train.log"))
     assert "shared prefix's branch point" in logs
+    # The report's efficiency: the stems' 3 + 2 updates and the trials' own 1 + 1 + 3, against
+    # 4 + 6 + 8 from scratch (the tree above, counted by hand).
+    spent = {k: json.loads((o / "summary.json").read_text())["efficiency"] for k, o in
+             (("on", out), ("off", tmp_path / "off"))}  # fmt: skip
+    assert (spent["on"]["trained"], spent["on"]["scratch"]) == (10, 18)
+    assert (spent["off"]["trained"], spent["off"]["scratch"]) == (18, 18)
+    assert 0 < spent["off"]["train_s"] < spent["off"]["wall_s"]
+    assert "10 updates trained, against 18" in (out / "summary.md").read_text()
