@@ -120,6 +120,20 @@ def test_a_run_length_sweep_and_a_shared_warmup_make_a_tree_of_prefixes(
         assert all(c[: stem.end] == curves[0][: stem.end] for c in curves)
 
 
+def test_the_shipped_run_length_sweep_trains_each_shared_update_once():
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "tiny_run_length.toml"
+    _, runs = runs_of(path, Path("unused"))
+    totals = prefixes.run_totals(runs, 1)
+    forest = prefixes.plan(runs, totals)
+    # WSD with 3 warmup updates and a quarter of the rest decaying holds the base LR through
+    # update 12 - round(9 / 4) = 10 at 12 updates (and its decay's first update, 11, is at the
+    # base LR too), through 20 at 24 updates: stems 0-11 and 11-20, per seed.
+    assert sorted(stems_by_span(forest)) == [(0, 11), (11, 20)]
+    assert len(forest.stems) == 6  # three seeds, one tree each
+    per_seed = 11 + 9 + (12 - 11) + (24 - 20) + (48 - 20)
+    assert forest.shared_updates(totals) == (3 * per_seed, 3 * (12 + 24 + 48))
+
+
 def test_one_tree_per_seed(tiny_model, tiny_data, tmp_path):
     path = write_sweep(tmp_path, tiny_model, tiny_data, seeds=(0, 1))
     forest = forest_of(runs_of(path, tmp_path / "out")[1])
