@@ -265,14 +265,20 @@ def lora_files(out: Path) -> dict[str, Path]:
     return {p.parent.name: p for p in sorted((out / "trials").glob(f"*/{WEIGHTS_NAME}"))}
 
 
+@pytest.fixture(scope="module")
+def unshared(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    """The reference: the run-length sweep with share_prefixes = false."""
+    folder = tmp_path_factory.mktemp("unshared")
+    plain = sweep_file(folder / "plain", tiny_model, tiny_data, share=False)
+    run_sweep(sweep_command(plain, folder / "off"), folder / "off.log")
+    assert not (folder / "off" / "stems").exists()
+    return folder / "off"
+
+
 @pytest.mark.slow
 def test_a_sweep_with_shared_prefixes_equals_one_without_even_killed_mid_stem(
-    tiny_model, tiny_data, tmp_path
+    unshared, tiny_model, tiny_data, tmp_path
 ):
-    plain = sweep_file(tmp_path / "plain", tiny_model, tiny_data, share=False)
-    run_sweep(sweep_command(plain, tmp_path / "off"), tmp_path / "off.log")
-    assert not (tmp_path / "off" / "stems").exists()
-
     shared = sweep_file(tmp_path / "shared", tiny_model, tiny_data, share=True)
     out = tmp_path / "on"
     # A machine losing power mid-stem: the worker and the stem's training process at once.
@@ -293,21 +299,42 @@ def test_a_sweep_with_shared_prefixes_equals_one_without_even_killed_mid_stem(
     worker.wait()
     run_sweep(sweep_command(shared, out), tmp_path / "on.log")
 
-    on, off = lora_files(out), lora_files(tmp_path / "off")
+    on, off = lora_files(out), lora_files(unshared)
     assert on.keys() == off.keys() and len(on) == 3
     for name in on:  # bitwise: the same bytes, header and all but the run's clock
         assert_same_run(on[name].parent, off[name].parent)
     # Each stem trained its stretch once: the tree's two stems, nothing else.
     stems = sorted(p.name for p in (out / "stems").iterdir() if p.is_dir())
     assert [s.split("-")[1:3] for s in stems] == [["0", "3"], ["3", "5"]]
-    assert summary(out).keys() == summary(tmp_path / "off").keys()
+    assert summary(out).keys() == summary(unshared).keys()
     logs = "".join(p.read_text() for p in (out / "trials").glob("*/train.log"))
     assert "shared prefix's branch point" in logs
     # The report's efficiency: the stems' 3 + 2 updates and the trials' own 1 + 1 + 3, against
     # 4 + 6 + 8 from scratch (the tree above, counted by hand).
     spent = {k: json.loads((o / "summary.json").read_text())["efficiency"] for k, o in
-             (("on", out), ("off", tmp_path / "off"))}  # fmt: skip
+             (("on", out), ("off", unshared))}  # fmt: skip
     assert (spent["on"]["trained"], spent["on"]["scratch"]) == (10, 18)
     assert (spent["off"]["trained"], spent["off"]["scratch"]) == (18, 18)
     assert 0 < spent["off"]["train_s"] < spent["off"]["wall_s"]
     assert "10 updates trained, against 18" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_workers_train_each_stem_once(unshared, tiny_model, tiny_data, tmp_path):
+    shared = sweep_file(tmp_path / "shared", tiny_model, tiny_data, share=True)
+    out = tmp_path / "on"
+    # Two workers of one sweep at once: both plan the same stems and claim them like trials.
+    workers = [start(sweep_command(shared, out), tmp_path / f"w{i}.log") for i in range(2)]
+    for i, worker in enumerate(workers):
+        assert worker.wait(timeout=600) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"w{i}.log").read_text().replace("\r", "\n") for i in range(2))
+    stems = sorted(p.name for p in (out / "stems").iterdir() if p.is_dir())
+    assert len(stems) == 2
+    for stem in stems:  # trained by one worker, found done by the other
+        assert (
+            len([line for line in logs.splitlines() if line.startswith(f"prefix    {stem}")]) == 1
+        )
+    on, off = lora_files(out), lora_files(unshared)
+    assert on.keys() == off.keys() and len(on) == 3
+    for name in on:
+        assert_same_run(on[name].parent, off[name].parent)
