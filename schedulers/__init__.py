@@ -11,6 +11,7 @@ from schedulers import (  # noqa: F401  (imported so every built-in registers it
     constant_with_warmup,
     cosine,
     cosine_with_restarts,
+    exponential_ramp,
     inverse_sqrt,
     linear,
     multistep,

@@ -78,6 +78,10 @@ EXAMPLES: list[tuple[str, dict]] = [
         {"name": "warmup_stable_decay", "warmup_steps": WARMUP, "decay_ratio": 0.2},
     ),
     (
+        "exponential_ramp (lr-find), start_factor 0.001",
+        {"name": "exponential_ramp", "start_factor": 0.001},
+    ),
+    (
         "warmup 400: exponential (blue), cosine (orange)",
         {
             "name": "constant",

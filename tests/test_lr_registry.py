@@ -21,7 +21,8 @@ from schedulers.errors import ScheduleRegistryError, UnknownScheduleError
 from schedulers.fields import doc
 
 BUILTINS = [
-    "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "inverse_sqrt",
+    "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "exponential_ramp",
+    "inverse_sqrt",
     "linear", "multistep", "piecewise_constant", "polynomial", "rex", "sine", "step",
     "warmup_stable_decay",
 ]  # fmt: skip

@@ -194,3 +194,34 @@ def test_a_masked_run_resumes_bitwise(masked_data, make_config, tmp_path):
     loop.run(make_config(*settings, start, output=resumed))
     a, b = load_file(whole / WEIGHTS_NAME), load_file(resumed / WEIGHTS_NAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_a_sweeps_shared_cache_serves_the_masks_a_runs_own_cache_holds(
+    masked_data, make_config, tmp_path, monkeypatch, mode
+):
+    """A trial reading the sweep-wide cache (trainer/data/shared_cache.py) trains the masked
+    run bit for bit as one that encoded its own cache, masks included."""
+    from trainer.data import shared_cache
+    from trainer.run.trial import CACHE_ENV
+
+    settings = (
+        *MASKED_RUN, "train.max_steps=2", "data.random_flip=true", 'output.save_dtype="fp32"',
+        f'data.path="{masked_data}"', f'data.cache_latents="{mode}"',
+    )  # fmt: skip
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    loop.run(make_config(*settings, output=tmp_path / "own"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "shared"))
+    for run in ("filler", "reader"):  # the first fills the shared cache, the second reads it
+        shared_cache._memo.clear()  # what a fresh trial process starts with
+        loop.run(make_config(*settings, output=tmp_path / run))
+    (folder,) = [p for p in (tmp_path / "shared").glob("latents-*") if p.is_dir()]
+    stored = load_file(folder / shared_cache.TENSORS_NAME)
+    assert any(name.endswith("/mask") for name in stored)
+    own = load_file(tmp_path / "own" / WEIGHTS_NAME)
+    for run in ("filler", "reader"):
+        theirs = load_file(tmp_path / run / WEIGHTS_NAME)
+        assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
+        assert [r["loss"] for r in read_metrics(tmp_path / run)] == [
+            r["loss"] for r in read_metrics(tmp_path / "own")
+        ]

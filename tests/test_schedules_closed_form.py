@@ -266,7 +266,7 @@ def test_one_update_run_uses_the_peak(name):
     assert schedule.lr(0, 1, 1e-4) == 1e-4
 
 
-NOT_DECAYING = ("constant", "constant_with_warmup", "piecewise_constant")
+NOT_DECAYING = ("constant", "constant_with_warmup", "exponential_ramp", "piecewise_constant")
 
 
 @pytest.mark.parametrize("name", [n for n in schedulers.available() if n not in NOT_DECAYING])

@@ -301,3 +301,18 @@ def test_sine_floor_is_lr_end_and_both_floors_are_refused():
     both = schedulers.get("sine")(period=10, lr_end=1e-6, min_lr_ratio=0.1)
     assert any("lr_end" in p for p in both.problems())
     assert any("lr_end" in p for p in sine.check(100, base_lrs=[1e-7]))
+
+
+@pytest.mark.parametrize("total", [2, 10, 100, 1000])
+@pytest.mark.parametrize("start_factor", [1e-6, 1e-3, 0.5])
+def test_exponential_ramp_matches_torch_exponential_lr(start_factor, total):
+    # torch's ExponentialLR started at start_factor · base, with the gamma that reaches the
+    # base LR at the last update: the LR range test's curve.
+    for base in BASES:
+        schedule = schedulers.get("exponential_ramp")(start_factor=start_factor)
+        gamma = (1.0 / start_factor) ** (1.0 / (total - 1))
+        make = functools.partial(torch_lr.ExponentialLR, gamma=gamma)
+        for want in both_forms(make, start_factor * base, total):
+            assert_same(ours(schedule, base, total), want, base)
+        assert schedule.lr(total - 1, total, base) == base
+        assert schedule.lr(0, total, base) == start_factor * base

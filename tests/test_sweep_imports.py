@@ -70,7 +70,7 @@ from trainer.run import loop, preflight
 # The command as it runs, without a model: its config, preflight and training loop stubbed.
 config.load = lambda path, overrides: types.SimpleNamespace()
 preflight.check = lambda cfg, processes, overwrite, is_main: None
-loop.run = lambda cfg, overwrite, checked: types.SimpleNamespace(
+loop.run = lambda cfg, overwrite, checked, stop_at: types.SimpleNamespace(
     is_main_process=False, interrupted=False
 )
 code = cli.main(["train", "--config", "unused.toml"])

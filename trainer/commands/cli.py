@@ -1,7 +1,8 @@
 """The ``sdlora`` command line: one entry point, one subcommand per job.
 
-    sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH]
+    sdlora train --config FILE [--set table.key=value ...] [--resume latest|PATH] [--stop-at N]
     sdlora lr-plot --config FILE [--set ...] [--csv FILE] [--png FILE] [--compare NAME ...]
+    sdlora lr-find --config FILE [--set ...] [--min LR] [--max LR] [--steps N] [--out DIR]
     sdlora schedules [NAME]
     sdlora export SOURCE [--format diffusers|kohya|both] [--out DIR] [--dtype D] [--name N]
     sdlora inspect FILE [--against MODEL] [--modules] [--json]
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over: remove the weights, checkpoints, metrics and logs an earlier run left "
         "in output_dir (never done without this flag)",
     )
+    train.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="N",
+        help="stop after optimizer update N with a checkpoint there, as a signal would, and exit "
+        "0 (a sweep's shared prefix ends so); a run already at N trains nothing",
+    )
     plot = sub.add_parser(
         "lr-plot", help="preview the LR of every param group at every update (no model needed)"
     )
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--examples", type=int, help="assume this many examples instead of reading data.path"
     )
+    _add_lr_find(sub)
     _add_export(sub)
     _add_inspect(sub)
     _add_sample(sub)
@@ -165,6 +174,48 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.add_argument("name", nargs="?", help="a schedule to describe")
     sub.add_parser("config-help", help="print every config table and key with its doc")
     return parser
+
+
+def _add_lr_find(sub: argparse._SubParsersAction) -> None:
+    find = sub.add_parser(
+        "lr-find",
+        help="the LR range test: a short run while the LR rises from --min to --max; writes "
+        "lr_find.csv and lr_find.png and suggests a base LR (docs/lr_find.md)",
+    )
+    _add_config_args(find)
+    find.add_argument(
+        "--min", type=float, default=1e-7, help="the LR of the first update (default 1e-7)"
+    )
+    find.add_argument(
+        "--max", type=float, default=1e-1, help="the LR of the last update (default 1e-1)"
+    )
+    find.add_argument(
+        "--steps", type=int, default=100, help="optimizer updates of the ramp (default 100)"
+    )
+    find.add_argument(
+        "--diverge",
+        type=float,
+        default=4.0,
+        help="stop when the smoothed loss exceeds this many times its lowest value (default 4)",
+    )
+    find.add_argument(
+        "--smooth",
+        type=float,
+        default=0.98,
+        help="the loss's moving-average weight of the past, in [0, 1) (default 0.98, as fastai)",
+    )
+    find.add_argument(
+        "--val-points",
+        type=int,
+        default=5,
+        help="validation losses along the ramp, with held-out images (default 5; 0: none)",
+    )
+    find.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where lr_find.csv and lr_find.png go (default: <output_dir>/lr_find); nothing "
+        "else is left behind",
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -341,14 +392,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     # A sweep worker's trial holds its run folder's lock and registers its pid; a no-op else.
+    stop_at = args.stop_at
+    if stop_at is not None and stop_at < 1:
+        raise ConfigError([f"--stop-at {stop_at}: an optimizer update, >= 1"], "sdlora train")
     with trial_process():
         processes, is_main = preflight.launch()
         checked = preflight.check(cfg, processes, args.overwrite, is_main)
+        if stop_at is not None and not checked.complete and checked.updates_done >= stop_at:
+            if is_main:
+                print(f"nothing to train: the run in {cfg.output_dir} is at update "
+                      f"{checked.updates_done}, at or past --stop-at {stop_at}")  # fmt: skip
+            return 0
         from trainer.run import loop
 
-        result = loop.run(cfg, overwrite=args.overwrite, checked=checked)
+        result = loop.run(cfg, overwrite=args.overwrite, checked=checked, stop_at=stop_at)
+    asked = result.interrupted and stop_at is not None and result.updates == stop_at
     if not result.is_main_process:
-        return 130 if result.interrupted else 0
+        return 130 if result.interrupted and not asked else 0
+    if asked:
+        print(
+            f"stopped at update {result.updates} as asked (--stop-at); continue with:\n  "
+            f"{resume_command()}",
+            flush=True,
+        )
+        return 0
     if result.interrupted:
         print(
             f"stopped after {result.updates} updates; resume with:\n  {resume_command()}",
@@ -374,7 +441,8 @@ def resume_command(
 ) -> str:
     """The shell command that resumes this run: how it was launched, every flag it was given
     (``--set``, ``--allow-change``...), ``--resume latest`` instead of any ``--resume``, and no
-    ``--overwrite`` (which would start over), quoted for the shell and run from this folder.
+    ``--overwrite`` (which would start over) or ``--stop-at`` (which would stop at once), quoted
+    for the shell and run from this folder.
 
     Args:
         argv: This process's arguments (default ``sys.argv``).
@@ -392,13 +460,13 @@ def resume_command(
                 allowed.append(arg)
             elif flag == "--set" and max_steps is not None and _sets_max_steps(arg):
                 pass
-            elif flag != "--resume":
+            elif flag not in ("--resume", "--stop-at"):
                 args += [flag, arg]
             continue
         name, eq, value = arg.partition("=")
-        if arg == "--overwrite":
+        if arg == "--overwrite" or (name == "--stop-at" and eq):
             continue
-        if name in ("--resume", "--allow-change", "--set") and not eq:
+        if name in ("--resume", "--allow-change", "--set", "--stop-at") and not eq:
             pending = name
         elif name == "--allow-change":
             allowed.append(value)
@@ -473,6 +541,29 @@ def cmd_lr_plot(args: argparse.Namespace) -> int:
     for label, path in (("csv", args.csv), ("png", args.png)):
         if path:
             print(f"wrote {label}: {path}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """Run the LR range test; print what it found and a sweep around the suggestion."""
+    from trainer.commands import lr_find
+
+    options = lr_find.Options(
+        min_lr=args.min,
+        max_lr=args.max,
+        steps=args.steps,
+        diverge=args.diverge,
+        smooth=args.smooth,
+        val_points=args.val_points,
+        out=args.out or "",
+    )
+    try:
+        found = lr_find.run(args.config, args.overrides, options)
+    except KeyboardInterrupt:
+        print("lr-find stopped before its end; nothing was written", file=sys.stderr)
+        return 130
+    if found is not None:
+        print(found[0], flush=True)
     return 0
 
 
@@ -598,6 +689,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "train": cmd_train,
     "lr-plot": cmd_lr_plot,
+    "lr-find": cmd_lr_find,
     "schedules": cmd_schedules,
     "export": cmd_export,
     "inspect": cmd_inspect,
@@ -608,7 +700,7 @@ COMMANDS = {
 }
 # The commands that load models: the installed libraries are checked against sdlora's ranges
 # before they start, so a mismatched set is named as such instead of failing deep inside.
-LOADS_MODELS = {"train", "export", "inspect", "sample", "sweep"}
+LOADS_MODELS = {"train", "lr-find", "export", "inspect", "sample", "sweep"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

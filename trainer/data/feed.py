@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainer.config.load import RunConfig
 from trainer.config.subsets import SubsetConfig
-from trainer.data import cache, holdout, masks, subsets
+from trainer.data import cache, holdout, masks, shared_cache, subsets
 from trainer.data import dataset as data
 from trainer.data.order import ResumableBatchSampler
 
@@ -74,7 +74,12 @@ def _report(prepared: data.Prepared, output_dir: Path, is_main: bool) -> None:
 
 
 def _fill_latent_cache(
-    config: RunConfig, prepared: data.Prepared, vae: AutoencoderKL, accelerator, mode: str
+    config: RunConfig,
+    prepared: data.Prepared,
+    vae: AutoencoderKL,
+    accelerator,
+    mode: str,
+    shared: Path | None = None,
 ):
     folder = None
     if mode == "disk":
@@ -98,6 +103,23 @@ def _fill_latent_cache(
         for (i, flip), key in keys.items()
     }
     jobs = list(by_key.values())
+
+    def by_example(entry: Callable[[str], Any], mask: Callable[[str], torch.Tensor]):
+        def loss_mask(index: int, flip: bool) -> torch.Tensor:
+            example = examples[index]
+            if example.mask is None:
+                return masks.unmasked(example.size)
+            return mask(keys[(index, flip)])
+
+        return (lambda index, flip: entry(keys[(index, flip)])), loss_mask
+
+    if shared is not None and not (mode == "disk" and config.data.cache_dir):
+        # A sweep's trials share one cache (a data.cache_dir of the user's own is kept).
+        lookup = shared_cache.latents(
+            shared, jobs, vae, accelerator.is_main_process, accelerator.wait_for_everyone,
+            in_memory=mode == "memory", show_progress=accelerator.is_main_process,
+        )  # fmt: skip
+        return by_example(lookup.entry, lookup.mask)
     # Disk: the main process fills the shared folder; memory: every process fills its own.
     if mode == "memory" or accelerator.is_main_process:
         encoded = cache.fill_latents(
@@ -105,14 +127,7 @@ def _fill_latent_cache(
         )
         log.info("latent cache (%s): %d encoded, %d reused", mode, encoded, len(jobs) - encoded)
     accelerator.wait_for_everyone()
-
-    def loss_mask(index: int, flip: bool) -> torch.Tensor:
-        example = examples[index]
-        if example.mask is None:
-            return masks.unmasked(example.size)
-        return store.get_mask(keys[(index, flip)])
-
-    return (lambda index, flip: store.get_entry(keys[(index, flip)])), loss_mask
+    return by_example(store.get_entry, store.get_mask)
 
 
 def mask_id(mask: Path, image: Path) -> str:
@@ -159,6 +174,7 @@ def build_feed(
     text_encoder_trained: bool,
     prepared: data.Prepared,
     val_examples: list[data.Example],
+    shared: Path | None = None,
 ) -> Feed:
     """Fill the caches and build the resumable loader over already checked examples.
 
@@ -169,6 +185,7 @@ def build_feed(
         text_encoder_trained: Whether any text encoder's LoRA is trained (no text cache then).
         prepared: The checked training examples (:func:`checked_examples`).
         val_examples: The held-out examples.
+        shared: A sweep's shared cache folder (``trainer/data/shared_cache.py``), or None.
     """
     _report(prepared, Path(config.output_dir), accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -189,16 +206,23 @@ def build_feed(
     dataset = data.CaptionedImages(prepared.examples, config.data, parts.tokenizers, time_ids=sdxl)
     mode = latent_cache_mode(config)
     if mode != "off":
-        filled = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode)
+        filled = _fill_latent_cache(config, prepared, parts.vae, accelerator, mode, shared)
         dataset.latents, dataset.cached_masks = filled
     use_text_cache = text_cache_enabled(config) and not text_encoder_trained
     if use_text_cache:
-        store = cache.TextCache()
         captions = {e.caption for e in prepared.examples}
         if any(s.caption_dropout > 0 for s in subsets.effective_subsets(config.data)):
             captions.add("")
-        store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
-        dataset.text = store.get
+        if shared is not None:
+            dataset.text = shared_cache.text(
+                shared, sorted(captions), parts.text_encoders, parts.tokenizers,
+                accelerator.is_main_process, accelerator.wait_for_everyone,
+                accelerator.is_main_process,
+            )  # fmt: skip
+        else:
+            store = cache.TextCache()
+            store.fill(parts.text_encoders, parts.tokenizers, captions, accelerator.is_main_process)
+            dataset.text = store.get
 
     train = config.train
     sampler = ResumableBatchSampler(

@@ -56,7 +56,7 @@ from trainer.run.loss import LossOptions, training_noise_scheduler
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
-from trainer.run.trial import in_sweep
+from trainer.run.trial import in_sweep, shared_cache_dir
 from trainer.run.validation import Validator, load_scorer, score_samples
 
 if TYPE_CHECKING:
@@ -83,7 +83,12 @@ class TrainResult:
     text_encoder_2: torch.nn.Module | None = None  # SDXL's second, when trained
 
 
-def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = None) -> TrainResult:
+def run(
+    config: RunConfig,
+    overwrite: bool = False,
+    checked: Checked | None = None,
+    stop_at: int | None = None,
+) -> TrainResult:
     """Train LoRA adapters as configured, resuming from a checkpoint when asked to.
 
     Args:
@@ -91,6 +96,7 @@ def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = No
         overwrite: Replace what an earlier run left in ``output_dir`` (``--overwrite``).
         checked: ``preflight.check``'s answer when the caller ran it already (``sdlora
             train`` does, before importing this module's libraries); else it runs here.
+        stop_at: Stop after this update with a checkpoint, as a signal would (``--stop-at``).
 
     Returns:
         The output folder, the updates done, the unwrapped trained models (None when the run
@@ -124,6 +130,7 @@ def run(config: RunConfig, overwrite: bool = False, checked: Checked | None = No
     spread = prometheus.SWEEP_PORTS if in_sweep() else 1
     with prometheus.serving(config, accelerator.is_main_process, spread) as metrics:
         state = setup(config, accelerator, checked, metrics)
+        state.stop_at = stop_at
         interrupted = train(state)
         return finish(state, interrupted)
 
@@ -210,8 +217,9 @@ def setup(
     # ---- caches and the loader; the order is planned by counters so it can resume
     assert checked.prepared is not None and checked.plan is not None  # preflight set both
     feed = build_feed(
-        config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples
-    )
+        config, accelerator, parts, bool(trained_texts), checked.prepared, checked.val_examples,
+        shared=shared_cache_dir(),
+    )  # fmt: skip
     validator = None
     if feed.validation:
         val = config.validation
@@ -413,7 +421,10 @@ def after_update(state: RunState, micro: int, loss_sum: torch.Tensor, stop: bool
         with state.tracker.paused("validation"):  # kept out of the throughput shown
             validate(state, record)
     state.tracker.update(record)
-    interrupted = bool(signalled) and update < plan.total_updates
+    asked = state.stop_at is not None and update >= state.stop_at
+    if state.watch is not None and state.watch(record):
+        asked = True
+    interrupted = (bool(signalled) or asked) and update < plan.total_updates
     every = config.checkpoint.every_n_steps
     if interrupted or (every and update % every == 0 and update < plan.total_updates):
         with state.tracker.paused("checkpoint"):

@@ -42,11 +42,14 @@ from trainer.run.loss import zero_snr_problems
 from trainer.run.plan import Plan, plan_run
 from trainer.run.resume import (
     DATA_KEY,
+    PREFIX_KEYS,
+    branch_marker,
     check_resumable,
     comparable_config,
     config_diff,
     data_change,
     is_allowed,
+    prefix_lr_problem,
 )
 from trainer.run.trial import in_sweep
 
@@ -83,6 +86,9 @@ class Checked:
     warnings: list[str] = field(default_factory=list)  # logged as warnings
     messages: list[str] = field(default_factory=list)  # logged as information
     architecture: str = "sd1"  # model.arch resolved: sd1, sd2, sdxl or sd3
+    # The resumed checkpoint's lr_scheduler.json when it is a shared prefix's branch point:
+    # its LRs are checked against this run's once the run length is known.
+    prefix_schedule: dict | None = None
 
 
 def launch() -> tuple[int, bool]:
@@ -145,6 +151,7 @@ def check(
     problems += image_scores.model_problems(config.validation)
     problems += _data_and_plan(config, num_processes, checked, show_progress)
     problems += _data_change(config, checked)
+    problems += _prefix_problems(config, checked)
     if checked.plan and checked.updates_done >= checked.plan.total_updates:
         problems.append(
             f"train.max_steps: the checkpoint {checked.resume_from} already has "
@@ -237,6 +244,21 @@ def _data_and_plan(
             + "), so every image trains unmasked"
         )
     return []
+
+
+def _prefix_problems(config: RunConfig, checked: Checked) -> list[str]:
+    """A shared prefix resumed under another schedule: its LRs must agree with this run's at
+    every update before the branch point (``trainer/run/resume.py``)."""
+    if checked.prefix_schedule is None or checked.plan is None:
+        return []
+    problem = prefix_lr_problem(
+        checked.prefix_schedule,
+        config.lr_scheduler,
+        checked.plan.total_updates,
+        config.base_lrs(),
+        checked.updates_done,
+    )
+    return [f"resume from {checked.resume_from}: {problem}"] if problem else []
 
 
 def _data_change(config: RunConfig, checked: Checked) -> list[str]:
@@ -369,10 +391,21 @@ def _resume_point(config: RunConfig, current: dict, resume: str) -> Checked:
     saved = with_defaults(saved)
     state = ckpt.read_json(folder, ckpt.TRAINER_STATE)
     saved = comparable_config(saved, state["num_processes"])
-    allowed = check_resumable(saved, current, config.checkpoint.allow_change, str(folder))
+    allow = list(config.checkpoint.allow_change)
+    branch = branch_marker(folder) is not None
+    if branch:  # a shared prefix: another schedule and length, checked against its LRs
+        allow += PREFIX_KEYS
+        checked.prefix_schedule = schedule_json
+    allowed = check_resumable(saved, current, allow, str(folder))
+    asked = [d for d in allowed if not branch or is_allowed(d[0], config.checkpoint.allow_change)]
     checked.warnings += [
-        f"resume: {key} changed from {old!r} to {new!r} (allowed)" for key, old, new in allowed
+        f"resume: {key} changed from {old!r} to {new!r} (allowed)" for key, old, new in asked
     ]
+    if branch:
+        checked.messages.append(
+            f"resume: {settled.name} is a shared prefix's branch point; this run continues "
+            "it with its own LR schedule and length"
+        )
     checked.resume_from = settled
     checked.resume_state = state
     checked.updates_done = int(state["global_step"])

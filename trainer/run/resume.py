@@ -23,6 +23,14 @@ What an allowed change does, since the schedule is a pure function of (update, t
   on the new ones; from the checkpoint's update on, its data order differs from an
   uninterrupted run on the old ones, so it is no longer bitwise reproducible.
 
+A **shared prefix** (a sweep trains the updates that several trials share once, then each
+trial resumes from a checkpoint at its branch point, ``trainer/sweep/prefixes.py``): a
+checkpoint folder holding :data:`BRANCH_MARKER` may be resumed under another LR schedule and
+run length (:data:`PREFIX_KEYS`) without ``--allow-change``, and under no other change, when
+the new schedule applies exactly the LRs the checkpoint was trained with at every update
+before it (:func:`prefix_lr_problem`, checked once the run length is known). The resumed run
+is then the run the new config trains from scratch, bit for bit.
+
 Some keys cannot change even when allowed, and are refused before any model loads:
 ``[optimizer]`` (:data:`FIXED_KEYS`), and the ``[lora]`` keys that decide which adapter tensors
 exist and their shapes (:data:`ADAPTER_KEYS`).
@@ -30,15 +38,17 @@ exist and their shapes (:data:`ADAPTER_KEYS`).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer.config.deprecated import upgrade_saved
 from trainer.config.load import ConfigError, flatten
 
 if TYPE_CHECKING:
-    pass
+    from schedulers import Schedule
 
 log = logging.getLogger("sdlora")
 
@@ -78,6 +88,11 @@ GROUP_KEYS = ("lora.plus_ratio", "lora.down_lr_weight", "lora.mid_lr_weight", "l
 # The --allow-change name of a change in the training images themselves (added, removed,
 # renamed, re-captioned), which no config key shows.
 DATA_KEY = "data.images"
+# In a checkpoint folder: this checkpoint is a shared prefix's branch point (see above).
+BRANCH_MARKER = "branch.json"
+# What a run resuming a branch point may differ in, without --allow-change: the LR schedule
+# and the run length (whose LRs before the branch point must agree, prefix_lr_problem).
+PREFIX_KEYS = ("lr_scheduler", "train.max_steps", "train.epochs")
 _MODULE_LISTS = ("lora.target_modules", "lora.text_encoder_target_modules")
 _TEXT_ENCODER_KEYS = ("lora.train_text_encoder", "lora.train_text_encoder_2")
 
@@ -208,3 +223,37 @@ def data_change(state: Mapping[str, Any], now: Mapping[str, Any], total_updates:
 def comparable_config(config_data: dict, num_processes: int) -> dict:
     """The config plus the launch facts that also shape the run (compared on resume)."""
     return {**config_data, "launch": {"num_processes": num_processes}}
+
+
+def branch_marker(folder: Path) -> dict[str, Any] | None:
+    """The branch marker of a checkpoint folder (a shared prefix's branch point), or None."""
+    try:
+        marker = json.loads((folder / BRANCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def prefix_lr_problem(
+    saved: Mapping[str, Any],
+    schedule: Schedule,
+    total_updates: int,
+    base_lrs: Sequence[float],
+    updates: int,
+) -> str | None:
+    """Whether ``schedule`` over ``total_updates`` applies, at every update before
+    ``updates``, exactly the LRs of the saved schedule (a checkpoint's ``lr_scheduler.json``);
+    the first update where it does not, said, else None."""
+    from schedulers import schedule_from_state
+
+    before = schedule_from_state(saved)
+    for update in range(updates):
+        old = before.lrs(update, int(saved["total_steps"]), saved["base_lrs"])
+        new = schedule.lrs(update, total_updates, base_lrs)
+        if old != new:
+            return (
+                f"the checkpoint is a shared prefix trained with other LRs: at update "
+                f"{update + 1} its schedule applied {old} and this run's applies {new}; resume "
+                "it only with a schedule and run length whose LRs agree up to it"
+            )
+    return None

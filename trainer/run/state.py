@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from accelerate import Accelerator
@@ -49,6 +50,12 @@ class RunState:
     architecture: str = "sd1"  # trainer/models/architectures.py: sd1, sd2 or sdxl
     text_encoder_2: torch.nn.Module | None = None
     ema: Ema | None = None  # the EMA of the LoRA weights, when [ema] is on
+    # Stop after this update as a signal would (checkpoint saved): ``sdlora train --stop-at``,
+    # a sweep's shared prefix ending at a branch point.
+    stop_at: int | None = None
+    # Called with every update's record (the same on every process); True stops the run as a
+    # signal would: ``sdlora lr-find``'s divergence test, a warm sweep worker's pruner.
+    watch: Callable[[Mapping[str, Any]], bool] | None = None
     scorer: ImageScorer | None = None  # validation.scores' models (main process)
 
     @property

@@ -16,6 +16,7 @@ command itself never imports the sweep package):
   SIGTERM to exactly the training processes (pruning, Ctrl-C) and not to the launchers around
   them: torchrun forwards a SIGTERM it gets to its workers, and a second SIGTERM means "stop
   now, without saving".
+- ``SDLORA_SWEEP_CACHE``: the sweep's shared cache folder (:func:`shared_cache_dir`).
 
 Only the standard library is imported: this runs in every training process.
 """
@@ -27,9 +28,11 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 LOCK_ENV = "SDLORA_SWEEP_RUN_LOCK"
 PIDS_ENV = "SDLORA_SWEEP_RUN_PIDS"
+CACHE_ENV = "SDLORA_SWEEP_CACHE"
 
 log = logging.getLogger("sdlora")
 
@@ -38,6 +41,14 @@ def in_sweep() -> bool:
     """Whether a sweep worker started this run: its trials may run side by side on one
     machine (so each takes its own metrics port, ``trainer/report/prometheus.py``)."""
     return bool(os.environ.get(LOCK_ENV))
+
+
+def shared_cache_dir() -> Path | None:
+    """The sweep's shared cache folder (``SDLORA_SWEEP_CACHE``): the trials of a sweep read
+    the latents and text-encoder outputs one of them encoded (``trainer/data/shared_cache.py``);
+    None outside a sweep, or with ``share_cache = false``."""
+    folder = os.environ.get(CACHE_ENV)
+    return Path(folder) if folder else None
 
 
 def _is_rank_zero() -> bool:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.run.trial import LOCK_ENV, PIDS_ENV
+from trainer.run.trial import CACHE_ENV, LOCK_ENV, PIDS_ENV
 
 # train.py, the ``accelerate launch`` target, lives at the repository root beside the package.
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
@@ -82,8 +82,11 @@ class RunProcess:
         return alive
 
 
-def start(cmd: list[str], run_dir: Path, lock_dir: Path) -> RunProcess:
-    """Start a run's command in its own session, logging to ``run_dir/train.log``."""
+def start(
+    cmd: list[str], run_dir: Path, lock_dir: Path, cache_dir: Path | None = None
+) -> RunProcess:
+    """Start a run's command in its own session, logging to ``run_dir/train.log``; with
+    ``cache_dir``, the run reads and fills the sweep's shared caches there."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_dir.mkdir(parents=True, exist_ok=True)
     pids_file = lock_dir / f"{run_dir.name}.pids"
@@ -91,6 +94,9 @@ def start(cmd: list[str], run_dir: Path, lock_dir: Path) -> RunProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[LOCK_ENV] = str(lock_dir / f"{run_dir.name}.lock")
     env[PIDS_ENV] = str(pids_file)
+    env.pop(CACHE_ENV, None)
+    if cache_dir is not None:
+        env[CACHE_ENV] = str(cache_dir)
     log_path = run_dir / LOG_NAME
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")

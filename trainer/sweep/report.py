@@ -28,7 +28,7 @@ from typing import Any
 
 from trainer.files import write_bytes, write_text
 from trainer.report.image_scores import SCORES
-from trainer.sweep import figures, report_page
+from trainer.sweep import efficiency, figures, report_page
 from trainer.sweep.engine import seeds as sweep_seeds
 from trainer.sweep.objectives import OBJECTIVES, Objective
 from trainer.sweep.overrides import set_flags
@@ -117,10 +117,14 @@ def write(spec: Spec, results: Sequence[RunResult]) -> tuple[Path, Verdict]:
     for name, data in images.items():
         write_bytes(out / name, data)
     scores = score_means(spec, results)
-    page = report_page.Page(spec.name, verdicts, per_objective, front, scores, rows, images)
+    spent = efficiency.measure(out, results)
+    page = report_page.Page(
+        spec.name, verdicts, per_objective, front, scores, rows, images, spent.line()
+    )
     write_text(out / "summary.md", page.markdown())
     write_text(out / "summary.json", json.dumps(
-        summary_json(spec, verdicts, per_objective, front, scores, results), indent=1
+        {**summary_json(spec, verdicts, per_objective, front, scores, results),
+         "efficiency": asdict(spent)}, indent=1
     ) + "\n")  # fmt: skip
     html_path = write_text(out / "report.html", page.html())
     return html_path, verdicts[0]

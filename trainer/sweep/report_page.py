@@ -80,6 +80,7 @@ class Page:
     scores: dict[str, dict[str, float]]  # label -> score -> mean at the end
     rows: Sequence[dict[str, str]]
     images: dict[str, bytes]
+    efficiency: str = ""  # trainer/sweep/efficiency.py's line
 
     def blocks(self) -> list[tuple[str, Any]]:
         """The page as (kind, content) blocks: "h1", "h2", "lead", "p", "table", "image"."""
@@ -103,6 +104,8 @@ class Page:
                     for label, v in self.scores.items()]  # fmt: skip
             out.append(("h2", "Image scores at the end of training (mean over seeds)"))
             out.append(("table", (["configuration", *names], body)))
+        if self.efficiency:
+            out.append(("p", self.efficiency))
         out.append(("h2", "Pictures"))
         out += [("image", name) for name in CAPTIONS if name in self.images]
         out.append(("h2", "Runs"))

@@ -65,6 +65,16 @@ class SweepFile:
     sampler_seed: int = doc(
         "With [search]: the TPE sampler's seed (reproducible with one worker); -1 = random", -1
     )
+    share_cache: bool = doc(
+        "Trials that would encode the same latents (or text-encoder outputs) read one cache in "
+        "the sweep folder, filled once (cache/)",
+        True,
+    )
+    share_prefixes: bool = doc(
+        "Train once the updates that trials with the same config but for the LR schedule and "
+        "run length share (the same LRs), then fork each trial from a checkpoint (stems/)",
+        True,
+    )
     heartbeat_seconds: int = doc(
         "With --storage (an RDB): seconds between a running trial's heartbeats; a trial "
         "silent for 3 times this is taken over by another worker",

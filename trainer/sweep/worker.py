@@ -29,12 +29,14 @@ from tqdm.auto import tqdm
 
 from trainer.config.load import ConfigError
 from trainer.report.tracking import read_metrics
-from trainer.sweep import claims, engine, expand, process, report, results
+from trainer.run import checkpoint as ckpt
+from trainer.sweep import claims, engine, expand, prefixes, process, report, results
 from trainer.sweep.expand import Run
 from trainer.sweep.optuna_adapter import quiet_caught
 from trainer.sweep.spec import Spec
 
 POLL_S = 0.5
+CACHE_DIR = "cache"  # in the sweep folder: the shared latent and text caches
 IDLE_POLL_S = 2.0
 
 
@@ -61,6 +63,13 @@ class Worker:
         self.space = engine.grid_space(spec) if spec.mode != "search" else {}
         self.me = claims.WorkerLock(spec.sweep_dir)
         self.current: int | None = None
+        # The trials' shared latent and text caches (trainer/data/shared_cache.py).
+        self.cache_dir = spec.sweep_dir / CACHE_DIR if spec.file.share_cache else None
+        # Shared prefixes: stems trained once, trials forked from them (trainer/sweep/prefixes.py).
+        self.forest = prefixes.Forest({}, {})
+        if spec.mode != "search" and spec.file.share_prefixes:
+            totals = prefixes.run_totals(self.all_runs, expand.launch_processes(launch))
+            self.forest = prefixes.plan(self.all_runs, totals)
         self.failed: list[str] = []
         seeds = len(engine.seeds(spec))
         total = len(self.all_runs) if self.all_runs else spec.file.n_trials * seeds
@@ -170,9 +179,17 @@ class Worker:
     def execute(self, run: Run, reporting: optuna.Trial | None) -> list[float] | None:
         """Train one run to its end; its value on each objective, or None when pruned."""
         folder = run.folder(self.spec)
+        try:
+            prefixes.prepare(self.forest, run.key, folder, self.spec.sweep_dir, self.train_stem)
+        except RunFailed as err:
+            if reporting is not None:
+                reporting.set_user_attr(claims.ERROR, str(err))
+            self.failed.append(run.name)
+            self.status("failed", run, None, 0.0)
+            raise
         cmd = process.command(self.launch, self.spec.base, run.launch_flags(self.spec))
         self.bar.set_postfix_str(f"training {run.name}")
-        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks")
+        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks", self.cache_dir)
         reported: set[int] = set()
         pruned = False
         try:
@@ -215,6 +232,32 @@ class Worker:
         self.status("failed", run, None, wall)
         self.say(f"  {folder / process.LOG_NAME}:\n" + _indent(message))
         raise RunFailed(message)
+
+    def train_stem(self, stem: prefixes.Stem) -> None:
+        """Train a shared prefix to its branch point (``--stop-at``), as its own process; a
+        stem another worker trains is waited for on its run lock, then found at its end."""
+        folder = stem.folder(self.spec.sweep_dir)
+        flags = stem.launch_flags(self.spec.sweep_dir)
+        cmd = [*process.command(self.launch, self.spec.base, flags), "--stop-at", str(stem.end)]
+        self.bar.set_postfix_str(f"training the shared prefix {stem.key}")
+        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks", self.cache_dir)
+        try:
+            code = process.wait(proc)
+        except KeyboardInterrupt:
+            try:
+                process.request_stop(proc)
+                process.wait(proc)
+            except KeyboardInterrupt:
+                process.kill(proc)
+            results.add_wall_time(folder, time.monotonic() - proc.started)
+            raise
+        wall = results.add_wall_time(folder, time.monotonic() - proc.started)
+        if code != 0 or ckpt.verify(ckpt.step_dir(folder, stem.end)):
+            message = process.log_tail(proc.log_path) or f"exit code {code}"
+            self.say(f"  {folder / process.LOG_NAME}:\n" + _indent(message))
+            raise RunFailed(f"the shared prefix {stem.key} failed: {message}")
+        shown = f"updates {stem.start}-{stem.end}, {len(stem.members)} runs"
+        self.say(f"{'prefix':9} {stem.key:48} {shown:16} {wall:7.1f} s")
 
     def report_values(
         self, trial: optuna.Trial, folder: Path, reported: set[int], prune: bool = True
