@@ -167,6 +167,8 @@ def test_a_run_serves_its_update_and_lr_while_it_trains_and_frees_the_port(make_
         record = records[update]
         lrs = {dict(k)["module"]: v for k, v in sample["sdlora_train_lr"].items()}
         assert lrs == {"unet": record["lr"][0], "text_encoder": record["lr"][1]}
+        named = {dict(k)["name"]: v for k, v in sample["sdlora_train_lr"].items()}
+        assert named == dict(zip(record["lr_groups"], record["lr"], strict=True))
         assert sample["sdlora_train_loss"][()] == record["loss"]
         assert sample["sdlora_train_loss_ema"][()] == pytest.approx(ema[update - 1], rel=1e-12)
         assert sample["sdlora_train_total_updates"][()] == 6
@@ -215,3 +217,28 @@ def test_a_killed_run_leaves_its_port_free(tiny_model, tiny_data, tmp_path):
     cfg = config.load(TINY_TOML, sets)
     with prometheus.serving(cfg, main=True) as metrics:
         assert metrics is not None and metrics.port == port
+
+
+def test_every_param_group_is_scraped_under_its_metrics_jsonl_name():
+    """LoRA+ splits each module's group in two: every group keeps a series, labelled with
+    the name metrics.jsonl's lr_groups gives it and the module it trains."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from trainer.report.progress import LineValues
+
+    cfg = config.load(TINY_TOML, ["lora.plus_ratio=4.0", "lora.train_text_encoder=true"])
+    names = cfg.lr_group_names()
+    assert len(names) == 4  # the UNet's and the text encoder's A and B groups
+    metrics = prometheus.TrainingMetrics(cfg)
+    metrics.started(0, 10)
+    lrs = [1e-4 * (i + 1) for i in range(len(names))]
+    values = LineValues(0.5, 0.5, lrs, 0, 1, 1.0, 1.0, 1.0, 9.0, 1, "RSS", None, None)
+    metrics.publish(1, values)
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    text = generate_latest(registry).decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "sdlora_train_lr"]
+    got = {s.labels["name"]: (s.labels["module"], s.value) for s in family.samples}
+    modules = [g.component for g in cfg.lr_groups()]
+    assert got == dict(zip(names, zip(modules, lrs, strict=True), strict=True))
+    assert set(modules) == {"unet", "text_encoder"}

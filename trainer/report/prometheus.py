@@ -49,13 +49,11 @@ SWEEP_PORTS = 16
 BIND_ADDRESS = "0.0.0.0"
 
 
-def group_modules(config: RunConfig) -> list[str]:
-    """What each optimizer param group trains, in the order of ``RunConfig.base_lrs``."""
-    lora = config.lora
-    names = ["unet"]
-    names += ["text_encoder"] if lora.train_text_encoder else []
-    names += ["text_encoder_2"] if lora.train_text_encoder_2 else []
-    return names
+def group_labels(config: RunConfig) -> list[tuple[str, str]]:
+    """``(name, module)`` of each optimizer param group, in the order of
+    ``RunConfig.base_lrs``: the name ``metrics.jsonl`` gives it and what it trains (LoRA+ and
+    block multipliers split one module into several groups)."""
+    return [(group.name, group.component) for group in config.lr_groups()]
 
 
 def candidate_ports(port: int, spread: int) -> range:
@@ -120,7 +118,7 @@ class TrainingMetrics:
     """The run's gauges, read from the latest :class:`Snapshot` at each scrape."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.modules = group_modules(config)
+        self.groups = group_labels(config)
         self.info = {
             "run": Path(config.output_dir).name,
             "output_dir": str(config.output_dir),
@@ -160,10 +158,10 @@ class TrainingMetrics:
         lr = GaugeMetricFamily(
             "sdlora_train_lr",
             "LR the last update applied, per param group",
-            labels=["param_group", "module"],
+            labels=["param_group", "module", "name"],
         )
-        for index, (module, value) in enumerate(zip(self.modules, v.lrs, strict=False)):
-            lr.add_metric([str(index), module], value)
+        for index, ((name, module), value) in enumerate(zip(self.groups, v.lrs, strict=True)):
+            lr.add_metric([str(index), module, name], value)
         yield lr
         yield gauge("loss", "Loss of the last update (mean over its micro-batches)", v.loss)
         yield gauge("loss_ema", "Smoothed loss, as the progress line's ema", v.loss_ema)
