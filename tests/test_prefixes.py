@@ -256,8 +256,9 @@ def test_a_branch_point_refuses_any_other_change_and_disagreeing_lrs(
 RUN_LENGTHS = [("wsd-4", WSD, 4), ("wsd-6", WSD, 6), ("wsd-8", WSD, 8)]
 
 
-def sweep_file(folder: Path, model: Path, data: Path, share: bool) -> Path:
+def sweep_file(folder: Path, model: Path, data: Path, share: bool, warm: bool = True) -> Path:
     extra = f"launch = {LAUNCH}\nshare_prefixes = {str(share).lower()}"
+    extra += "" if warm else "\nwarm_workers = false"  # a process per trial, its pid in locks/
     return write_sweep(folder, model, data, RUN_LENGTHS, extra=extra)
 
 
@@ -279,7 +280,8 @@ def unshared(tiny_model, tiny_data, tmp_path_factory) -> Path:
 def test_a_sweep_with_shared_prefixes_equals_one_without_even_killed_mid_stem(
     unshared, tiny_model, tiny_data, tmp_path
 ):
-    shared = sweep_file(tmp_path / "shared", tiny_model, tiny_data, share=True)
+    # Cold trials, against the warm reference: the killed stem is a process of its own.
+    shared = sweep_file(tmp_path / "shared", tiny_model, tiny_data, share=True, warm=False)
     out = tmp_path / "on"
     # A machine losing power mid-stem: the worker and the stem's training process at once.
     worker = start(sweep_command(shared, out), tmp_path / "killed.log")

@@ -116,7 +116,15 @@ def test_each_trials_lrs_equal_lr_plot_of_its_config(reference, tmp_path):
 
 
 def test_worker_killed_mid_trial_then_rerun_matches_uninterrupted(sweep_file, reference, tmp_path):
+    """With a process per trial (warm_workers = false: a killed warm worker is in
+    test_sweep_warm.py), against the reference's warm trials."""
     out = tmp_path / "sweep"
+    cold = tmp_path / "cold.toml"
+    text = sweep_file.read_text().replace(
+        'base = "base.toml"', f'base = "{sweep_file.parent}/base.toml"'
+    )
+    cold.write_text("warm_workers = false\n" + text)
+    sweep_file = cold
     worker = start(sweep_command(sweep_file, out), tmp_path / "killed.log")
     deadline = time.monotonic() + 300
     victim = None

@@ -639,7 +639,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # The file's problems are reported together with those of its runs and --storage.
     sweep, problems = spec.read(args.file, args.out)
     launch = shlex.split(args.launch) if args.launch is not None else list(sweep.file.launch)
-    return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed, problems)
+    # Warm trials (warm_workers) call the training command's own entry in the worker.
+    return worker.run(sweep, launch, args.storage, args.report_only, args.retry_failed, problems,
+                      entry=_train_in_process)  # fmt: skip
+
+
+def _train_in_process(args: list[str]) -> int:
+    """``train.py ARGS`` in this process, with its exit status: a sweep's warm trial."""
+    return main(["train", *args])
 
 
 # The serve extra's packages, by import name: one missing is named with the extra to install.

@@ -56,7 +56,7 @@ from trainer.run.loss import LossOptions, training_noise_scheduler
 from trainer.run.preflight import Checked
 from trainer.run.signals import StopRequest
 from trainer.run.state import RunState
-from trainer.run.trial import in_sweep, shared_cache_dir
+from trainer.run.trial import current_watch, in_sweep, shared_cache_dir
 from trainer.run.validation import Validator, load_scorer, score_samples
 
 if TYPE_CHECKING:
@@ -131,6 +131,7 @@ def run(
     with prometheus.serving(config, accelerator.is_main_process, spread) as metrics:
         state = setup(config, accelerator, checked, metrics)
         state.stop_at = stop_at
+        state.watch = current_watch()  # a warm sweep trial's pruning check; else None
         interrupted = train(state)
         return finish(state, interrupted)
 

@@ -27,14 +27,36 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 LOCK_ENV = "SDLORA_SWEEP_RUN_LOCK"
 PIDS_ENV = "SDLORA_SWEEP_RUN_PIDS"
 CACHE_ENV = "SDLORA_SWEEP_CACHE"
 
 log = logging.getLogger("sdlora")
+
+# A warm trial's pruning check (``trainer/sweep/warm.py``): a run in the worker's own process
+# calls it with every update's record, and stops with a checkpoint when it returns True, as a
+# cold trial's process stops at the SIGTERM its worker sends when Optuna prunes.
+_watch: Callable[[Mapping[str, Any]], bool] | None = None
+
+
+@contextlib.contextmanager
+def watching(watch: Callable[[Mapping[str, Any]], bool] | None) -> Iterator[None]:
+    """Make ``watch`` the check of the runs started in this process meanwhile."""
+    global _watch
+    previous, _watch = _watch, watch
+    try:
+        yield
+    finally:
+        _watch = previous
+
+
+def current_watch() -> Callable[[Mapping[str, Any]], bool] | None:
+    """The check :func:`watching` set, or None (a training process of its own)."""
+    return _watch
 
 
 def in_sweep() -> bool:

@@ -44,11 +44,18 @@ def command(launch: list[str], base: Path, flags: list[str]) -> list[str]:
         base: The base config file.
         flags: ``table.key=value`` overrides, each passed as ``--set``.
     """
+    return launch_command(launch, train_args(base, flags))
+
+
+def launch_command(launch: list[str], args: list[str]) -> list[str]:
+    """``sdlora launch [launch flags] train.py ARGS``, as a process to start."""
+    return [sys.executable, "-m", "trainer.commands.launch", *launch, str(TRAIN_PY), *args]
+
+
+def train_args(base: Path, flags: list[str]) -> list[str]:
+    """``train.py``'s arguments of one run (a warm trial passes them to ``sdlora train``)."""
     sets = [part for flag in flags for part in ("--set", flag)]
-    return [
-        sys.executable, "-m", "trainer.commands.launch", *launch,
-        str(TRAIN_PY), "--config", str(base), *sets, "--resume", "latest",
-    ]  # fmt: skip
+    return ["--config", str(base), *sets, "--resume", "latest"]
 
 
 @dataclass

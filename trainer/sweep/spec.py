@@ -75,6 +75,11 @@ class SweepFile:
         "run length share (the same LRs), then fork each trial from a checkpoint (stems/)",
         True,
     )
+    warm_workers: bool = doc(
+        "A worker runs each single-process trial (and stem) in its own process, keeping the "
+        "libraries loaded; false starts a training process per trial",
+        True,
+    )
     heartbeat_seconds: int = doc(
         "With --storage (an RDB): seconds between a running trial's heartbeats; a trial "
         "silent for 3 times this is taken over by another worker",

@@ -12,7 +12,10 @@ A trial runs its runs (one per trial in a grid or list; one per seed in a [searc
 ordinary training processes (``trainer/sweep/process.py``), reports each validation loss to
 Optuna as it appears in ``metrics.jsonl``, and stops a run the pruner rejects with SIGTERM,
 so it saves its checkpoint. Ctrl-C (or SIGTERM) stops the current run the same way and puts
-its trial back in the queue, so the same command resumes it.
+its trial back in the queue, so the same command resumes it. With ``warm_workers`` (the
+default) a single-process run is trained in the worker's own process instead, by the same
+command's entry (``trainer/sweep/warm.py``): the pruner is asked after every update, and a
+signal reaches the run's own handlers, with the same outcomes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import optuna
@@ -30,7 +33,8 @@ from tqdm.auto import tqdm
 from trainer.config.load import ConfigError
 from trainer.report.tracking import read_metrics
 from trainer.run import checkpoint as ckpt
-from trainer.sweep import claims, engine, expand, prefixes, process, report, results
+from trainer.run.trial import CACHE_ENV, LOCK_ENV
+from trainer.sweep import claims, engine, expand, prefixes, process, report, results, warm
 from trainer.sweep.expand import Run
 from trainer.sweep.optuna_adapter import quiet_caught
 from trainer.sweep.spec import Spec
@@ -55,8 +59,21 @@ def _stop_on_sigterm(signum, frame) -> None:
 class Worker:
     """One worker process of a sweep."""
 
-    def __init__(self, spec: Spec, launch: list[str], storage, study: optuna.Study, runs):
+    def __init__(
+        self,
+        spec: Spec,
+        launch: list[str],
+        storage,
+        study: optuna.Study,
+        runs,
+        entry: warm.Entry | None = None,
+    ):
         self.spec, self.launch, self.storage, self.study = spec, launch, storage, study
+        # Warm trials (trainer/sweep/warm.py): ``sdlora train``'s entry, called in this process
+        # under the launcher's variables; None (cold: a process per trial) without an entry,
+        # with warm_workers = false, or for launch flags that start several processes.
+        self.entry = entry if spec.file.warm_workers else None
+        self.warm_env = warm.launch_env(launch) if self.entry is not None else None
         self.runs = {r.key: r for r in runs} if spec.mode != "search" else {}
         self.all_runs = list(runs) if spec.mode != "search" else []
         self.budget = spec.file.n_trials if spec.mode == "search" else None
@@ -187,30 +204,10 @@ class Worker:
             self.failed.append(run.name)
             self.status("failed", run, None, 0.0)
             raise
-        cmd = process.command(self.launch, self.spec.base, run.launch_flags(self.spec))
+        args = process.train_args(self.spec.base, run.launch_flags(self.spec))
         self.bar.set_postfix_str(f"training {run.name}")
-        proc = process.start(cmd, folder, self.spec.sweep_dir / "locks", self.cache_dir)
-        reported: set[int] = set()
-        pruned = False
-        try:
-            while proc.poll() is None:
-                time.sleep(POLL_S)
-                if reporting is not None and self.report_values(reporting, folder, reported):
-                    pruned = True
-                    process.request_stop(proc)
-                    break
-            process.wait(proc)
-        except KeyboardInterrupt:
-            self.say(f"stopping {run.name}: finishing its update and saving a checkpoint "
-                     "(Ctrl-C again to stop at once)")  # fmt: skip
-            try:
-                process.request_stop(proc)
-                process.wait(proc)
-            except KeyboardInterrupt:
-                process.kill(proc)
-            results.add_wall_time(folder, time.monotonic() - proc.started)
-            raise
-        wall = results.add_wall_time(folder, time.monotonic() - proc.started)
+        reported: set[int] = set()  # the updates whose values Optuna has
+        code, pruned, wall = self.train(args, folder, reporting, reported)
         if reporting is not None:
             self.report_values(reporting, folder, reported, prune=False)
         outcome = results.read_run(run, folder)
@@ -221,7 +218,7 @@ class Worker:
         if pruned:
             self.status("pruned", run, outcome.best_val, wall)
             return None
-        message = process.log_tail(proc.log_path) or f"exit code {proc.popen.returncode}"
+        message = process.log_tail(folder / process.LOG_NAME) or f"exit code {code}"
         if outcome.finished:  # the checks before the sweep make every run record its scores
             missing = [o.metric for o, v in zip(self.spec.objectives, values, strict=True)
                        if v is None]  # fmt: skip
@@ -234,16 +231,47 @@ class Worker:
         raise RunFailed(message)
 
     def train_stem(self, stem: prefixes.Stem) -> None:
-        """Train a shared prefix to its branch point (``--stop-at``), as its own process; a
+        """Train a shared prefix to its branch point (``--stop-at``), as a run (warm or cold); a
         stem another worker trains is waited for on its run lock, then found at its end."""
         folder = stem.folder(self.spec.sweep_dir)
         flags = stem.launch_flags(self.spec.sweep_dir)
-        cmd = [*process.command(self.launch, self.spec.base, flags), "--stop-at", str(stem.end)]
+        args = [*process.train_args(self.spec.base, flags), "--stop-at", str(stem.end)]
         self.bar.set_postfix_str(f"training the shared prefix {stem.key}")
+        code, _, wall = self.train(args, folder, None, set())
+        if code != 0 or ckpt.verify(ckpt.step_dir(folder, stem.end)):
+            message = process.log_tail(folder / process.LOG_NAME) or f"exit code {code}"
+            self.say(f"  {folder / process.LOG_NAME}:\n" + _indent(message))
+            raise RunFailed(f"the shared prefix {stem.key} failed: {message}")
+        shown = f"updates {stem.start}-{stem.end}, {len(stem.members)} runs"
+        self.say(f"{'prefix':9} {stem.key:48} {shown:16} {wall:7.1f} s")
+
+    def train(
+        self, args: list[str], folder: Path, reporting: optuna.Trial | None, reported: set[int]
+    ) -> tuple[int, bool, float]:
+        """Train one run (``train.py ARGS``) into ``folder``, warm or cold; its exit status,
+        whether the pruner stopped it, and its wall time (added to ``sweep_run.json``)."""
+        if self.entry is not None and self.warm_env is not None:
+            return self.train_warm(args, folder, reporting, reported)
+        return self.train_cold(args, folder, reporting, reported)
+
+    def train_cold(
+        self, args: list[str], folder: Path, reporting: optuna.Trial | None, reported: set[int]
+    ) -> tuple[int, bool, float]:
+        """The run as its own training process; Optuna gets its values as they appear."""
+        cmd = process.launch_command(self.launch, args)
         proc = process.start(cmd, folder, self.spec.sweep_dir / "locks", self.cache_dir)
+        pruned = False
         try:
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+                if reporting is not None and self.report_values(reporting, folder, reported):
+                    pruned = True
+                    process.request_stop(proc)
+                    break
             code = process.wait(proc)
         except KeyboardInterrupt:
+            self.say(f"stopping {folder.name}: finishing its update and saving a checkpoint "
+                     "(Ctrl-C again to stop at once)")  # fmt: skip
             try:
                 process.request_stop(proc)
                 process.wait(proc)
@@ -251,13 +279,36 @@ class Worker:
                 process.kill(proc)
             results.add_wall_time(folder, time.monotonic() - proc.started)
             raise
-        wall = results.add_wall_time(folder, time.monotonic() - proc.started)
-        if code != 0 or ckpt.verify(ckpt.step_dir(folder, stem.end)):
-            message = process.log_tail(proc.log_path) or f"exit code {code}"
-            self.say(f"  {folder / process.LOG_NAME}:\n" + _indent(message))
-            raise RunFailed(f"the shared prefix {stem.key} failed: {message}")
-        shown = f"updates {stem.start}-{stem.end}, {len(stem.members)} runs"
-        self.say(f"{'prefix':9} {stem.key:48} {shown:16} {wall:7.1f} s")
+        return code, pruned, results.add_wall_time(folder, time.monotonic() - proc.started)
+
+    def train_warm(
+        self, args: list[str], folder: Path, reporting: optuna.Trial | None, reported: set[int]
+    ) -> tuple[int, bool, float]:
+        """The run in this process (``trainer/sweep/warm.py``); the pruner is asked after
+        every update, and stops the run with a checkpoint as its SIGTERM would. A signal to
+        the worker stops the run the same way (its own handlers), then the worker."""
+        assert self.entry is not None and self.warm_env is not None
+        pruned = False
+
+        def watch(record: Mapping) -> bool:
+            nonlocal pruned
+            if reporting is not None and self.report_values(reporting, folder, reported):
+                pruned = True
+            return pruned
+
+        locks = self.spec.sweep_dir / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        env = {**self.warm_env, LOCK_ENV: str(locks / f"{folder.name}.lock")}
+        if self.cache_dir is not None:
+            env[CACHE_ENV] = str(self.cache_dir)
+        started = time.monotonic()
+        try:
+            code = warm.run_trial(self.entry, args, folder / process.LOG_NAME, env, watch)
+        finally:
+            wall = results.add_wall_time(folder, time.monotonic() - started)
+        if code == 130 and not pruned:  # a signal stopped it; its checkpoint is saved
+            raise KeyboardInterrupt
+        return code, pruned, wall
 
     def report_values(
         self, trial: optuna.Trial, folder: Path, reported: set[int], prune: bool = True
@@ -280,8 +331,9 @@ class Worker:
         self, state: str, run: Run, value: float | None, wall: float, values: Sequence = ()
     ) -> None:
         shown = "" if value is None else f"val {value:.6f}"
+        # A failed or pruned run has no values (an empty ``values``), so no scores to show.
         scores = [f"{o.name} {v:.4f}" for o, v in zip(self.spec.objectives, values, strict=True)
-                  if o.score and v is not None]  # fmt: skip
+                  if o.score and v is not None] if values else []  # fmt: skip
         self.say(f"{state:9} {run.name:48} {shown:16} {wall:7.1f} s" + "".join(
             f"  {s}" for s in scores))  # fmt: skip
 
@@ -297,11 +349,14 @@ def run(
     report_only: bool = False,
     retry_failed: bool = False,
     problems: Sequence[str] = (),
+    entry: Callable[[list[str]], int] | None = None,
 ) -> int:
     """``sdlora sweep``: check every trial, run this worker, write the report.
 
     Args:
         problems: The sweep file's own problems (``spec.read``), reported with the others.
+        entry: ``sdlora train``'s entry, to run single-process trials in this process
+            (``warm_workers``); None runs each trial as its own process.
 
     Returns:
         0 when the sweep is done; 1 when a run of it failed (here or in an earlier attempt)
@@ -325,7 +380,7 @@ def run(
     if retry_failed:
         for number in claims.retry_failed(study):
             tqdm.write(f"trial {number}: failed before; queued again")
-    code = Worker(spec, launch, storage, study, runs).loop()
+    code = Worker(spec, launch, storage, study, runs, entry).loop()
     failed = _report(spec, study, runs)
     return 1 if code == 0 and failed else code
 
