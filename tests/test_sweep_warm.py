@@ -18,7 +18,10 @@ from safetensors.torch import load_file
 from sweep_helpers import LAUNCH, run_sweep, start, summary, sweep_command
 
 from trainer.commands import cli
+from trainer.config.load import ModelConfig
 from trainer.lora.files import WEIGHTS_NAME
+from trainer.models import pristine
+from trainer.models.load import load_components
 from trainer.report.tracking import read_metrics
 from trainer.run import loop
 from trainer.run.checkpoint import find_latest
@@ -130,7 +133,9 @@ def test_a_killed_warm_worker_resumes_to_the_uninterrupted_result(
     os.killpg(worker.pid, signal.SIGKILL)  # the worker is the training process: one kill
     worker.wait()
     assert not (victim / "manifest.json").exists(), "the run finished before the kill landed"
-    killed_at = int(find_latest(victim).name.split("-")[1])
+    latest = find_latest(victim)
+    assert latest is not None
+    killed_at = int(latest.name.split("-")[1])
 
     run_sweep(sweep_command(sweep, out), tmp_path / "rerun.log")
     assert f"resuming at {killed_at}" in (victim / "train.log").read_text()
@@ -174,3 +179,30 @@ def test_launch_flags_for_several_processes_keep_trials_cold(tiny_model, tiny_da
     assert warm.launch_env(["--num_processes", "2", "--cpu"]) is None
     one = warm.launch_env(["--num_processes", "1", "--num_cpu_threads_per_process", "3"])
     assert one is not None and one["OMP_NUM_THREADS"] == "3"
+
+
+def test_the_kept_model_is_copied_per_run_and_reloaded_when_its_files_change(tiny_model):
+    """What one run does to its parts never reaches the next; a rewritten model is reloaded."""
+    model = ModelConfig(pretrained=str(tiny_model))
+    fresh = load_components(model, torch.float32, "sd1")
+    with pristine.kept():
+        first = pristine.load_components(model, torch.float32, "sd1")
+        with torch.no_grad():
+            for p in first.unet.parameters():
+                p.add_(1.0)
+        second = pristine.load_components(model, torch.float32, "sd1")
+        assert second.unet is not first.unet
+        reference = fresh.unet.state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in second.unet.state_dict().items())
+        kept = next(iter(pristine._memo.values()))
+        weights = next(tiny_model.glob("unet/*.safetensors"))
+        times = (weights.stat().st_atime_ns, weights.stat().st_mtime_ns)
+        os.utime(weights, ns=(times[0], times[1] + 1))
+        try:
+            pristine.load_components(model, torch.float32, "sd1")
+            assert next(iter(pristine._memo.values())) is not kept  # loaded again
+        finally:
+            os.utime(weights, ns=times)  # the session's model, as the other tests know it
+    # Off again: a plain load, nothing kept for it.
+    assert pristine._key(model, torch.float32, "sd1") is not None
+    assert pristine.load_components(model, torch.float32, "sd1").unet is not second.unet

@@ -42,7 +42,7 @@ from trainer.data.order import seed_for
 from trainer.files import write_text
 from trainer.lora import adapters as lora
 from trainer.lora import blocks
-from trainer.models import conditioning, sd3
+from trainer.models import conditioning, pristine, sd3
 from trainer.models import load as models
 from trainer.models.accessors import move
 from trainer.models.dtypes import DTYPES
@@ -186,7 +186,8 @@ def setup(
     weight_dtype = DTYPES[train_cfg.mixed_precision]
 
     # ---- models: frozen base in the compute dtype, adapters in fp32 on top
-    parts = models.load_components(config.model, weight_dtype, checked.architecture)
+    # A warm sweep worker's runs each get a copy of the model it loaded once (pristine.py).
+    parts = pristine.load_components(config.model, weight_dtype, checked.architecture)
     parts.noise_scheduler = training_noise_scheduler(parts.noise_scheduler, train_cfg)
     for module in (parts.vae, *parts.text_encoders, parts.unet):
         module.to(accelerator.device)

@@ -12,6 +12,8 @@ process, under the setup ``accelerate launch`` gives that process:
   (``--num_cpu_threads_per_process``);
 - ``sys.argv`` as ``train.py`` sees it, stdout, stderr and the log records going to the run's
   ``train.log``;
+- the frozen base model loaded once, each trial getting a deep copy of it
+  (``trainer/models/pristine.py``);
 - the SIGINT/SIGTERM handlers, environment, thread count and log handlers restored after,
   however the run ends. A run that raises is an exit status 1 with its traceback in
   ``train.log``, as the same error ends a training process.
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 
+from trainer.models import pristine
 from trainer.run import trial
 from trainer.sweep.process import TRAIN_PY
 
@@ -85,7 +88,8 @@ def run_trial(
         log.write(f"\n$ (in the sweep worker's process) train.py {' '.join(args)}\n")
         log.flush()
         try:
-            with _as_training_process(log, env, args), trial.watching(watch):
+            # The frozen model stays loaded between trials; each trial gets a copy of it.
+            with _as_training_process(log, env, args), trial.watching(watch), pristine.kept():
                 return entry(args)
         except Exception:
             log.write(traceback.format_exc())
