@@ -1,11 +1,14 @@
-"""Before/after of a sweep's cost in one sitting: the same sweep file without and with the
-shared cache and shared prefixes (``share_cache``, ``share_prefixes``), one after the other.
+"""Before/after of a sweep's cost in one sitting: the same sweep file without the shared
+cache, shared prefixes and warm workers (``share_cache``, ``share_prefixes``,
+``warm_workers``), with the first two only, and with all three (the defaults), one after the
+other.
 
 For each it records the sweep command's wall time and the report's efficiency
 (``summary.json``: updates trained against a from-scratch sweep's, seconds in the training
-loops against the runs' wall time), and prints a markdown table for BENCHMARKS.md. The two
-sweeps train the same LoRAs (tests/test_prefixes.py, tests/test_shared_cache.py), so only the
-cost differs. Ratios are measured in one run on one machine; run nothing else meanwhile.
+loops against the runs' wall time), and prints a markdown table for BENCHMARKS.md. The
+sweeps train the same LoRAs (tests/test_prefixes.py, tests/test_shared_cache.py,
+tests/test_sweep_warm.py), so only the cost differs. Ratios are measured in one run on one
+machine; run nothing else meanwhile.
 
     python scripts/bench_sweep.py configs/sweeps/tiny_schedules.toml --json bench_sweep.json
 """
@@ -24,22 +27,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# share_cache, share_prefixes, warm_workers
 VARIANTS = {
-    "before (share_cache = false, share_prefixes = false)": (False, False),
-    "after (the defaults: both on)": (True, True),
+    "before (all three off: a process per trial)": (False, False, False),
+    "shared cache and prefixes (warm_workers = false)": (True, True, False),
+    "after (the defaults: all three on)": (True, True, True),
 }
+KEYS = ("share_cache", "share_prefixes", "warm_workers")
 
 
-def variant_file(sweep: Path, folder: Path, cache: bool, prefixes: bool) -> Path:
-    """A copy of the sweep file with the two keys set and its base made absolute."""
+def variant_file(sweep: Path, folder: Path, values: tuple[bool, ...]) -> Path:
+    """A copy of the sweep file with the three keys set and its base made absolute."""
     text = sweep.read_text()
-    text = re.sub(r"(?m)^(share_cache|share_prefixes)\s*=.*$", "", text)
+    text = re.sub(rf"(?m)^({'|'.join(KEYS)})\s*=.*$", "", text)
     base = re.search(r'(?m)^base\s*=\s*"([^"]+)"', text)
     if base is None:
         raise SystemExit(f'error: {sweep}: no base = "..." line')
     absolute = (sweep.parent / base.group(1)).resolve()
     text = text.replace(base.group(0), f'base = "{absolute}"')
-    keys = f"share_cache = {str(cache).lower()}\nshare_prefixes = {str(prefixes).lower()}\n"
+    keys = "".join(f"{k} = {str(v).lower()}\n" for k, v in zip(KEYS, values, strict=True))
     path = folder / sweep.name
     path.write_text(keys + text)
     return path
@@ -63,10 +69,10 @@ def main() -> int:
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (cache, prefixes) in VARIANTS.items():
-            folder = Path(tmp) / name.split()[0]
+        for i, (name, values) in enumerate(VARIANTS.items()):
+            folder = Path(tmp) / str(i)
             folder.mkdir()
-            rows[name] = measure(variant_file(args.sweep, folder, cache, prefixes), folder / "out")
+            rows[name] = measure(variant_file(args.sweep, folder, values), folder / "out")
             shutil.rmtree(folder / "out", ignore_errors=True)
     machine = f"{platform.node()}, {platform.processor() or platform.machine()}"
     print(f"{args.sweep} on {machine}\n")
@@ -76,8 +82,10 @@ def main() -> int:
         share = r["train_s"] / r["wall_s"] if r["wall_s"] else 0.0
         print(f"| {name} | {r['sweep_wall_s']:.1f} | {r['wall_s']:.1f} | {r['train_s']:.1f} | "
               f"{share:.0%} | {r['trained']} / {r['scratch']} |")  # fmt: skip
-    before, after = rows.values()
-    print(f"\nafter / before sweep wall time: {after['sweep_wall_s'] / before['sweep_wall_s']:.2f}")
+    before = next(iter(rows.values()))
+    for name, r in list(rows.items())[1:]:
+        ratio = r["sweep_wall_s"] / before["sweep_wall_s"]
+        print(f"\n{name} / before, sweep wall time: {ratio:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     return 0
