@@ -397,6 +397,22 @@ def preset_spec(arch: str, preset: str) -> Preset:
     return presets[preset]
 
 
+# The pad token of each CLIP tokenizer folder a pipeline has (SDXL's and SD3's second: "!").
+CLIP_PADS = {"tokenizer": EOS, "tokenizer_2": "!"}
+
+
+def save_pipeline(pipe, out: Path, dtype: torch.dtype, tokenizers: list[str]) -> Path:
+    """Save ``pipe`` (initialised in fp32, seeded the same whatever ``dtype``) as ``dtype``,
+    then write its CLIP tokenizer folders again: save_pretrained (transformers 5) rewrites
+    them as tokenizer.json only, and every CLIP loader should read them."""
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.save_pretrained(out, safe_serialization=True)
+    for name in tokenizers:
+        write_tokenizer(out / name, pad_token=CLIP_PADS[name])
+    return out
+
+
 def text_encoder_config(spec: Preset, tokenizer, which: str = "text_encoder"):
     """The ``CLIPTextConfig`` of a preset's ``text_encoder`` (or ``text_encoder_2``), with the
     tokenizer's vocabulary and special ids."""
@@ -453,13 +469,7 @@ def _write_sd15(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)  # initialised in fp32 (seeded the same), stored smaller
-    pipe.save_pretrained(out, safe_serialization=True)
-    # save_pretrained (transformers 5) rewrites the tokenizer folder as tokenizer.json only;
-    # write the classic files again so every CLIP loader can read it.
-    write_tokenizer(out / "tokenizer")
-    return out
+    return save_pipeline(pipe, out, dtype, ["tokenizer"])
 
 
 def _write_sdxl(
@@ -507,12 +517,7 @@ def _write_sdxl(
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    pipe.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out / "tokenizer")
-    write_tokenizer(out / "tokenizer_2", pad_token="!")
-    return out
+    return save_pipeline(pipe, out, dtype, ["tokenizer", "tokenizer_2"])
 
 
 ARCHS: dict[str, Arch] = {

@@ -249,7 +249,7 @@ def write_sd3(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from make_tiny_sd import text_encoder_config, write_tokenizer
+    from make_tiny_sd import save_pipeline, text_encoder_config, write_tokenizer
     from transformers import (
         AutoTokenizer,
         CLIPTextModelWithProjection,
@@ -285,9 +285,4 @@ def write_sd3(
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
-    if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    pipe.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out / "tokenizer")
-    write_tokenizer(out / "tokenizer_2", pad_token="!")
-    return out
+    return save_pipeline(pipe, out, dtype, ["tokenizer", "tokenizer_2"])
